@@ -1,0 +1,220 @@
+"""The `modelship` command: parses flags, builds a stage's config, calls the stage's function.
+
+Heavy libraries are imported inside the sub-command functions, so `modelship --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from modelship.errors import ModelshipError
+
+log = logging.getLogger("modelship")
+
+
+# ------------------------------------------------------------------------------------------------ value parsers
+
+
+def _ints(text: str, n: int, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if len(vals) != n or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected {what} ({n} positive integers), got {text!r}")
+    return vals
+
+
+def hw(text: str) -> tuple[int, int]:
+    return _ints(text, 2, "H,W such as 32,32")  # type: ignore[return-value]
+
+
+def chw(text: str) -> tuple[int, int, int]:
+    return _ints(text, 3, "C,H,W such as 3,32,32")  # type: ignore[return-value]
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 64}}', got {text!r}")
+    return value
+
+
+def floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def names(text: str) -> list[str]:
+    vals = [v.strip() for v in text.split(",")]
+    if any(not v for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names without blanks, got {text!r}")
+    return vals
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def add_train_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+    """Flags of `train` (and of `run`, which passes them through)."""
+    from training.config import AMP_MODES, DEVICES, OPTIMIZERS, SCHEDULES  # light: no torch import
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="shapes", help="shapes | mnist | fashion-mnist | cifar10 | PATH to an ImageFolder")
+    d.add_argument("--data-dir", type=Path, help="where built-in datasets live (default $MODELSHIP_DATA or ~/.cache/modelship/data)")
+    d.add_argument("--download", action="store_true", help="let torchvision download mnist/fashion-mnist/cifar10")
+    d.add_argument("--val-split", type=float, default=0.2, help="validation fraction for a folder without val/ (default 0.2)")
+    d.add_argument("--shapes-train", type=int, default=2000, help="shapes: training images (default 2000)")
+    d.add_argument("--shapes-val", type=int, default=500, help="shapes: validation images (default 500)")
+    d.add_argument("--image-size", type=hw, help="resize images to H,W (default: the data's most common size)")
+    d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="random crop + flip (default: on for RGB)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="cnn", help="mlp | cnn | resnet18 | mobilenet_v3_small | package.module:factory")
+    m.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON", help="extra factory kwargs, e.g. '{\"width\": 64}'")
+    m.add_argument("--init-from", type=Path, metavar="STATE_DICT", help="start from these weights; a head of another size is reinitialised")
+    m.add_argument("--freeze-backbone", action="store_true", help="train the classifier head only")
+    m.add_argument("--pretrained", action="store_true", help="torchvision weights from the local torch hub cache")
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--epochs", type=int, default=5, help="total epochs, also when resuming (default 5)")
+    t.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
+    t.add_argument("--lr", type=float, help="learning rate (default: adamw 3e-3, adam 1e-3, sgd 0.05)")
+    t.add_argument("--weight-decay", type=float, default=0.05)
+    t.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (Nesterov)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    t.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    t.add_argument("--warmup-epochs", type=float, default=0.0)
+    t.add_argument("--step-size", type=int, help="step schedule: epochs between decays (default epochs/3)")
+    t.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor")
+    t.add_argument("--patience", type=int, help="stop after this many epochs without a better val_acc")
+    t.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--balanced-sampler", action="store_true", help="draw every class equally often")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--amp", choices=AMP_MODES, default="none", help="mixed precision (fp16 uses a GradScaler)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    r.add_argument("--device", choices=DEVICES, default="auto")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    r.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, up to 8 on CUDA)")
+    r.add_argument("--resume", type=Path, metavar="CKPT", help="continue from RUN_DIR/checkpoints/last.pt")
+    if out_required:
+        r.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+
+
+def train_config(args: argparse.Namespace, out: Path) -> Any:
+    from training.config import TrainConfig
+
+    return TrainConfig(
+        out=out,
+        data=args.data,
+        data_dir=args.data_dir,
+        download=args.download,
+        val_split=args.val_split,
+        shapes_train=args.shapes_train,
+        shapes_val=args.shapes_val,
+        image_size=args.image_size,
+        augment=args.augment,
+        model=args.model,
+        model_kwargs=args.model_kwargs,
+        init_from=args.init_from,
+        freeze_backbone=args.freeze_backbone,
+        pretrained=args.pretrained,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        step_size=args.step_size,
+        gamma=args.gamma,
+        patience=args.patience,
+        clip_grad=args.clip_grad,
+        label_smoothing=args.label_smoothing,
+        balanced_sampler=args.balanced_sampler,
+        amp=args.amp,
+        compile=args.compile,
+        channels_last=args.channels_last,
+        device=args.device,
+        seed=args.seed,
+        deterministic=args.deterministic,
+        workers=args.workers,
+        resume=args.resume,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    best = train(train_config(args, args.out))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(best)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
+    ("train", "train a classifier and write state_dict checkpoints", add_train_args, cmd_train),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import modelship
+
+    parser = argparse.ArgumentParser(
+        prog="modelship", description="Train -> export -> serve for PyTorch image classifiers."
+    )
+    parser.add_argument("--version", action="version", version=f"modelship {modelship.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, add_args, func in COMMANDS:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(sp)
+        sp.set_defaults(func=func)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("torch", "onnxscript", "onnx_ir", "urllib3", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `modelship` console command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except ModelshipError as e:
+        if args.verbose:
+            log.exception("error")
+        print(f"modelship {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"modelship {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

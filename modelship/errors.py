@@ -1,0 +1,47 @@
+"""The error hierarchy every stage raises; the CLI turns these into one-line messages and exit codes."""
+
+from __future__ import annotations
+
+
+class ModelshipError(Exception):
+    """A problem the user can fix: bad input, a missing file, a wrong flag. Exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(ModelshipError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class DataError(ModelshipError):
+    """A dataset is missing, empty or unreadable."""
+
+
+class ModelError(ModelshipError):
+    """A model name, factory or its kwargs cannot build the network asked for."""
+
+
+class CheckpointError(ModelshipError):
+    """A checkpoint file is missing, unreadable, unsafe or does not fit the model."""
+
+
+class BundleError(ModelshipError):
+    """A bundle is missing, malformed, of an unknown version, or its artifacts do not match their hashes."""
+
+
+class ExportError(ModelshipError):
+    """The model could not be exported to a requested format. Exit code 1: the gate refused the model."""
+
+    exit_code = 1
+
+
+class ParityError(ModelshipError):
+    """An exported artifact disagrees with eager PyTorch beyond the tolerance. Exit code 1."""
+
+    exit_code = 1
+
+
+class GateError(ModelshipError):
+    """The pipeline ran but its result must not ship (accuracy under the bar, parity failed). Exit code 1."""
+
+    exit_code = 1

@@ -1,0 +1,1 @@
+"""Stage 1: datasets, the model registry, the training loop and checkpoints."""

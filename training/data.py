@@ -1,0 +1,356 @@
+"""Datasets: `shapes`, a user's ImageFolder, or a torchvision dataset, all ending as (tensor, label) datasets.
+
+The eval transform is `modelship.preprocess.preprocess_image`, described fully by the checkpoint's `data` block, so
+export and serving reproduce it without torchvision. Train-time augmentation sits in front of the same normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from modelship.errors import DataError
+from modelship.preprocess import Preprocess, normalize, preprocess_image, to_array
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+BUILTIN = ("shapes", *TORCHVISION_DATASETS)
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+STATS_SAMPLE = 2000
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_data_dir() -> Path:
+    """Where built-in and downloaded datasets live unless --data-dir says otherwise."""
+    return Path(os.environ.get("MODELSHIP_DATA", Path.home() / ".cache" / "modelship" / "data"))
+
+
+@dataclass
+class DataInfo:
+    """What the checkpoint records about the data: enough to preprocess a raw image exactly as validation did."""
+
+    classes: list[str]
+    input_shape: list[int]  # [C, H, W]
+    mean: list[float]
+    std: list[float]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict({"input_shape": self.input_shape, "mean": self.mean, "std": self.std})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.classes),
+            "input_shape": list(self.input_shape),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "source": dict(self.source),
+        }
+
+
+def open_image(path: str) -> Image.Image:
+    """Open and fully decode one image file, naming the file when it cannot be read."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return image
+
+
+class ImageList(Dataset):
+    """(path, label) pairs read through a transform; the ImageFolder path every folder dataset goes through."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable[[Image.Image], torch.Tensor]):
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(open_image(path)), label
+
+
+class Transformed(Dataset):
+    """A torchvision dataset (PIL image, label) seen through our transform."""
+
+    def __init__(self, base: Any, transform: Callable[[Image.Image], torch.Tensor]):
+        self.base = base
+        self.targets = [int(t) for t in base.targets]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        return self.transform(image), int(label)
+
+
+class EvalTransform:
+    """The eval transform as a picklable callable (DataLoader workers need that)."""
+
+    def __init__(self, pre: Preprocess):
+        self.pre = pre
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(preprocess_image(image, self.pre))
+
+
+class TrainTransform:
+    """Random crop with reflect padding and horizontal flip, then the eval normalisation."""
+
+    def __init__(self, pre: Preprocess, augment: bool):
+        self.pre = pre
+        self.augment = augment
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        arr = to_array(image, self.pre)
+        if self.augment:
+            h, w = self.pre.size
+            pad = max(1, min(h, w) // 8)
+            padded = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+            top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
+            arr = padded[top : top + h, left : left + w]
+            if torch.rand(()) < 0.5:
+                arr = arr[:, ::-1]
+        return torch.from_numpy(normalize(arr, self.pre))
+
+
+# ---------------------------------------------------------------------------------------------------------- folders
+
+
+def scan_folder(root: Path, what: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (sorted sub-folder names) and (file, label) pairs of an ImageFolder, with errors a person can act on."""
+    if not root.exists():
+        raise DataError(f"{what} {root} does not exist; expected a folder with one sub-folder of images per class")
+    if not root.is_dir():
+        raise DataError(f"{what} {root} is a file; expected a folder with one sub-folder of images per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{what} {root} has no class sub-folders; expected {root}/<class>/<image files>")
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+        )
+        if not files:
+            empty.append(name)
+        samples.extend((f, label) for f in files)
+    if not samples:
+        raise DataError(f"{what} {root} has class folders but no images (looked for {', '.join(IMG_EXTENSIONS)})")
+    if empty:
+        raise DataError(f"{what} {root}: class folder(s) {', '.join(empty)} contain no images")
+    return classes, samples
+
+
+def split_samples(
+    samples: list[tuple[str, int]], fraction: float, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Stratified split, a function of (files, fraction, seed) only."""
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = by_class[label]
+        order = rng.permutation(len(items))
+        n_val = min(len(items) - 1, max(1, round(len(items) * fraction))) if len(items) > 1 else 0
+        val.extend(items[i] for i in sorted(order[:n_val]))
+        train.extend(items[i] for i in sorted(order[n_val:]))
+    if not val:
+        raise DataError("--val-split left no validation images; every class needs at least 2 images")
+    return train, val
+
+
+def folder_splits(root: Path, val_split: float, seed: int) -> tuple[list[str], list, list, dict[str, Any]]:
+    """Train and val samples of a folder: PATH/train + PATH/val, or one folder split by --val-split."""
+    if root.is_dir() and (root / "train").is_dir():
+        classes, train = scan_folder(root / "train", "training folder")
+        if (root / "val").is_dir():
+            val_classes, val = scan_folder(root / "val", "validation folder")
+            if val_classes != classes:
+                raise DataError(
+                    f"{root}/val has classes {val_classes} but {root}/train has {classes}; they must be the same"
+                )
+            return classes, train, val, {"root": str(root), "train_dir": "train", "val_dir": "val"}
+        train, val = split_samples(train, val_split, seed)
+        return classes, train, val, {"root": str(root), "train_dir": "train", "val_split": val_split, "seed": seed}
+    classes, samples = scan_folder(root, "data folder")
+    train, val = split_samples(samples, val_split, seed)
+    return classes, train, val, {"root": str(root), "train_dir": "", "val_split": val_split, "seed": seed}
+
+
+def inspect_images(paths: Sequence[str], seed: int) -> tuple[int, tuple[int, int]]:
+    """Channel count and most common (H, W) of a sample of files; opens headers only, naming any unreadable file."""
+    rng = np.random.default_rng(seed)
+    picked = [paths[i] for i in sorted(rng.permutation(len(paths))[:STATS_SAMPLE])] if len(paths) > STATS_SAMPLE else paths
+    modes: Counter[str] = Counter()
+    sizes: Counter[tuple[int, int]] = Counter()
+    for p in picked:
+        try:
+            with Image.open(p) as im:
+                modes[im.mode] += 1
+                sizes[(im.height, im.width)] += 1
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"cannot read image {p}: {e}") from None
+    channels = 1 if set(modes) <= GRAY_MODES else 3
+    return channels, sizes.most_common(1)[0][0]
+
+
+def check_all_readable(paths: Sequence[str]) -> None:
+    """Open every file's header, so a file that is not an image fails now, by name, not in epoch 3."""
+    for p in paths:
+        try:
+            with Image.open(p):
+                pass
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"cannot read image {p}: {e}") from None
+
+
+def channel_stats(images: Sequence[Image.Image], pre: Preprocess) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images in [0, 1] after resize and mode conversion."""
+    arrs = np.stack([to_array(im, pre) for im in images]).astype(np.float64) / 255.0
+    mean = arrs.mean(axis=(0, 1, 2))
+    std = np.maximum(arrs.std(axis=(0, 1, 2)), 1e-3)
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """The data part of TrainConfig: what `load_data` needs."""
+
+    name: str
+    data_dir: Path
+    val_split: float = 0.2
+    seed: int = 0
+    shapes_train: int = 2000
+    shapes_val: int = 500
+    image_size: tuple[int, int] | None = None
+    augment: bool | None = None
+    download: bool = False
+    imagenet_stats: bool = False
+
+
+def load_data(req: DataRequest) -> tuple[Dataset, Dataset, DataInfo, bool]:
+    """Return (train set, val set, data info, augment) for a dataset name or folder path."""
+    if req.name in TORCHVISION_DATASETS:
+        return _load_torchvision(req)
+    if req.name == "shapes":
+        from training.shapes import ensure_shapes
+
+        root = ensure_shapes(req.data_dir, seed=req.seed, train=req.shapes_train, val=req.shapes_val)
+        source: dict[str, Any] = {"name": "shapes", "seed": req.seed, "train": req.shapes_train, "val": req.shapes_val}
+    else:
+        root = Path(req.name).expanduser()
+        if not root.exists() and os.sep not in req.name and "." not in req.name:
+            raise DataError(f"unknown dataset {req.name!r}; expected one of {', '.join(BUILTIN)} or a folder path")
+        source = {"name": "imagefolder"}
+    classes, train, val, layout = folder_splits(root.resolve(), req.val_split, req.seed)
+    source.update(layout)
+    if len(classes) < 2:
+        raise DataError(f"{root} has a single class ({classes[0]}); a classifier needs at least 2 class folders")
+    check_all_readable([p for p, _ in train] + [p for p, _ in val])
+    channels, size = inspect_images([p for p, _ in train], req.seed)
+    size = req.image_size or size
+    info, augment = _describe(
+        classes, channels, size, [open_image(p) for p, _ in _sample(train, req.seed)], source, req
+    )
+    pre = info.preprocess
+    return ImageList(train, TrainTransform(pre, augment)), ImageList(val, EvalTransform(pre)), info, augment
+
+
+def _sample(items: Sequence[Any], seed: int) -> list[Any]:
+    if len(items) <= STATS_SAMPLE:
+        return list(items)
+    idx = np.random.default_rng(seed).permutation(len(items))[:STATS_SAMPLE]
+    return [items[i] for i in sorted(idx)]
+
+
+def _describe(
+    classes: list[str], channels: int, size: tuple[int, int], sample: list[Image.Image], source: dict, req: DataRequest
+) -> tuple[DataInfo, bool]:
+    probe = Preprocess(size=size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
+    if req.imagenet_stats:
+        if channels != 3:
+            raise DataError("--pretrained weights expect RGB input; this dataset is grayscale")
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    else:
+        mean, std = channel_stats(sample, probe)
+    info = DataInfo(classes=classes, input_shape=[channels, size[0], size[1]], mean=mean, std=std, source=source)
+    augment = req.augment if req.augment is not None else channels == 3
+    return info, augment
+
+
+def _load_torchvision(req: DataRequest) -> tuple[Dataset, Dataset, DataInfo, bool]:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, TORCHVISION_DATASETS[req.name])
+    root = req.data_dir
+    try:
+        train_base = cls(str(root), train=True, download=req.download)
+        val_base = cls(str(root), train=False, download=req.download)
+    except RuntimeError as e:
+        if req.download:
+            raise DataError(f"could not download {req.name} into {root}: {e}") from None
+        raise DataError(
+            f"{req.name} is not in {root / cls.__name__} (or its files are incomplete); rerun with --download where "
+            f"the network allows, or copy the dataset files there (--data-dir sets the folder)"
+        ) from None
+    except OSError as e:  # URLError and friends when --download has no network
+        raise DataError(f"could not download {req.name} into {root} ({e}); offline? copy the files there instead") from None
+    classes = [str(c) for c in train_base.classes]
+    first = train_base[0][0]
+    channels = 1 if first.mode in GRAY_MODES else 3
+    size = req.image_size or (first.height, first.width)
+    sample = [train_base[i][0] for i in _sample(range(len(train_base)), req.seed)]
+    source = {"name": req.name, "root": str(root)}
+    info, augment = _describe(classes, channels, size, sample, source, req)
+    pre = info.preprocess
+    return Transformed(train_base, TrainTransform(pre, augment)), Transformed(val_base, EvalTransform(pre)), info, augment
+
+
+def validation_images(data: dict[str, Any], limit: int) -> list[Image.Image]:
+    """Up to `limit` validation images of a checkpoint's data block, if its source is still on disk; else []."""
+    source = data.get("source") or {}
+    try:
+        if source.get("name") in TORCHVISION_DATASETS:
+            import torchvision.datasets as tvd
+
+            base = getattr(tvd, TORCHVISION_DATASETS[source["name"]])(source["root"], train=False, download=False)
+            return [base[i][0] for i in range(min(limit, len(base)))]
+        if "root" in source:
+            root = Path(source["root"])
+            if "val_dir" in source:
+                _, val = scan_folder(root / source["val_dir"], "validation folder")
+            else:
+                _, samples = scan_folder(root / source.get("train_dir", ""), "data folder")
+                _, val = split_samples(samples, float(source["val_split"]), int(source["seed"]))
+            # spread over classes rather than the first class only
+            picked = val[:: max(1, len(val) // limit)][:limit]
+            return [open_image(p) for p, _ in picked]
+    except (DataError, RuntimeError, OSError, KeyError, ValueError) as e:
+        log.info("validation images not available (%s); parity uses random inputs only", e)
+    return []
