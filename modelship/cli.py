@@ -73,17 +73,39 @@ def add_train_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> 
 
     d = p.add_argument_group("data")
     d.add_argument("--data", default="shapes", help="shapes | mnist | fashion-mnist | cifar10 | PATH to an ImageFolder")
-    d.add_argument("--data-dir", type=Path, help="where built-in datasets live (default $MODELSHIP_DATA or ~/.cache/modelship/data)")
+    d.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where built-in datasets live (default $MODELSHIP_DATA or ~/.cache/modelship/data)",
+    )
     d.add_argument("--download", action="store_true", help="let torchvision download mnist/fashion-mnist/cifar10")
-    d.add_argument("--val-split", type=float, default=0.2, help="validation fraction for a folder without val/ (default 0.2)")
+    d.add_argument(
+        "--val-split", type=float, default=0.2, help="validation fraction for a folder without val/ (default 0.2)"
+    )
     d.add_argument("--shapes-train", type=int, default=2000, help="shapes: training images (default 2000)")
     d.add_argument("--shapes-val", type=int, default=500, help="shapes: validation images (default 500)")
     d.add_argument("--image-size", type=hw, help="resize images to H,W (default: the data's most common size)")
-    d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="random crop + flip (default: on for RGB)")
+    d.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crop + flip (default: on for RGB)",
+    )
     m = p.add_argument_group("model")
     m.add_argument("--model", default="cnn", help="mlp | cnn | resnet18 | mobilenet_v3_small | package.module:factory")
-    m.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON", help="extra factory kwargs, e.g. '{\"width\": 64}'")
-    m.add_argument("--init-from", type=Path, metavar="STATE_DICT", help="start from these weights; a head of another size is reinitialised")
+    m.add_argument(
+        "--model-kwargs",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help="extra factory kwargs, e.g. '{\"width\": 64}'",
+    )
+    m.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="STATE_DICT",
+        help="start from these weights; a head of another size is reinitialised",
+    )
     m.add_argument("--freeze-backbone", action="store_true", help="train the classifier head only")
     m.add_argument("--pretrained", action="store_true", help="torchvision weights from the local torch hub cache")
     t = p.add_argument_group("optimisation")
@@ -103,7 +125,13 @@ def add_train_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> 
     t.add_argument("--balanced-sampler", action="store_true", help="draw every class equally often")
     r = p.add_argument_group("runtime")
     r.add_argument("--amp", choices=AMP_MODES, default="none", help="mixed precision (fp16 uses a GradScaler)")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="torch.compile the model (backend default: inductor)",
+    )
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     r.add_argument("--device", choices=DEVICES, default="auto")
     r.add_argument("--seed", type=int, default=0)
@@ -217,4 +245,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -61,6 +61,12 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temps(directory: Path) -> None:
+    """Delete temp files a killed writer left behind (the checkpoints themselves are always whole)."""
+    for tmp in directory.glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def read_torch_file(path: Path) -> Any:
     """torch.load(weights_only=True) with errors that say what the file is and what was expected."""
     if not path.exists():
@@ -76,7 +82,9 @@ def read_torch_file(path: Path) -> Any:
             "Save a state_dict (torch.save(model.state_dict(), path)) instead of a pickled object"
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else e!r})"
+        ) from None
 
 
 def is_checkpoint(obj: Any) -> bool:
@@ -84,7 +92,11 @@ def is_checkpoint(obj: Any) -> bool:
 
 
 def is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def validate(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -97,7 +109,9 @@ def validate(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
             )
         raise CheckpointError(f"{path} is not a modelship checkpoint (no format: {FORMAT!r})")
     if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{path} is checkpoint version {ckpt.get('version')!r}; this modelship reads version {VERSION}")
+        raise CheckpointError(
+            f"{path} is checkpoint version {ckpt.get('version')!r}; this modelship reads version {VERSION}"
+        )
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks checkpoint keys {missing}")
@@ -114,7 +128,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def capture_rng() -> dict[str, Any]:
     """Every RNG a training step can touch, as tensors and plain lists (weights_only-safe)."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state(legacy=True))
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -134,7 +148,9 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():

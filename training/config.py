@@ -49,7 +49,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     balanced_sampler: bool = False
     amp: str = "none"
-    compile: bool = False
+    compile: str | None = None  # a torch.compile backend (inductor, aot_eager, ...) or None
     channels_last: bool | None = None
     device: str = "auto"
     seed: int = 0
@@ -67,7 +67,9 @@ class TrainConfig:
         need(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
-        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(
+            self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+        )
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(
             0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
@@ -88,10 +90,14 @@ class TrainConfig:
         need(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        need(not (self.pretrained and self.init_from), "--pretrained and --init-from both set initial weights; pick one")
+        need(
+            not (self.pretrained and self.init_from), "--pretrained and --init-from both set initial weights; pick one"
+        )
         need(isinstance(self.model_kwargs, dict), "--model-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
         if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out} is a file; expected a directory for the run (it is created if missing)")
+            raise ConfigError(
+                f"--out {self.out} is a file; expected a directory for the run (it is created if missing)"
+            )
         for flag, path in (("--init-from", self.init_from), ("--resume", self.resume)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{flag} {path} does not exist or is not a file")

@@ -72,7 +72,16 @@ def open_image(path: str) -> Image.Image:
     return image
 
 
-class ImageList(Dataset):
+class LabelledDataset(Dataset):
+    """A dataset of (tensor, label) with its labels listed up front (the balanced sampler needs them)."""
+
+    targets: list[int]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+class ImageList(LabelledDataset):
     """(path, label) pairs read through a transform; the ImageFolder path every folder dataset goes through."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable[[Image.Image], torch.Tensor]):
@@ -88,7 +97,7 @@ class ImageList(Dataset):
         return self.transform(open_image(path)), label
 
 
-class Transformed(Dataset):
+class Transformed(LabelledDataset):
     """A torchvision dataset (PIL image, label) seen through our transform."""
 
     def __init__(self, base: Any, transform: Callable[[Image.Image], torch.Tensor]):
@@ -149,9 +158,7 @@ def scan_folder(root: Path, what: str) -> tuple[list[str], list[tuple[str, int]]
     samples: list[tuple[str, int]] = []
     empty = []
     for label, name in enumerate(classes):
-        files = sorted(
-            str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
-        )
+        files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
         if not files:
             empty.append(name)
         samples.extend((f, label) for f in files)
@@ -170,7 +177,8 @@ def split_samples(
     for s in samples:
         by_class.setdefault(s[1], []).append(s)
     rng = np.random.default_rng(seed)
-    train, val = [], []
+    train: list[tuple[str, int]] = []
+    val: list[tuple[str, int]] = []
     for label in sorted(by_class):
         items = by_class[label]
         order = rng.permutation(len(items))
@@ -203,7 +211,9 @@ def folder_splits(root: Path, val_split: float, seed: int) -> tuple[list[str], l
 def inspect_images(paths: Sequence[str], seed: int) -> tuple[int, tuple[int, int]]:
     """Channel count and most common (H, W) of a sample of files; opens headers only, naming any unreadable file."""
     rng = np.random.default_rng(seed)
-    picked = [paths[i] for i in sorted(rng.permutation(len(paths))[:STATS_SAMPLE])] if len(paths) > STATS_SAMPLE else paths
+    picked = (
+        [paths[i] for i in sorted(rng.permutation(len(paths))[:STATS_SAMPLE])] if len(paths) > STATS_SAMPLE else paths
+    )
     modes: Counter[str] = Counter()
     sizes: Counter[tuple[int, int]] = Counter()
     for p in picked:
@@ -254,7 +264,7 @@ class DataRequest:
     imagenet_stats: bool = False
 
 
-def load_data(req: DataRequest) -> tuple[Dataset, Dataset, DataInfo, bool]:
+def load_data(req: DataRequest) -> tuple[LabelledDataset, LabelledDataset, DataInfo, bool]:
     """Return (train set, val set, data info, augment) for a dataset name or folder path."""
     if req.name in TORCHVISION_DATASETS:
         return _load_torchvision(req)
@@ -304,7 +314,7 @@ def _describe(
     return info, augment
 
 
-def _load_torchvision(req: DataRequest) -> tuple[Dataset, Dataset, DataInfo, bool]:
+def _load_torchvision(req: DataRequest) -> tuple[LabelledDataset, LabelledDataset, DataInfo, bool]:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, TORCHVISION_DATASETS[req.name])
@@ -320,7 +330,9 @@ def _load_torchvision(req: DataRequest) -> tuple[Dataset, Dataset, DataInfo, boo
             f"the network allows, or copy the dataset files there (--data-dir sets the folder)"
         ) from None
     except OSError as e:  # URLError and friends when --download has no network
-        raise DataError(f"could not download {req.name} into {root} ({e}); offline? copy the files there instead") from None
+        raise DataError(
+            f"could not download {req.name} into {root} ({e}); offline? copy the files there instead"
+        ) from None
     classes = [str(c) for c in train_base.classes]
     first = train_base[0][0]
     channels = 1 if first.mode in GRAY_MODES else 3
@@ -329,7 +341,12 @@ def _load_torchvision(req: DataRequest) -> tuple[Dataset, Dataset, DataInfo, boo
     source = {"name": req.name, "root": str(root)}
     info, augment = _describe(classes, channels, size, sample, source, req)
     pre = info.preprocess
-    return Transformed(train_base, TrainTransform(pre, augment)), Transformed(val_base, EvalTransform(pre)), info, augment
+    return (
+        Transformed(train_base, TrainTransform(pre, augment)),
+        Transformed(val_base, EvalTransform(pre)),
+        info,
+        augment,
+    )
 
 
 def validation_images(data: dict[str, Any], limit: int) -> list[Image.Image]:

@@ -10,6 +10,7 @@ import importlib
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,11 @@ class _MLP(nn.Module):
     def __init__(self, n_in: int, hidden: int, num_classes: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True)
+            nn.Flatten(),
+            nn.Linear(n_in, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
         )
         self.head = nn.Linear(hidden, num_classes)
 
@@ -90,7 +95,11 @@ class SmallCNN(nn.Module):
 
 @register_model("cnn", head="classifier")
 def cnn(
-    num_classes: int, in_channels: int = 3, image_size: tuple[int, int] = (32, 32), width: int = 32, dropout: float = 0.1
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: tuple[int, int] = (32, 32),
+    width: int = 32,
+    dropout: float = 0.1,
 ) -> nn.Module:
     """A small conv net that adapts to the input's channels and size."""
     return SmallCNN(num_classes, in_channels, tuple(image_size), width, dropout)  # type: ignore[arg-type]
@@ -140,6 +149,8 @@ def resolve_factory(arch: str) -> tuple[Callable[..., nn.Module], str | None]:
             f"unknown model {arch!r}; expected one of {', '.join(sorted(REGISTRY))} or package.module:factory"
         )
     module_name, _, attr = arch.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `uvicorn main:app`: the user's own modules import from where they run
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -242,12 +253,15 @@ def load_matching(model: nn.Module, state: Mapping[str, Any], source: str) -> li
     fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not fitting:
         raise CheckpointError(
-            f"{source} shares no parameter (name and shape) with this model; is it a state_dict for another architecture?"
+            f"{source} shares no parameter (name and shape) with this model; "
+            "is it a state_dict for another architecture?"
         )
     model.load_state_dict(fitting, strict=False)
     reinit = sorted(k for k in own if k not in fitting)
     if reinit:
-        log.info("%s: %d tensors loaded; reinitialised (missing or other shape): %s", source, len(fitting), ", ".join(reinit))
+        log.info(
+            "%s: %d tensors loaded; reinitialised (missing or other shape): %s", source, len(fitting), ", ".join(reinit)
+        )
     ignored = sorted(k for k in state if k not in own)
     if ignored:
         log.info("%s: ignored keys not in this model: %s", source, ", ".join(ignored))

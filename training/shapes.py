@@ -46,7 +46,10 @@ def _draw(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
         draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
     elif kind == "triangle":
         angle = rng.uniform(0, 2 * math.pi)
-        points = [(cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)]
+        points = [
+            (cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
         draw.polygon(points, fill=fill)
     elif kind == "cross":
         draw.rectangle((cx - r, cy - width / 2, cx + r, cy + width / 2), fill=fill)

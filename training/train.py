@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from modelship.errors import CheckpointError, ConfigError, DataError
 from training import checkpoint as ckpt_io
 from training.config import TrainConfig
-from training.data import DataInfo, DataRequest, default_data_dir, load_data
+from training.data import DataInfo, DataRequest, LabelledDataset, default_data_dir, load_data
 from training.models import (
     build_model,
     check_output,
@@ -75,7 +75,10 @@ def init_distributed(device_kind: str) -> Dist:
 def resolve_device(name: str, local_rank: int) -> torch.device:
     """auto -> cuda when usable, else cpu; `cuda` without CUDA is a usage error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is usable here (torch.cuda.is_available() is False); use --device cpu or auto")
+        raise ConfigError(
+            "--device cuda but no CUDA device is usable here (torch.cuda.is_available() is False); "
+            "use --device cpu or auto"
+        )
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
@@ -155,13 +158,21 @@ def class_weights(targets: list[int]) -> torch.Tensor:
 
 
 def make_loaders(
-    cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, dist: Dist, device: torch.device
-) -> tuple[DataLoader, DataLoader]:
-    workers = cfg.workers if cfg.workers is not None else (min(8, (os.cpu_count() or 1) // dist.world_size) if device.type == "cuda" else 0)
-    weights = class_weights(train_ds.targets) if cfg.balanced_sampler else None  # type: ignore[attr-defined]
-    n_train, n_val = len(train_ds), len(val_ds)  # type: ignore[arg-type]
-    train_sampler = EpochSampler(n_train, seed=cfg.seed, shuffle=True, weights=weights, rank=dist.rank, world_size=dist.world_size)
-    val_sampler = EpochSampler(n_val, seed=cfg.seed, shuffle=False, rank=dist.rank, world_size=dist.world_size, pad=False)
+    cfg: TrainConfig, train_ds: LabelledDataset, val_ds: LabelledDataset, dist: Dist, device: torch.device
+) -> tuple[DataLoader, DataLoader, EpochSampler]:
+    workers = (
+        cfg.workers
+        if cfg.workers is not None
+        else (min(8, (os.cpu_count() or 1) // dist.world_size) if device.type == "cuda" else 0)
+    )
+    weights = class_weights(train_ds.targets) if cfg.balanced_sampler else None
+    n_train, n_val = len(train_ds), len(val_ds)
+    train_sampler = EpochSampler(
+        n_train, seed=cfg.seed, shuffle=True, weights=weights, rank=dist.rank, world_size=dist.world_size
+    )
+    val_sampler = EpochSampler(
+        n_val, seed=cfg.seed, shuffle=False, rank=dist.rank, world_size=dist.world_size, pad=False
+    )
     common: dict[str, Any] = {
         "num_workers": workers,
         "pin_memory": device.type == "cuda",
@@ -169,10 +180,15 @@ def make_loaders(
     }
     # The generator seeds worker RNGs (augmentation); it is reseeded from (seed, epoch) before every epoch.
     train_loader = DataLoader(
-        train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=False, generator=torch.Generator(), **common
+        train_ds,
+        batch_size=cfg.batch_size,
+        sampler=train_sampler,
+        drop_last=False,
+        generator=torch.Generator(),
+        **common,
     )
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, sampler=val_sampler, **common)
-    return train_loader, val_loader
+    return train_loader, val_loader, train_sampler
 
 
 def _batches(loader: DataLoader) -> Iterator[Any]:
@@ -187,7 +203,8 @@ def _batches(loader: DataLoader) -> Iterator[Any]:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -200,12 +217,15 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step schedule over --epochs with linear warm-up."""
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "onecycle":
         pct = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.25
+        pct = min(max(pct, 1.5 / total), 1 - 1.5 / total) if total >= 4 else 0.5  # torch divides by zero under 1 step
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=total, pct_start=pct)
     step_size = (cfg.step_size or max(1, cfg.epochs // 3)) * steps_per_epoch
 
@@ -343,23 +363,25 @@ def _progress_bar(total_steps: int, epoch: int, epochs: int) -> tuple[Any, Any]:
 
 
 def _check_resume(state: dict[str, Any], arch: str, kwargs: dict[str, Any], info: DataInfo, path: Path) -> None:
-    have = state["model"]
-    if have["arch"] != arch or dict(have["kwargs"]) != kwargs:
-        raise CheckpointError(
-            f"--resume {path} holds {have['arch']} {dict(have['kwargs'])}; this run builds {arch} {kwargs}. "
-            "Resume with the same --model and --model-kwargs"
-        )
     data = state["data"]
     if list(data["input_shape"]) != info.input_shape or list(data["classes"]) != info.classes:
         raise CheckpointError(
             f"--resume {path} was trained on input {data['input_shape']} with classes {data['classes']}; this data "
             f"gives {info.input_shape} with {info.classes}. Resume with the same --data and --image-size"
         )
+    have = state["model"]
+    if have["arch"] != arch or dict(have["kwargs"]) != kwargs:
+        raise CheckpointError(
+            f"--resume {path} holds {have['arch']} {dict(have['kwargs'])}; this run builds {arch} {kwargs}. "
+            "Resume with the same --model and --model-kwargs"
+        )
 
 
 def train(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; return the path of the best checkpoint."""
-    dist = init_distributed("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dist = init_distributed(
+        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     try:
         return _train(cfg, dist)
     finally:
@@ -369,8 +391,6 @@ def train(cfg: TrainConfig) -> Path:
 
 def _train(cfg: TrainConfig, dist: Dist) -> Path:
     device = resolve_device(cfg.device, dist.local_rank)
-    if cfg.compile and sys.version_info >= (3, 14):  # pragma: no cover
-        raise ConfigError("--compile is not supported on this Python")
     seed_everything(cfg.seed, cfg.deterministic)
 
     # Data: rank 0 first, so a dataset written on first use (shapes) is written once.
@@ -420,14 +440,19 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     model.to(device)
     if channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        net = torch.compile(net)  # type: ignore[assignment]
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.compile not in backends:
+            raise ConfigError(
+                f"--compile {cfg.compile}: unknown torch.compile backend; expected one of {', '.join(backends)}"
+            )
+        net = torch.compile(net, backend=cfg.compile)  # type: ignore[assignment]
 
-    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, dist, device)
+    train_loader, val_loader, train_sampler = make_loaders(cfg, train_ds, val_ds, dist, device)
     steps_per_epoch = len(train_loader)
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt, steps_per_epoch)
@@ -453,12 +478,20 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     run_log = None
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_temps(ckpt_dir)
         (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         run_log = RunLog(cfg.out, history, global_step)
         log.info(
             "training %s on %s (%d train / %d val, %d classes, input %s, augment %s) on %s%s",
-            cfg.model, cfg.data, len(train_ds), len(val_ds), len(info.classes), info.input_shape,  # type: ignore[arg-type]
-            "on" if augment else "off", device, f" x{dist.world_size} ranks" if dist.enabled else "",
+            cfg.model,
+            cfg.data,
+            len(train_ds),
+            len(val_ds),
+            len(info.classes),
+            info.input_shape,
+            "on" if augment else "off",
+            device,
+            f" x{dist.world_size} ranks" if dist.enabled else "",
         )
 
     base = {
@@ -472,10 +505,14 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     best_path = ckpt_dir / "best.pt"
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-            train_loader.generator.manual_seed(cfg.seed * 7919 + epoch)  # type: ignore[union-attr]
+            train_sampler.set_epoch(epoch)
+            train_loader.generator.manual_seed(cfg.seed * 7919 + epoch)
             t0 = time.perf_counter()
-            bar, advance = _progress_bar(len(train_loader.sampler), epoch + 1, cfg.epochs) if dist.is_main else (contextlib.nullcontext(), None)
+            bar, advance = (
+                _progress_bar(len(train_sampler), epoch + 1, cfg.epochs)
+                if dist.is_main
+                else (contextlib.nullcontext(), None)
+            )
             with bar:
                 tr = train_one_epoch(net, train_loader, loss_fn, opt, sched, ctx, advance)
             train_seconds = time.perf_counter() - t0
@@ -505,7 +542,12 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
                     "state_dict": clean_state_dict(model.state_dict()),
                     "epoch": epoch + 1,
                     "global_step": global_step,
-                    "metrics": {"val_acc": va["acc"], "val_loss": va["loss"], "train_acc": tr_mean["acc"], "train_loss": tr_mean["loss"]},
+                    "metrics": {
+                        "val_acc": va["acc"],
+                        "val_loss": va["loss"],
+                        "train_acc": tr_mean["acc"],
+                        "train_loss": tr_mean["loss"],
+                    },
                     "history": history,
                     "early_stopping": dict(early),
                     "optimizer": opt.state_dict(),
@@ -519,9 +561,16 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
                 assert run_log is not None
                 run_log.epoch(row, global_step)
                 log.info(
-                    "epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  %.1fs  %.0f samples/s%s",
-                    epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
-                    seconds, row["samples_per_s"], "  *best*" if improved else "",
+                    "epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  %.1fs  %.0f samples/s%s",  # noqa: E501
+                    epoch + 1,
+                    cfg.epochs,
+                    row["train_loss"],
+                    row["train_acc"],
+                    row["val_loss"],
+                    row["val_acc"],
+                    seconds,
+                    row["samples_per_s"],
+                    "  *best*" if improved else "",
                 )
             if dist.enabled:
                 torch_dist.barrier()

@@ -1,0 +1,1 @@
+"""Stage 2: checkpoint -> TorchScript / ONNX -> parity check -> bundle."""

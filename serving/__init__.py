@@ -1,0 +1,1 @@
+"""Stage 3: a LitServe server over a bundle, and its HTTP client."""

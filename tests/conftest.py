@@ -1,0 +1,54 @@
+"""Session fixtures: one tiny shapes dataset and one tiny trained checkpoint serve every test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelship.cli import main
+from tests.helpers import Result, tiny_train_args
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dataset cache every test shares (shapes is written once, on first use)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """Run `modelship ARGS` in this process and capture what it prints."""
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A 2-epoch tiny cnn run on shapes: its run directory."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    code = main(["train", "--epochs", "2", "--out", str(out), *tiny_train_args(data_dir)])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_run: Path) -> Path:
+    return tiny_run / "checkpoints" / "last.pt"
