@@ -194,11 +194,116 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ export
+
+
+def add_export_args(p: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    """Flags of `export` (and of `run`, which passes them through)."""
+    if positional:
+        p.add_argument("checkpoint", type=Path, metavar="CKPT", help="modelship checkpoint or bare state_dict file")
+        p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
+    p.add_argument("--formats", type=names, default=["onnx", "torchscript"], help="onnx,torchscript (default both)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch parity checks (default 64)")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--name", help="model name in the bundle and the v2 API (default: the bundle folder's name)")
+    if positional:
+        p.add_argument(
+            "--device",
+            choices=("auto", "cpu", "cuda"),
+            default="auto",
+            help="also check ONNX Runtime's CUDA provider: auto = when usable",
+        )
+        s = p.add_argument_group("bare state_dict (ignored for modelship checkpoints)")
+        s.add_argument("--model", help="registry name or package.module:factory")
+        s.add_argument("--model-kwargs", type=json_object, metavar="JSON", help="factory kwargs")
+        s.add_argument("--input-shape", type=chw, metavar="C,H,W", help="input tensor shape")
+        s.add_argument("--classes", type=names, metavar="A,B,...", help="class names (default 0..N-1)")
+        s.add_argument("--mean", type=floats, help="per-channel normalisation mean (default 0)")
+        s.add_argument("--std", type=floats, help="per-channel normalisation std (default 1)")
+
+
+def export_config(args: argparse.Namespace, checkpoint: Path, out: Path, device: str, **bare: Any) -> Any:
+    """ExportConfig from parsed flags; `bare` holds the state_dict-only options (model, input_shape, ...)."""
+    from export.config import ExportConfig
+
+    return ExportConfig(
+        checkpoint=checkpoint,
+        out=out,
+        formats=tuple(args.formats),
+        opset=args.opset,
+        max_batch=args.max_batch,
+        atol=args.atol,
+        rtol=args.rtol,
+        force=args.force,
+        name=args.name,
+        device=device,
+        verbose=args.verbose,
+        **bare,
+    )
+
+
+def report_parity(checks: list[Any], problems: list[str], what: str) -> None:
+    """The parity table on stdout; one GateError naming every failed check and hash mismatch, if any."""
+    from export.parity import table
+    from modelship.errors import GateError
+
+    print(table(checks))
+    problems = problems + [c.describe() for c in checks if not c.passed]
+    if problems:
+        raise GateError(f"{what}: {len(problems)} check(s) failed: " + "; ".join(problems))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.bundle import export
+
+    cfg = export_config(
+        args,
+        args.checkpoint,
+        args.out,
+        args.device,
+        model=args.model,
+        model_kwargs=args.model_kwargs,
+        input_shape=args.input_shape,
+        classes=tuple(args.classes) if args.classes else None,
+        mean=args.mean,
+        std=args.std,
+    )
+    bundle = export(cfg)
+    report_parity(bundle.checks, [], f"bundle {bundle.path} written, but it must not ship")
+    log.info("bundle %s: %s, parity passed", bundle.path, ", ".join(sorted(bundle.manifest["artifacts"])))
+    return 0
+
+
+def add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument("--checkpoint", type=Path, metavar="CKPT", help="default: the checkpoint the manifest names")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="runtimes to re-check")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from export.bundle import verify
+
+    result = verify(args.bundle, args.checkpoint, args.device)
+    report_parity(result.checks, result.hash_errors, f"bundle {args.bundle} failed verification")
+    log.info("bundle %s verified: hashes match, parity holds", args.bundle)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
 COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
     ("train", "train a classifier and write state_dict checkpoints", add_train_args, cmd_train),
+    (
+        "export",
+        "export a checkpoint to ONNX and TorchScript, check parity, write a bundle",
+        add_export_args,
+        cmd_export,
+    ),
+    ("verify", "re-check a bundle's hashes and parity (e.g. after a runtime upgrade)", add_verify_args, cmd_verify),
 ]
 
 

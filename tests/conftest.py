@@ -52,3 +52,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_run: Path) -> Path:
     return tiny_run / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path:
+    """The tiny checkpoint exported to ONNX + TorchScript; read-only for tests (copy it to tamper)."""
+    out = tmp_path_factory.mktemp("bundles") / "shapes-cnn"
+    assert main(["export", str(tiny_ckpt), "--out", str(out)]) == 0
+    return out

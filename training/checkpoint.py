@@ -12,7 +12,6 @@ import pickle
 import random
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from modelship.errors import CheckpointError
+from modelship.manifest import public_mode
 
 FORMAT = "modelship.checkpoint"
 VERSION = 1
@@ -44,6 +44,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file beside `path`, fsync, then os.replace: never a torn file at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, public_mode())
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -81,10 +82,9 @@ def read_torch_file(path: Path) -> Any:
             f"{path} needs arbitrary unpickling to load ({first}); refused: modelship loads weights_only. "
             "Save a state_dict (torch.save(model.state_dict(), path)) instead of a pickled object"
         ) from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else e!r})"
-        ) from None
+    except Exception as e:  # the unpickler fails in many ways on a file that is not torch.save output
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({detail})") from None
 
 
 def is_checkpoint(obj: Any) -> bool:

@@ -1,0 +1,228 @@
+"""`export(cfg) -> Bundle` and `verify(...)`: the bundle is built in a temporary directory and renamed into place."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export import parity
+from export.config import ExportConfig
+from export.formats import INPUT_NAME, OUTPUT_NAME, export_onnx, export_torchscript
+from export.source import Source, load_source
+from modelship.errors import BundleError, CheckpointError, ConfigError
+from modelship.manifest import (
+    ARTIFACT_FILES,
+    FORMAT,
+    MANIFEST,
+    PARITY,
+    VERSION,
+    hash_mismatches,
+    read_manifest,
+    sha256_file,
+    write_json,
+)
+from training.data import validation_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    checks: list[parity.Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+def runtime_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    import modelship
+
+    return {
+        "modelship": modelship.__version__,
+        "torch": str(torch.__version__),
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def _staging_dir(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as e:
+        raise ConfigError(f"cannot write the bundle to {out}: {e.strerror or e}") from None
+    return tmp
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished bundle over `out`; an old bundle is moved aside first and deleted after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_manifest(
+    cfg: ExportConfig, src: Source, artifacts: dict[str, dict[str, Any]], checks: list[parity.Check]
+) -> dict[str, Any]:
+    """The bundle's manifest.json (DESIGN.md, Stage 2): written here and nowhere else."""
+    c, h, w = src.input_shape
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": cfg.bundle_name,
+        "classes": src.classes,
+        "model": {"arch": src.arch, "kwargs": src.kwargs},
+        "input": {"name": INPUT_NAME, "shape": ["batch", c, h, w], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(src.classes)], "dtype": "float32"},
+        "preprocess": src.preprocess.to_dict(),
+        "max_batch": cfg.max_batch,
+        "artifacts": artifacts,
+        "parity": {
+            **parity.summary(checks),
+            "atol": cfg.atol,
+            "rtol": cfg.rtol,
+            "batch_sizes": cfg.batch_sizes,
+            "seed": cfg.seed,
+            "report": PARITY,
+        },
+        "source": src.info,
+        "versions": runtime_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_parity(
+    src: Source, files: dict[str, Path], *, batch_sizes: list[int], seed: int, atol: float, rtol: float, device: str
+) -> list[parity.Check]:
+    """Eager vs every artifact on random inputs and, when the checkpoint's data is on disk, real ones."""
+    real = validation_images(src.data, max(batch_sizes)) if src.data else []
+    inputs = parity.parity_inputs(src.input_shape, batch_sizes, seed, real, src.preprocess)
+    return parity.check_parity(parity.eager_runner(src.model), parity.runners_for(files, device), inputs, atol, rtol)
+
+
+def export(cfg: ExportConfig) -> Bundle:
+    """Export every requested format, check parity, and move the finished bundle into place (even when parity fails,
+    so parity.json can be read; the manifest then says `parity.passed: false` and the server refuses it)."""
+    src = load_source(
+        cfg.checkpoint,
+        {
+            "model": cfg.model,
+            "model_kwargs": cfg.model_kwargs,
+            "input_shape": cfg.input_shape,
+            "classes": cfg.classes,
+            "mean": cfg.mean,
+            "std": cfg.std,
+        },
+    )
+    tmp = _staging_dir(cfg.out)
+    try:
+        torch.manual_seed(cfg.seed)
+        example = torch.randn(2, *src.input_shape)  # batch >= 2, so the exporter cannot specialise it to 1
+        artifacts: dict[str, dict[str, Any]] = {}
+        files: dict[str, Path] = {}
+        for fmt in cfg.formats:
+            path = tmp / ARTIFACT_FILES[fmt]
+            t0 = time.perf_counter()
+            if fmt == "onnx":
+                extra = export_onnx(src.model, example, path, cfg.opset, cfg.verbose)
+            else:
+                extra = export_torchscript(src.model, example, path)
+            seconds = time.perf_counter() - t0
+            log.info("exported %s (%s) in %.1fs", fmt, ", ".join(f"{k} {v}" for k, v in extra.items()), seconds)
+            files[fmt] = path
+            artifacts[fmt] = {
+                "path": path.name,
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+                "export_seconds": round(seconds, 2),
+                **extra,
+            }
+        checks = run_parity(
+            src, files, batch_sizes=cfg.batch_sizes, seed=cfg.seed, atol=cfg.atol, rtol=cfg.rtol, device=cfg.device
+        )
+        manifest = build_manifest(cfg, src, artifacts, checks)
+        write_json(tmp / PARITY, {"passed": manifest["parity"]["passed"], "checks": parity.report(checks)})
+        write_json(tmp / MANIFEST, manifest)
+        _move_into_place(tmp, cfg.out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Bundle(cfg.out, manifest, checks)
+
+
+@dataclass
+class Verification:
+    hash_errors: list[str]
+    checks: list[parity.Check]
+
+    @property
+    def passed(self) -> bool:
+        return not self.hash_errors and all(c.passed for c in self.checks)
+
+
+def verify(bundle: Path, checkpoint: Path | None = None, device: str = "auto") -> Verification:
+    """Re-check every sha256, then re-run parity against the checkpoint the bundle came from."""
+    manifest = read_manifest(bundle)
+    errors = hash_mismatches(bundle, manifest)
+    source = manifest["source"]
+    ckpt = checkpoint or Path(source["checkpoint"])
+    if not ckpt.is_file():
+        raise CheckpointError(
+            f"the checkpoint the bundle came from ({ckpt}) is not here; pass --checkpoint CKPT to re-run parity"
+        )
+    if sha256_file(ckpt) != source["sha256"]:
+        errors.append(
+            f"checkpoint {ckpt}: sha256 differs from the one the bundle was exported from ({source['sha256'][:12]}…)"
+        )
+    c, h, w = manifest["input"]["shape"][1:]
+    src = load_source(
+        ckpt,
+        {
+            "model": manifest["model"]["arch"],
+            "model_kwargs": manifest["model"]["kwargs"],
+            "input_shape": (c, h, w),
+            "classes": tuple(manifest["classes"]),
+            "mean": tuple(manifest["preprocess"]["mean"]),
+            "std": tuple(manifest["preprocess"]["std"]),
+        }
+        if source.get("kind") == "state_dict"
+        else {},
+    )
+    p = manifest["parity"]
+    files = {kind: bundle / art["path"] for kind, art in manifest["artifacts"].items()}
+    checks = run_parity(
+        src,
+        files,
+        batch_sizes=list(p["batch_sizes"]),
+        seed=int(p["seed"]),
+        atol=float(p["atol"]),
+        rtol=float(p["rtol"]),
+        device=device,
+    )
+    if not checks:
+        raise BundleError(f"{bundle} has no artifact to check")
+    return Verification(errors, checks)

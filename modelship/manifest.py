@@ -1,0 +1,105 @@
+"""The bundle's `manifest.json`: the one contract between export and serving.
+
+Export writes it (export/bundle.py builds the dict); `read_manifest` validates it for both `modelship verify` and
+the server. Only the standard library here: serving imports this without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from modelship.errors import BundleError
+
+FORMAT = "modelship.bundle"
+VERSION = 1
+MANIFEST = "manifest.json"
+PARITY = "parity.json"
+REQUIRED = ("name", "classes", "model", "input", "output", "preprocess", "artifacts", "parity", "source", "versions")
+ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def public_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's 0600 would hide it from a serving user)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temp file and rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, public_mode())
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    """Load and validate BUNDLE/manifest.json: format, version, required keys and artifact files."""
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise BundleError(f"bundle {bundle} is not a directory; expected the folder `modelship export --out` wrote")
+    if not path.is_file():
+        raise BundleError(f"{bundle} has no {MANIFEST}; is it a modelship bundle?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not a modelship bundle manifest (format is not {FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise BundleError(
+            f"{path} is bundle version {manifest.get('version')!r}; this modelship reads version {VERSION}. "
+            "Re-export the checkpoint with this modelship"
+        )
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{path} lacks keys {missing}")
+    if not manifest["artifacts"]:
+        raise BundleError(f"{path} lists no artifacts")
+    for kind, art in manifest["artifacts"].items():
+        if kind not in ARTIFACT_FILES:
+            raise BundleError(f"{path} lists an unknown artifact kind {kind!r}; expected {', '.join(ARTIFACT_FILES)}")
+        file = bundle / art["path"]
+        if Path(art["path"]).is_absolute() or ".." in Path(art["path"]).parts:
+            raise BundleError(f"{path}: artifact path {art['path']!r} must be relative to the bundle")
+        if not file.is_file():
+            raise BundleError(f"{bundle}: the {kind} artifact {art['path']} is missing")
+    return manifest
+
+
+def hash_mismatches(bundle: Path, manifest: dict[str, Any]) -> list[str]:
+    """One line per artifact whose sha256 differs from the manifest's; [] when all match."""
+    bad = []
+    for kind, art in manifest["artifacts"].items():
+        actual = sha256_file(bundle / art["path"])
+        if actual != art["sha256"]:
+            bad.append(
+                f"{kind} artifact {art['path']}: sha256 {actual[:12]}… but the manifest says {art['sha256'][:12]}…"
+            )
+    return bad
+
+
+def check_bundle(bundle: Path) -> dict[str, Any]:
+    """read_manifest + every sha256; raise BundleError naming each tampered artifact."""
+    manifest = read_manifest(bundle)
+    bad = hash_mismatches(bundle, manifest)
+    if bad:
+        raise BundleError(f"bundle {bundle} does not match its manifest: " + "; ".join(bad))
+    return manifest
