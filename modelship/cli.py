@@ -292,6 +292,78 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ serve
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests per dynamic batch (default 32)")
+    p.add_argument(
+        "--batch-timeout", type=float, default=0.002, help="seconds to wait for a batch to fill (default 0.002)"
+    )
+    p.add_argument("--workers-per-device", type=int, default=1, help="inference processes per CPU/GPU (default 1)")
+    p.add_argument("--api-servers", type=int, help="HTTP server processes (default: one per inference worker)")
+    p.add_argument("--threads", type=int, help="compute threads per worker (default: CPU cores / workers)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request is answered 504 (default 30)")
+    p.add_argument("--max-payload-mb", type=float, default=16.0, help="larger bodies are answered 413 (default 16)")
+    p.add_argument("--api-key", help="require this key on every route but health (default: $MODELSHIP_API_KEY)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.server import ServeConfig, serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MODELSHIP_API_KEY")
+    serve(
+        ServeConfig(
+            bundle=args.bundle,
+            backend=args.backend,
+            device=args.device,
+            host=args.host,
+            port=args.port,
+            max_batch_size=args.max_batch_size,
+            batch_timeout=args.batch_timeout,
+            workers_per_device=args.workers_per_device,
+            api_servers=args.api_servers,
+            threads=args.threads,
+            timeout=args.timeout,
+            max_payload_mb=args.max_payload_mb,
+            api_key=api_key,
+            log_level=args.log_level,
+            access_log=args.access_log,
+        )
+    )
+    return 0
+
+
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default http://127.0.0.1:8000)")
+    p.add_argument("--top-k", type=int, help="how many classes to list (default: the server's, up to 5)")
+    p.add_argument("--json", action="store_true", help="print the server's JSON answer per image")
+    p.add_argument("--api-key", help="default: $MODELSHIP_API_KEY")
+    p.add_argument("--timeout", type=float, default=30.0)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from serving.client import Client
+
+    client = Client(args.url, args.api_key or os.environ.get("MODELSHIP_API_KEY"), args.timeout)
+    for image in args.images:
+        answer = client.predict_image(image, args.top_k)
+        if args.json:
+            print(json.dumps({"image": str(image), **answer}))
+        else:
+            others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in answer["top_k"][1:])
+            print(f"{image}\t{answer['label']}\t{answer['score']:.4f}" + (f"\t({others})" if others else ""))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -304,6 +376,8 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
         cmd_export,
     ),
     ("verify", "re-check a bundle's hashes and parity (e.g. after a runtime upgrade)", add_verify_args, cmd_verify),
+    ("serve", "serve a bundle over HTTP: /predict and KServe v2, dynamic batching", add_serve_args, cmd_serve),
+    ("predict", "classify image files with a running server", add_predict_args, cmd_predict),
 ]
 
 

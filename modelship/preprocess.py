@@ -7,7 +7,6 @@ agree to the last bit. It needs PIL and numpy only: serving does not import torc
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,25 +91,17 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> np.ndarray:
     return normalize(to_array(image, pre), pre)
 
 
-def decode_image(data: bytes, what: str = "image") -> Image.Image:
-    """Decode PNG/JPEG/... bytes fully, so a truncated file fails here and not later."""
+def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Decode PNG/JPEG/... bytes fully, so a truncated file fails here and not later; refuse huge images unread."""
     if not data:
         raise DataError(f"{what} is empty; expected PNG or JPEG bytes")
     try:
         image = Image.open(io.BytesIO(data))
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise DataError(f"{what} is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
         image.load()
     except UnidentifiedImageError:
         raise DataError(f"{what} is not an image PIL can read; expected PNG or JPEG bytes") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{what} could not be decoded ({e}); the file may be truncated or corrupt") from None
     return image
-
-
-def check_stats(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
-    """Validate a user-given per-channel mean or std list."""
-    vals = tuple(float(v) for v in values)
-    if len(vals) == 1 and channels > 1:
-        vals = vals * channels
-    if len(vals) != channels:
-        raise DataError(f"--{name} needs {channels} values (one per channel), got {len(vals)}")
-    return vals

@@ -1,0 +1,107 @@
+"""Inference backends over a bundle's artifacts: ONNX Runtime (no torch import) and TorchScript.
+
+A backend is a callable float32 [N, C, H, W] -> float32 [N, num_classes] plus a description for /info.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver reports, asked through libcuda directly: no torch, no ONNX Runtime error spew."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+def _tensorrt_loadable() -> bool:
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+@dataclass
+class Backend:
+    run: Callable[[np.ndarray], np.ndarray]
+    kind: str  # onnx | torchscript
+    device: str  # cpu | cuda:N
+    providers: list[str]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)
+
+
+def device_index(device: str) -> int:
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
+def onnx_backend(path: Path, device: str, threads: int) -> Backend:
+    """An ONNX Runtime session: TensorRT/CUDA providers on a GPU (with CPU as fallback), the CPU provider otherwise."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        idx = device_index(device)
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels torch brought along
+        providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+        if os.environ.get("MODELSHIP_TENSORRT", "1") != "0" and _tensorrt_loadable():
+            providers.insert(0, ("TensorrtExecutionProvider", {"device_id": idx}))
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    active = session.get_providers()
+    if device.startswith("cuda") and active[0] == "CPUExecutionProvider":
+        log.warning("ONNX Runtime could not load its CUDA provider; serving on CPU")
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return Backend(run, "onnx", device, active)
+
+
+def torchscript_backend(path: Path, device: str, threads: int) -> Backend:
+    """A TorchScript module on `device`, run under inference_mode."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(str(path), map_location=device).eval()
+    dev = torch.device(device)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x).to(dev, non_blocking=True)).float().cpu().numpy()
+
+    return Backend(run, "torchscript", device, [f"torch-{dev.type}"])
+
+
+BACKENDS = {"onnx": onnx_backend, "torchscript": torchscript_backend}

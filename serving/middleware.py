@@ -1,0 +1,117 @@
+"""The server's front door, as one pure ASGI middleware: request metrics, API key (401), payload limit (413)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from serving.metrics import metrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
+KNOWN_PATHS = frozenset({"/predict", "/info", "/metrics", "/v2", *OPEN_PATHS})
+MODEL_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/infer)?$")
+
+
+def route_label(path: str) -> str:
+    """A bounded set of labels: URL templates, never raw paths (model names would explode the cardinality)."""
+    if path in KNOWN_PATHS:
+        return path
+    m = MODEL_PATH.match(path)
+    if m:
+        return "/v2/models/{name}" + (m.group(1) or "")
+    return "other"
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+async def send_json(send: Send, status: int, payload: dict[str, Any], close: bool = False) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """Counts and times every request; checks the API key; refuses bodies over the limit without reading them."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], *, api_key: str | None, max_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_bytes = max_bytes
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        assert self.api_key is not None
+        given = headers.get(b"x-api-key")
+        if given is None:
+            auth = headers.get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else None
+        return given is not None and hmac.compare_digest(given, self.api_key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        route = route_label(scope["path"])
+        status = 500
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        try:
+            headers = dict(scope["headers"])
+            if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+                await send_tracked_json(
+                    send_tracked, 401, "missing or wrong API key; send it as X-API-Key or Authorization: Bearer"
+                )
+                return
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                await send_tracked_json(send_tracked, 413, self._too_large(int(length)), close=True)
+                return
+            received = 0
+
+            async def receive_limited() -> Message:
+                nonlocal received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge
+                return message
+
+            try:
+                await self.app(scope, receive_limited, send_tracked)
+            except PayloadTooLarge:
+                if not started:
+                    await send_tracked_json(send_tracked, 413, self._too_large(received), close=True)
+        finally:
+            m = metrics()
+            m.requests.labels(route, str(status)).inc()
+            m.latency.labels(route).observe(time.perf_counter() - start)
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"the request body ({size} bytes or more) is over the {self.max_bytes} byte payload limit "
+            "(--max-payload-mb)"
+        )
+
+
+async def send_tracked_json(send: Send, status: int, message: str, close: bool = False) -> None:
+    await send_json(send, status, {"error": message}, close=close)

@@ -1,0 +1,278 @@
+"""Request parsing and response formatting, for /predict and the KServe v2 (Open Inference) protocol.
+
+Everything here runs in the HTTP process, before a request is queued: a malformed request is answered 4xx with a
+message naming what was wrong and what was expected, and never reaches a batch where it could fail the others.
+Pure functions of bytes, headers and the manifest; numpy, PIL and the standard library only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelship.errors import DataError
+from modelship.preprocess import Preprocess, decode_image, preprocess_image
+
+MAX_IMAGE_PIXELS = 40_000_000  # a 16 MB PNG can unpack to gigabytes; refuse before decoding
+
+
+class RequestError(Exception):
+    """A client mistake: HTTP `status` with a message that says what was wrong and what was expected."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What request validation needs from the manifest."""
+
+    name: str
+    classes: tuple[str, ...]
+    input_name: str
+    output_name: str
+    shape: tuple[int, int, int]  # C, H, W
+    preprocess: Preprocess
+    max_batch: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], max_batch: int) -> ModelSpec:
+        c, h, w = (int(v) for v in manifest["input"]["shape"][1:])
+        return cls(
+            name=manifest["name"],
+            classes=tuple(manifest["classes"]),
+            input_name=manifest["input"]["name"],
+            output_name=manifest["output"]["name"],
+            shape=(c, h, w),
+            preprocess=Preprocess.from_dict(manifest["preprocess"]),
+            max_batch=max_batch,
+        )
+
+    @property
+    def default_top_k(self) -> int:
+        return min(5, len(self.classes))
+
+
+def tensor_from_json(value: Any, what: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A nested (or, with `shape`, flat) JSON list of numbers -> float32 array of exactly `shape`."""
+    if not isinstance(value, list):
+        raise RequestError(f"{what} must be a list of numbers, got {type(value).__name__}")
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        raise RequestError(f"{what} is ragged; expected a nested list of shape {list(shape)}") from None
+    if arr.dtype.kind not in "iuf":
+        kinds = {"b": "booleans", "U": "strings", "O": "non-numbers (null, objects or mixed types)"}
+        raise RequestError(f"{what} must hold numbers only; found {kinds.get(arr.dtype.kind, arr.dtype.name)}")
+    if arr.size != math.prod(shape):
+        raise RequestError(f"{what} has shape {list(arr.shape)}; expected {list(shape)}")
+    if arr.shape != shape:
+        if arr.ndim != 1:  # a flat list is what tritonclient sends; a nested one must match exactly
+            raise RequestError(f"{what} has shape {list(arr.shape)}; expected {list(shape)}")
+        arr = arr.reshape(shape)
+    return check_finite(arr.astype(np.float32, copy=False), what)
+
+
+def check_finite(arr: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise RequestError(f"{what} contains NaN or infinity; expected finite numbers")
+    return arr
+
+
+def parse_json(body: bytes) -> Any:
+    if not body:
+        raise RequestError("the request body is empty; expected JSON")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e})") from None
+
+
+def parse_top_k(value: Any, spec: ModelSpec) -> int:
+    if value is None:
+        return spec.default_top_k
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= len(spec.classes):
+        raise RequestError(
+            f"top_k must be an integer from 1 to {len(spec.classes)} (the number of classes), got {value!r}"
+        )
+    return value
+
+
+def image_tensor(data: bytes, spec: ModelSpec, what: str = "image") -> np.ndarray:
+    """Raw PNG/JPEG bytes -> [1, C, H, W] through the manifest's preprocessing."""
+    try:
+        image = decode_image(data, what, max_pixels=MAX_IMAGE_PIXELS)
+        return preprocess_image(image, spec.preprocess)[None]
+    except DataError as e:
+        raise RequestError(str(e), 413 if "pixels" in str(e) else 400) from None
+
+
+# ------------------------------------------------------------------------------------------------ /predict
+
+PREDICT_FIELDS = ("image", "inputs", "top_k")
+
+
+def parse_predict_json(body: bytes, spec: ModelSpec) -> tuple[np.ndarray, int]:
+    """{"image": base64} or {"inputs": [C,H,W]}, optional "top_k" -> ([1,C,H,W] float32, top_k)."""
+    doc = parse_json(body)
+    expected = '{"image": "<base64 PNG/JPEG>"} or {"inputs": [C][H][W] floats}, optionally with "top_k"'
+    if not isinstance(doc, dict):
+        raise RequestError(f"expected a JSON object {expected}, got {type(doc).__name__}")
+    unknown = sorted(set(doc) - set(PREDICT_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; expected {expected}")
+    top_k = parse_top_k(doc.get("top_k"), spec)
+    if ("image" in doc) == ("inputs" in doc):
+        raise RequestError(f"give exactly one of image or inputs: {expected}")
+    if "image" in doc:
+        if not isinstance(doc["image"], str):
+            raise RequestError(f"image must be a base64 string, got {type(doc['image']).__name__}")
+        text = doc["image"]
+        if text.startswith("data:") and "," in text:  # data URLs from browsers
+            text = text.split(",", 1)[1]
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError("image is not valid base64; expected base64-encoded PNG or JPEG bytes") from None
+        return image_tensor(data, spec), top_k
+    return tensor_from_json(doc["inputs"], "inputs", spec.shape)[None], top_k
+
+
+def predict_response(logits: np.ndarray, spec: ModelSpec, top_k: int) -> dict[str, Any]:
+    """{"label", "index", "score", "top_k": [...]} with softmax probabilities as scores."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")[:top_k]
+    ranked = [{"label": spec.classes[i], "index": int(i), "score": float(p[i])} for i in order]
+    return {**ranked[0], "top_k": ranked}
+
+
+# ------------------------------------------------------------------------------------------------ KServe v2
+
+V2_DTYPES = {"FP32": np.dtype("<f4")}
+V2_REQUEST_FIELDS = ("id", "inputs", "outputs", "parameters")
+
+
+@dataclass
+class V2Request:
+    tensor: np.ndarray
+    id: str | None = None
+    binary_output: bool = False
+    outputs: list[str] = field(default_factory=list)
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo Content-Encoding gzip/deflate (tritonclient's request compression), refusing zip bombs."""
+    if not encoding or encoding == "identity":
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise RequestError(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none", 415)
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise RequestError(f"the {encoding} body does not decompress: {e}") from None
+    if len(out) > limit:
+        raise RequestError(f"the decompressed body is over the {limit // (1 << 20)} MB payload limit", 413)
+    return out
+
+
+def parse_v2_infer(body: bytes, header_length: str | None, spec: ModelSpec) -> V2Request:
+    """A v2 inference request, JSON or with the binary tensor extension, -> validated [N,C,H,W] float32."""
+    binary = b""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise RequestError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+        if not 0 < n <= len(body):
+            raise RequestError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+        body, binary = body[:n], body[n:]
+    doc = parse_json(body)
+    if not isinstance(doc, dict):
+        raise RequestError("expected a JSON object with an inputs list (KServe v2 inference request)")
+    unknown = sorted(set(doc) - set(V2_REQUEST_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; a v2 request has {', '.join(V2_REQUEST_FIELDS)}")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise RequestError(f"inputs must be a list with one tensor object named {spec.input_name!r}")
+    t = inputs[0]
+    if t.get("name") != spec.input_name:
+        raise RequestError(f"unknown input {t.get('name')!r}; this model's input is {spec.input_name!r}")
+    if t.get("datatype") not in V2_DTYPES:
+        raise RequestError(f"input datatype {t.get('datatype')!r} is not supported; expected FP32")
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise RequestError(
+            f"input shape must be a list of integers [N, {', '.join(map(str, spec.shape))}], got {shape!r}"
+        )
+    if len(shape) != 4 or tuple(shape[1:]) != spec.shape or shape[0] < 1:
+        raise RequestError(
+            f"input shape {shape} does not fit the model; expected [N, {', '.join(map(str, spec.shape))}]"
+        )
+    if shape[0] > spec.max_batch:
+        raise RequestError(f"input batch of {shape[0]} is over this server's limit of {spec.max_batch}")
+    params = t.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError("input parameters must be an object")
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
+        need = math.prod(shape) * 4
+        if not isinstance(size, int) or size != len(binary) or size != need:
+            raise RequestError(
+                f"binary input is {len(binary)} bytes (binary_data_size {size!r}); "
+                f"shape {shape} FP32 needs {need} bytes"
+            )
+        if "data" in t:
+            raise RequestError("input has both binary data and a data field; send one")
+        tensor = check_finite(np.frombuffer(binary, dtype=V2_DTYPES["FP32"]).reshape(shape).astype(np.float32), "input")
+    else:
+        if binary:
+            raise RequestError("binary data follows the JSON header but the input has no binary_data_size parameter")
+        if "data" not in t:
+            raise RequestError("input needs data (a list of numbers) or binary_data_size with the binary extension")
+        tensor = tensor_from_json(t["data"], "input data", tuple(shape))
+    outputs = doc.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise RequestError("outputs must be a list of objects")
+    names = [o.get("name") for o in outputs]
+    bad = [n for n in names if n != spec.output_name]
+    if bad:
+        raise RequestError(f"unknown output {bad[0]!r}; this model's output is {spec.output_name!r}")
+    request_params = doc.get("parameters") or {}
+    binary_out = bool(request_params.get("binary_data_output", False)) if isinstance(request_params, dict) else False
+    binary_out = binary_out or any(bool((o.get("parameters") or {}).get("binary_data")) for o in outputs)
+    request_id = doc.get("id")
+    return V2Request(tensor, str(request_id) if request_id is not None else None, binary_out, names)
+
+
+def v2_response(logits: np.ndarray, req: V2Request, spec: ModelSpec) -> tuple[bytes, dict[str, str]]:
+    """Body and extra headers: JSON data, or the JSON header followed by raw little-endian FP32 bytes."""
+    out: dict[str, Any] = {"name": spec.output_name, "datatype": "FP32", "shape": list(logits.shape)}
+    doc: dict[str, Any] = {"model_name": spec.name, "model_version": "1", "outputs": [out]}
+    if req.id is not None:
+        doc["id"] = req.id
+    if not req.binary_output:
+        out["data"] = logits.astype(np.float32).ravel().tolist()
+        return json.dumps(doc).encode(), {"content-type": "application/json"}
+    raw = logits.astype("<f4").tobytes()
+    out["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps(doc).encode()
+    return header + raw, {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)),
+    }
