@@ -401,7 +401,7 @@ def configure_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    for noisy in ("torch", "onnxscript", "onnx_ir", "urllib3", "PIL", "matplotlib"):
+    for noisy in ("torch", "onnxscript", "onnx_ir", "urllib3", "PIL", "matplotlib", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

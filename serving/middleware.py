@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from serving.metrics import metrics
+from serving.protocol import RequestError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -21,6 +22,13 @@ KNOWN_PATHS = frozenset({"/predict", "/info", "/metrics", "/v2", *OPEN_PATHS})
 MODEL_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/infer)?$")
 
 
+class PayloadTooLarge(RequestError):
+    """Raised while the body streams in, once it passes the limit; endpoints answer it like any RequestError."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 413)
+
+
 def route_label(path: str) -> str:
     """A bounded set of labels: URL templates, never raw paths (model names would explode the cardinality)."""
     if path in KNOWN_PATHS:
@@ -29,10 +37,6 @@ def route_label(path: str) -> str:
     if m:
         return "/v2/models/{name}" + (m.group(1) or "")
     return "other"
-
-
-class PayloadTooLarge(Exception):
-    pass
 
 
 async def send_json(send: Send, status: int, payload: dict[str, Any], close: bool = False) -> None:
@@ -93,14 +97,14 @@ class Guard:
                 message = await receive()
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise PayloadTooLarge
+                    raise PayloadTooLarge(self._too_large(received))
                 return message
 
             try:
                 await self.app(scope, receive_limited, send_tracked)
-            except PayloadTooLarge:
+            except PayloadTooLarge as e:  # from a route that did not answer it itself
                 if not started:
-                    await send_tracked_json(send_tracked, 413, self._too_large(received), close=True)
+                    await send_tracked_json(send_tracked, 413, e.message, close=True)
         finally:
             m = metrics()
             m.requests.labels(route, str(status)).inc()

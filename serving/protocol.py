@@ -62,8 +62,8 @@ class ModelSpec:
         return min(5, len(self.classes))
 
 
-def tensor_from_json(value: Any, what: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A nested (or, with `shape`, flat) JSON list of numbers -> float32 array of exactly `shape`."""
+def tensor_from_json(value: Any, what: str, shape: tuple[int, ...], flat_ok: bool = False) -> np.ndarray:
+    """A nested (or, if `flat_ok`, flat) JSON list of numbers -> float32 array of exactly `shape`."""
     if not isinstance(value, list):
         raise RequestError(f"{what} must be a list of numbers, got {type(value).__name__}")
     try:
@@ -73,10 +73,8 @@ def tensor_from_json(value: Any, what: str, shape: tuple[int, ...]) -> np.ndarra
     if arr.dtype.kind not in "iuf":
         kinds = {"b": "booleans", "U": "strings", "O": "non-numbers (null, objects or mixed types)"}
         raise RequestError(f"{what} must hold numbers only; found {kinds.get(arr.dtype.kind, arr.dtype.name)}")
-    if arr.size != math.prod(shape):
-        raise RequestError(f"{what} has shape {list(arr.shape)}; expected {list(shape)}")
     if arr.shape != shape:
-        if arr.ndim != 1:  # a flat list is what tritonclient sends; a nested one must match exactly
+        if not (flat_ok and arr.ndim == 1 and arr.size == math.prod(shape)):  # tritonclient sends flat data
             raise RequestError(f"{what} has shape {list(arr.shape)}; expected {list(shape)}")
         arr = arr.reshape(shape)
     return check_finite(arr.astype(np.float32, copy=False), what)
@@ -245,7 +243,7 @@ def parse_v2_infer(body: bytes, header_length: str | None, spec: ModelSpec) -> V
             raise RequestError("binary data follows the JSON header but the input has no binary_data_size parameter")
         if "data" not in t:
             raise RequestError("input needs data (a list of numbers) or binary_data_size with the binary extension")
-        tensor = tensor_from_json(t["data"], "input data", tuple(shape))
+        tensor = tensor_from_json(t["data"], "input data", tuple(shape), flat_ok=True)
     outputs = doc.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise RequestError("outputs must be a list of objects")

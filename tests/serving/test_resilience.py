@@ -1,0 +1,164 @@
+"""Hard edges: API key, payload limit, timeouts, a crashed worker, SIGTERM, and bundles the server must refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from modelship.manifest import sha256_file
+from tests.serving.conftest import running_server
+from tests.serving.test_server import scrape
+
+KEY = "s3cret-key"
+
+
+def predict(url: str, **kwargs) -> httpx.Response:
+    return httpx.post(url + "/predict", json={"inputs": np.zeros((3, 32, 32)).tolist()}, timeout=60, **kwargs)
+
+
+def test_api_key_guards_every_route_but_health(tiny_bundle: Path, tmp_path: Path) -> None:
+    with running_server(tiny_bundle, "--max-payload-mb", "0.05", env={"MODELSHIP_API_KEY": KEY}, tmp=tmp_path) as s:
+        assert 503 in s.health_seen and s.health_seen[-1] == 200  # 503 while warming up, then 200
+        for method, path in (
+            ("POST", "/predict"),
+            ("GET", "/info"),
+            ("GET", "/metrics"),
+            ("GET", "/v2"),
+            ("GET", "/v2/models/shapes-cnn"),
+            ("POST", "/v2/models/shapes-cnn/infer"),
+        ):
+            r = httpx.request(method, s.url + path)
+            assert r.status_code == 401, path
+            assert r.json() == {"error": "missing or wrong API key; send it as X-API-Key or Authorization: Bearer"}
+            assert httpx.request(method, s.url + path, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert predict(s.url, headers={"X-API-Key": KEY}).status_code == 200
+        assert predict(s.url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        for path in ("/health", "/v2/health/live", "/v2/health/ready"):
+            assert httpx.get(s.url + path).status_code == 200
+        # the payload limit applies too, and before the body is read
+        r = httpx.post(
+            s.url + "/predict", content=b"x" * 60_000, headers={"X-API-Key": KEY, "content-type": "application/json"}
+        )
+        assert r.status_code == 413 and "52428 byte payload limit" in r.json()["error"]
+        metrics = scrape(s.url, headers={"X-API-Key": KEY})
+        assert metrics['modelship_requests_total{route="/predict",status="401"}'] == 2
+        assert metrics['modelship_requests_total{route="/predict",status="413"}'] == 1
+
+
+def test_request_timeout_is_504_and_the_server_stays_healthy(tiny_bundle: Path, tmp_path: Path) -> None:
+    with running_server(tiny_bundle, "--timeout", "0.002", "--batch-timeout", "0", tmp=tmp_path) as s:
+        x = np.zeros((64, 3, 32, 32), np.float32)
+        doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+        r = httpx.post(s.url + "/v2/models/shapes-cnn/infer", json=doc, timeout=30)
+        assert r.status_code == 504 and "no answer within the 0.002s request timeout" in r.json()["error"]
+        assert httpx.get(s.url + "/health").status_code == 200
+
+
+def test_a_crashed_worker_is_replaced_and_the_server_keeps_answering(tiny_bundle: Path, tmp_path: Path) -> None:
+    with running_server(tiny_bundle, tmp=tmp_path) as s:
+        assert predict(s.url).status_code == 200
+        [worker] = s.children()
+        os.kill(worker, signal.SIGKILL)
+        statuses = [predict(s.url).status_code for _ in range(3)]  # queued until the replacement is up
+        assert statuses == [200, 200, 200], s.output()[-3000:]
+        [replacement] = s.children()
+        assert replacement != worker
+        deadline = time.monotonic() + 30
+        while httpx.get(s.url + "/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert s.proc.poll() is None
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
+    # a long batch window keeps requests in flight when the signal arrives
+    with running_server(tiny_bundle, "--batch-timeout", "1.0", "--max-batch-size", "64", tmp=tmp_path) as s:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(predict, s.url) for _ in range(8)]
+            time.sleep(0.3)
+            s.proc.send_signal(signal.SIGTERM)
+            statuses = [f.result().status_code for f in futures]
+        assert statuses == [200] * 8
+        assert s.proc.wait(timeout=40) == 0
+        assert "Traceback" not in s.output()
+
+
+def copy_bundle(src: Path, dst: Path, edit=None) -> Path:
+    shutil.copytree(src, dst)
+    if edit is not None:
+        manifest = json.loads((dst / "manifest.json").read_text())
+        edit(manifest, dst)
+        (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def _unknown_version(m: dict, d: Path) -> None:
+    m["version"] = 2
+
+
+def _failed_parity(m: dict, d: Path) -> None:
+    m["parity"]["passed"] = False
+    m["parity"]["failed"] = ["onnx on onnxruntime-cpu at batch 7 (random inputs): max_abs_err 0.3"]
+
+
+def _no_torchscript(m: dict, d: Path) -> None:
+    del m["artifacts"]["torchscript"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "extra", "message"),
+    [
+        (None, ["--port", "80"], "--port must be between 1024 and 65535, got 80"),
+        (None, ["--host", "example.com"], "--host must be one of 127.0.0.1, 0.0.0.0, ::"),
+        (_unknown_version, [], "is bundle version 2; this modelship reads version 1"),
+        (_failed_parity, [], "failed its parity check at export (onnx on onnxruntime-cpu at batch 7"),
+        (_no_torchscript, ["--backend", "torchscript"], "has no torchscript artifact (it has onnx)"),
+    ],
+    ids=["port", "host", "version", "parity", "backend"],
+)
+def test_serve_refuses_bad_bundles_and_flags_before_starting(
+    tiny_bundle: Path, tmp_path: Path, cli, edit, extra, message: str
+) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", edit)
+    r = cli("serve", bundle, *extra)
+    assert r.code == 2 and r.last_line.startswith("modelship serve: error: ") and message in r.last_line
+
+
+def test_serve_refuses_a_tampered_artifact(tiny_bundle: Path, tmp_path: Path, cli) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    with open(bundle / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    r = cli("serve", bundle)
+    assert r.code == 2 and "does not match its manifest: onnx artifact model.onnx: sha256" in r.last_line
+    assert (
+        sha256_file(bundle / "model.torchscript.pt")
+        == json.loads((bundle / "manifest.json").read_text())["artifacts"]["torchscript"]["sha256"]
+    )
+
+
+def test_serve_refuses_a_busy_port(tiny_bundle: Path, cli) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = cli("serve", tiny_bundle, "--port", str(port))
+    assert r.code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.last_line
+
+
+def test_missing_bundle(tmp_path: Path, cli) -> None:
+    r = cli("serve", tmp_path / "nope")
+    assert r.code == 2
+    assert r.last_line == (
+        f"modelship serve: error: bundle {tmp_path / 'nope'} is not a directory; "
+        "expected the folder `modelship export --out` wrote"
+    )
