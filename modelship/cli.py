@@ -305,7 +305,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-timeout", type=float, default=0.002, help="seconds to wait for a batch to fill (default 0.002)"
     )
-    p.add_argument("--workers-per-device", type=int, default=1, help="inference processes per CPU/GPU (default 1)")
+    p.add_argument("--workers-per-device", type=int, default=2, help="inference processes per CPU/GPU (default 2)")
     p.add_argument("--api-servers", type=int, help="HTTP server processes (default: one per inference worker)")
     p.add_argument("--threads", type=int, help="compute threads per worker (default: CPU cores / workers)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request is answered 504 (default 30)")

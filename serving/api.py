@@ -17,15 +17,18 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import litserve as ls
 import numpy as np
 from fastapi import HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
+from litserve.transport.zmq_transport import ZMQTransport
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
 import modelship
 from modelship.manifest import read_manifest
@@ -237,13 +240,62 @@ class ModelshipSpec(LitSpec):
         return Response(content, headers=headers)
 
 
+class ZMQResponses(ZMQTransport):
+    """LitServe's ZeroMQ response transport, with a close() that does not fail in the process that never used it."""
+
+    def close(self, **kwargs: Any) -> None:
+        if self._zmq is not None:
+            self._zmq.close()
+
+    def __reduce__(self) -> tuple:
+        return ZMQResponses, (self.backend_address, self.frontend_address)
+
+
+class GatherLoop(BatchedLoop):
+    """LitServe's batched loop, gathering differently: wait for a first request in 10 ms slices (LitServe's own
+    collector makes an IPC round trip every millisecond, even when idle), then take whatever else arrives within
+    batch_timeout, up to max_batch_size.
+
+    Why 10 ms and not longer: a worker killed while its get() is pending in the Manager process leaves that get
+    behind, and the next request handed to it is lost (answered 504 at --timeout). The slice bounds that window.
+    """
+
+    FIRST_WAIT = 0.01
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
+        payloads: list = []
+        timed_out: list = []
+        try:
+            item = request_queue.get(timeout=self.FIRST_WAIT)
+        except Empty:
+            return payloads, timed_out
+        deadline = time.monotonic() + lit_api.batch_timeout
+        while True:
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            response_queue_id, uid, queued_at, x = item
+            # tells the server which worker holds the request, so a crash answers it instead of hanging
+            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR)
+            if time.monotonic() - queued_at > lit_api.request_timeout:
+                timed_out.append((response_queue_id, uid))
+            else:
+                payloads.append((response_queue_id, uid, x))
+            if len(payloads) >= lit_api.max_batch_size:
+                return payloads, timed_out
+            remaining = deadline - time.monotonic()
+            try:
+                item = request_queue.get(timeout=remaining) if remaining > 0 else request_queue.get_nowait()
+            except Empty:
+                return payloads, timed_out
+
+
 class ModelshipAPI(ls.LitAPI):
     """Runs in each inference worker: loads the backend, warms it up, and runs dynamic batches."""
 
     def __init__(self, settings: Settings, spec: ModelshipSpec) -> None:
         # always the batched loop, so a batch of one takes the same path as a batch of many
         super().__init__(
-            max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, spec=spec, loop=BatchedLoop()
+            max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, spec=spec, loop=GatherLoop()
         )
         self.settings = settings
         self.chunk = spec.model.max_batch

@@ -67,6 +67,8 @@ def onnx_backend(path: Path, device: str, threads: int) -> Backend:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # spinning intra-op threads burn a core between batches that the API server needs on a small machine
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         idx = device_index(device)

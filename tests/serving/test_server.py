@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,7 +45,14 @@ def test_health_info_and_v2_metadata(server: Server, tiny_bundle: Path) -> None:
     assert info["model"]["name"] == "shapes-cnn" and info["model"]["classes"] == manifest["classes"]
     assert info["model"]["preprocess"] == manifest["preprocess"]
     assert "checkpoint" not in info["model"]["source"]  # no paths of the exporting machine
-    expected = {"backend": "onnx", "max_batch_size": 32, "batch_timeout": 0.002, "workers_per_device": 1}
+    threads = max(1, (os.cpu_count() or 1) // 2)  # cores shared by the two default workers
+    expected = {
+        "backend": "onnx",
+        "max_batch_size": 32,
+        "batch_timeout": 0.002,
+        "workers_per_device": 2,
+        "threads": threads,
+    }
     assert {k: info["server"][k] for k in expected} == expected
     assert httpx.get(server.url + "/v2").json()["extensions"] == ["binary_tensor_data"]
     assert httpx.get(server.url + "/v2/health/live").status_code == 200
