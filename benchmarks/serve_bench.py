@@ -28,11 +28,11 @@ from typing import IO
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.loadgen import LoadResult, run_load
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.loadgen import LoadResult, run_load  # noqa: E402  (the repo root must be importable first)
-
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 PLAIN = "plain FastAPI + eager"
 SWEEP = [

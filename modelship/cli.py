@@ -207,9 +207,9 @@ def add_export_args(p: argparse.ArgumentParser, *, positional: bool = True) -> N
     p.add_argument("--max-batch", type=int, default=64, help="largest batch parity checks (default 64)")
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--name", help="model name in the bundle and the v2 API (default: the bundle folder's name)")
     if positional:
+        p.add_argument("--force", action="store_true", help="replace an existing bundle")
         p.add_argument(
             "--device",
             choices=("auto", "cpu", "cuda"),
@@ -225,7 +225,9 @@ def add_export_args(p: argparse.ArgumentParser, *, positional: bool = True) -> N
         s.add_argument("--std", type=floats, help="per-channel normalisation std (default 1)")
 
 
-def export_config(args: argparse.Namespace, checkpoint: Path, out: Path, device: str, **bare: Any) -> Any:
+def export_config(
+    args: argparse.Namespace, checkpoint: Path, out: Path, *, device: str, force: bool, name: str | None, **bare: Any
+) -> Any:
     """ExportConfig from parsed flags; `bare` holds the state_dict-only options (model, input_shape, ...)."""
     from export.config import ExportConfig
 
@@ -237,8 +239,8 @@ def export_config(args: argparse.Namespace, checkpoint: Path, out: Path, device:
         max_batch=args.max_batch,
         atol=args.atol,
         rtol=args.rtol,
-        force=args.force,
-        name=args.name,
+        force=force,
+        name=name,
         device=device,
         verbose=args.verbose,
         **bare,
@@ -263,7 +265,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         args,
         args.checkpoint,
         args.out,
-        args.device,
+        device=args.device,
+        force=args.force,
+        name=args.name,
         model=args.model,
         model_kwargs=args.model_kwargs,
         input_shape=args.input_shape,
@@ -289,6 +293,86 @@ def cmd_verify(args: argparse.Namespace) -> int:
     result = verify(args.bundle, args.checkpoint, args.device)
     report_parity(result.checks, result.hash_errors, f"bundle {args.bundle} failed verification")
     log.info("bundle %s verified: hashes match, parity holds", args.bundle)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    add_train_args(p, out_required=False)
+    p.add_argument("--out", type=Path, default=Path("runs/run"), metavar="DIR", help="run directory (default runs/run)")
+    e = p.add_argument_group("export (the bundle is written to DIR/bundle, replacing an earlier one)")
+    add_export_args(e, positional=False)  # type: ignore[arg-type]
+    p.add_argument("--min-accuracy", type=float, metavar="ACC", help="fail (exit 1) when the best val_acc is lower")
+
+
+def bundle_name(data: str, model: str) -> str:
+    """A v2-friendly default model name such as shapes-cnn."""
+    import re
+
+    base = Path(data).name if os.sep in data else data
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}-{model.split(':')[-1]}").strip("-._")[:64] or "model"
+
+
+def run_summary(
+    ckpt: dict[str, Any], bundle: Any, train_seconds: float, export_seconds: float
+) -> list[tuple[str, str]]:
+    """(field, value) rows of the table `modelship run` ends with."""
+    history = ckpt["history"]
+    best = max(history, key=lambda r: r["val_acc"])
+    data = ckpt["data"]
+    rows = [
+        ("data", f"{data['source'].get('name', '?')} ({len(data['classes'])} classes, input {data['input_shape']})"),
+        ("model", f"{ckpt['model']['arch']} {json.dumps(ckpt['model']['kwargs'])}"),
+        ("epochs", f"{len(history)} of {ckpt['config']['epochs']}, {train_seconds:.1f}s"),
+        ("best val_acc", f"{best['val_acc']:.4f} (epoch {best['epoch']})"),
+    ]
+    for kind, art in bundle.manifest["artifacts"].items():
+        checks = [c for c in bundle.checks if c.artifact == kind]
+        worst = max(c.max_abs_err for c in checks)
+        verdict = "PASS" if all(c.passed for c in checks) else "FAIL"
+        rows.append(
+            (kind, f"{art['path']}  {art['bytes'] / 1024:.0f} KiB  worst max_abs_err {worst:.2e}  parity {verdict}")
+        )
+    p = bundle.manifest["parity"]
+    verdict = "PASS" if p["passed"] else "FAIL"
+    tolerance = f"atol {p['atol']:g}, rtol {p['rtol']:g}"
+    rows.append(("parity", f"{verdict} ({p['checks']} checks, {tolerance}, {export_seconds:.1f}s)"))
+    rows.append(("bundle", str(bundle.path)))
+    rows.append(("serve it", f"modelship serve {bundle.path}"))
+    return rows
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    from export.bundle import export
+    from modelship.errors import ConfigError, GateError
+    from training.checkpoint import load_checkpoint
+    from training.train import train
+
+    if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
+        raise ConfigError(f"--min-accuracy must be between 0 and 1, got {args.min_accuracy}")
+    t0 = time.perf_counter()
+    best = train(train_config(args, args.out))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 alone exports
+    t1 = time.perf_counter()
+    name = args.name or bundle_name(args.data, args.model)
+    bundle = export(export_config(args, best, args.out / "bundle", device=args.device, force=True, name=name))
+    t2 = time.perf_counter()
+    ckpt = load_checkpoint(best)
+    rows = run_summary(ckpt, bundle, t1 - t0, t2 - t1)
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    acc = max(r["val_acc"] for r in ckpt["history"])
+    problems = [c.describe() for c in bundle.checks if not c.passed]
+    if problems:
+        raise GateError(f"parity failed, the model must not ship: {'; '.join(problems)}")
+    if args.min_accuracy is not None and acc < args.min_accuracy:
+        raise GateError(f"best val_acc {acc:.4f} is under --min-accuracy {args.min_accuracy:g}")
+    print(f"modelship run: OK in {t2 - t0:.0f}s, val_acc {acc:.4f}, parity passed: {bundle.path}", file=sys.stderr)
     return 0
 
 
@@ -368,6 +452,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
+    ("run", "train, export and check parity in one go: the main job and the CI gate", add_run_args, cmd_run),
     ("train", "train a classifier and write state_dict checkpoints", add_train_args, cmd_train),
     (
         "export",

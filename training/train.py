@@ -336,6 +336,9 @@ class RunLog:
         with open(self.path, "w") as f:
             for row in history:
                 f.write(json.dumps(row) + "\n")
+        if not history:  # a fresh run in an old run directory: do not plot the old run's curves with it
+            for old in (out / "tensorboard").glob("events.out.tfevents.*"):
+                old.unlink()
         self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step or None)
 
     def epoch(self, row: dict[str, Any], step: int) -> None:

