@@ -349,3 +349,35 @@ def test_argument_errors_from_the_real_command(tmp_path: Path) -> None:
         r.code == 2
         and r.last_line == f"modelship train: error: --resume {tmp_path / 'nope.pt'} does not exist or is not a file"
     )
+
+
+def _output_through_a_terminal(args: list[str]) -> str:
+    """Run the command with a pseudo-terminal as stdout/stderr, as a person at a shell would."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child
+        os.chdir(REPO)
+        os.environ["PYTHONPATH"] = str(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", "modelship.cli", *args])
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path: Path, data_dir: Path) -> None:
+    args = ["train", "--epochs", "1", *tiny_train_args(data_dir, "--shapes-train", "300")]
+    on_tty = _output_through_a_terminal([*args, "--out", str(tmp_path / "tty")])
+    piped = run_modelship(*args, "--out", str(tmp_path / "pipe"))
+    assert "━" in on_tty and "\x1b[" in on_tty  # rich's bar, drawn with terminal escapes
+    assert "━" not in piped.err and "\x1b[" not in piped.err
+    assert "epoch 1/1  train_loss" in on_tty and "epoch 1/1  train_loss" in piped.err
