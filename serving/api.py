@@ -166,23 +166,28 @@ class ModelshipSpec(LitSpec):
         if ctype == "multipart/form-data":
             try:
                 form = await request.form(max_files=1, max_fields=8)
+            except protocol.RequestError:  # over the payload limit while streaming: 413, not a parse error
+                raise
             except Exception as e:
                 raise protocol.RequestError(f"the multipart body cannot be parsed ({e})") from None
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise protocol.RequestError("a multipart upload needs a file field named `file`")
             top_k = protocol.parse_top_k(form.get("top_k"), self.model)
-            x = protocol.image_tensor(await upload.read(), self.model, f"uploaded file {upload.filename or ''}".strip())
+            what = f"uploaded file {upload.filename or ''}".strip()
+            req = protocol.PredictRequest(top_k, image=await upload.read(), what=what)
         elif ctype == "application/json":
-            x, top_k = protocol.parse_predict_json(await request.body(), self.model)
+            req = protocol.parse_predict_json(await request.body(), self.model)
         elif ctype.startswith("image/"):
-            x, top_k = protocol.image_tensor(await request.body(), self.model), self.model.default_top_k
+            req = protocol.PredictRequest(self.model.default_top_k, image=await request.body())
         else:
             raise protocol.RequestError(
                 f"Content-Type {ctype} is not supported; send application/json, multipart/form-data or image/*", 415
             )
+        # decoding a large image takes long enough to stall every other request on this event loop
+        x = req.tensor if req.tensor is not None else await asyncio.to_thread(req.to_tensor, self.model)
         logits = await self.infer(x)
-        return JSONResponse(protocol.predict_response(logits[0], self.model, top_k))
+        return JSONResponse(protocol.predict_response(logits[0], self.model, req.top_k))
 
     @handled
     async def info(self, request: Request) -> Response:

@@ -124,8 +124,24 @@ def image_tensor(data: bytes, spec: ModelSpec, what: str = "image") -> np.ndarra
 PREDICT_FIELDS = ("image", "inputs", "top_k")
 
 
-def parse_predict_json(body: bytes, spec: ModelSpec) -> tuple[np.ndarray, int]:
-    """{"image": base64} or {"inputs": [C,H,W]}, optional "top_k" -> ([1,C,H,W] float32, top_k)."""
+@dataclass
+class PredictRequest:
+    """A validated /predict request: a ready tensor, or image bytes still to decode (off the event loop)."""
+
+    top_k: int
+    tensor: np.ndarray | None = None  # [1, C, H, W]
+    image: bytes | None = None
+    what: str = "image"
+
+    def to_tensor(self, spec: ModelSpec) -> np.ndarray:
+        if self.tensor is not None:
+            return self.tensor
+        assert self.image is not None
+        return image_tensor(self.image, spec, self.what)
+
+
+def parse_predict_json(body: bytes, spec: ModelSpec) -> PredictRequest:
+    """{"image": base64} or {"inputs": [C,H,W]}, optional "top_k"."""
     doc = parse_json(body)
     expected = '{"image": "<base64 PNG/JPEG>"} or {"inputs": [C][H][W] floats}, optionally with "top_k"'
     if not isinstance(doc, dict):
@@ -146,8 +162,8 @@ def parse_predict_json(body: bytes, spec: ModelSpec) -> tuple[np.ndarray, int]:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError("image is not valid base64; expected base64-encoded PNG or JPEG bytes") from None
-        return image_tensor(data, spec), top_k
-    return tensor_from_json(doc["inputs"], "inputs", spec.shape)[None], top_k
+        return PredictRequest(top_k, image=data)
+    return PredictRequest(top_k, tensor=tensor_from_json(doc["inputs"], "inputs", spec.shape)[None])
 
 
 def predict_response(logits: np.ndarray, spec: ModelSpec, top_k: int) -> dict[str, Any]:

@@ -42,9 +42,15 @@ def body(doc: object) -> bytes:
     return json.dumps(doc).encode()
 
 
+def predict_tensor(raw: bytes) -> tuple[np.ndarray, int]:
+    """What the server does with a JSON /predict body: parse, then (for an image) decode."""
+    req = parse_predict_json(raw, SPEC)
+    return req.to_tensor(SPEC), req.top_k
+
+
 def test_image_goes_through_the_manifest_preprocessing() -> None:
     data = png_bytes()
-    x, top_k = parse_predict_json(body({"image": base64.b64encode(data).decode(), "top_k": 2}), SPEC)
+    x, top_k = predict_tensor(body({"image": base64.b64encode(data).decode(), "top_k": 2}))
     expected = preprocess_image(Image.open(io.BytesIO(data)), SPEC.preprocess)
     assert x.shape == (1, 3, 4, 4) and x.dtype == np.float32 and top_k == 2
     assert np.array_equal(x[0], expected)
@@ -52,7 +58,7 @@ def test_image_goes_through_the_manifest_preprocessing() -> None:
 
 def test_inputs_tensor_and_default_top_k() -> None:
     value = np.arange(48, dtype=np.float32).reshape(3, 4, 4)
-    x, top_k = parse_predict_json(body({"inputs": value.tolist()}), SPEC)
+    x, top_k = predict_tensor(body({"inputs": value.tolist()}))
     assert np.array_equal(x[0], value) and top_k == 3
 
 
@@ -83,7 +89,7 @@ def test_inputs_tensor_and_default_top_k() -> None:
 )
 def test_bad_predict_requests(raw: bytes, message: str) -> None:
     with pytest.raises(RequestError) as e:
-        parse_predict_json(raw, SPEC)
+        predict_tensor(raw)
     assert e.value.status == 400 and message in e.value.message
 
 
@@ -91,14 +97,14 @@ def test_nan_and_infinity_are_refused() -> None:
     nan = np.zeros((3, 4, 4)).tolist()
     nan[1][2][3] = float("nan")
     with pytest.raises(RequestError, match="contains NaN or infinity"):
-        parse_predict_json(json.dumps({"inputs": nan}).encode(), SPEC)
+        predict_tensor(json.dumps({"inputs": nan}).encode())
 
 
 def test_huge_images_are_refused_before_decoding() -> None:
     buf = io.BytesIO()
     Image.new("L", (8000, 6000)).save(buf, "PNG")  # 48 Mpixel of zeros compress to a few kB
     with pytest.raises(RequestError) as e:
-        parse_predict_json(body({"image": base64.b64encode(buf.getvalue()).decode()}), SPEC)
+        predict_tensor(body({"image": base64.b64encode(buf.getvalue()).decode()}))
     assert e.value.status == 413 and "8000x6000 pixels" in e.value.message
 
 

@@ -246,6 +246,15 @@ def test_oversized_bodies_get_413_without_being_read(server: Server) -> None:
     r = httpx.post(server.url + "/predict", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
 
+    def multipart():  # a streamed upload past the limit is a 413 too, not a parse error
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+        yield from chunks()
+
+    r = httpx.post(
+        server.url + "/predict", content=multipart(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert r.status_code == 413 and "payload limit" in r.json()["error"]
+
 
 def test_metrics_count_requests_batches_and_queue_time(server: Server) -> None:
     before = scrape(server.url)
