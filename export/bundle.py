@@ -179,10 +179,6 @@ class Verification:
     hash_errors: list[str]
     checks: list[parity.Check]
 
-    @property
-    def passed(self) -> bool:
-        return not self.hash_errors and all(c.passed for c in self.checks)
-
 
 def verify(bundle: Path, checkpoint: Path | None = None, device: str = "auto") -> Verification:
     """Re-check every sha256, then re-run parity against the checkpoint the bundle came from."""
