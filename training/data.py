@@ -29,6 +29,7 @@ TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifa
 BUILTIN = ("shapes", *TORCHVISION_DATASETS)
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 STATS_SAMPLE = 2000
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)  # what PIL raises for a non-image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -67,7 +68,7 @@ def open_image(path: str) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UNREADABLE as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     return image
 
@@ -208,33 +209,22 @@ def folder_splits(root: Path, val_split: float, seed: int) -> tuple[list[str], l
     return classes, train, val, {"root": str(root), "train_dir": "", "val_split": val_split, "seed": seed}
 
 
-def inspect_images(paths: Sequence[str], seed: int) -> tuple[int, tuple[int, int]]:
-    """Channel count and most common (H, W) of a sample of files; opens headers only, naming any unreadable file."""
-    rng = np.random.default_rng(seed)
-    picked = (
-        [paths[i] for i in sorted(rng.permutation(len(paths))[:STATS_SAMPLE])] if len(paths) > STATS_SAMPLE else paths
-    )
+def inspect_images(train: Sequence[str], others: Sequence[str], seed: int) -> tuple[int, tuple[int, int]]:
+    """Open every file's header once, so a file that is not an image fails now, by name, not in epoch 3; the channel
+    count and most common (H, W) come from the same seeded sample of training files the mean/std use."""
+    sampled = set(_sample(train, seed))
     modes: Counter[str] = Counter()
     sizes: Counter[tuple[int, int]] = Counter()
-    for p in picked:
+    for p in [*train, *others]:
         try:
             with Image.open(p) as im:
-                modes[im.mode] += 1
-                sizes[(im.height, im.width)] += 1
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                if p in sampled:
+                    modes[im.mode] += 1
+                    sizes[(im.height, im.width)] += 1
+        except UNREADABLE as e:
             raise DataError(f"cannot read image {p}: {e}") from None
     channels = 1 if set(modes) <= GRAY_MODES else 3
     return channels, sizes.most_common(1)[0][0]
-
-
-def check_all_readable(paths: Sequence[str]) -> None:
-    """Open every file's header, so a file that is not an image fails now, by name, not in epoch 3."""
-    for p in paths:
-        try:
-            with Image.open(p):
-                pass
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot read image {p}: {e}") from None
 
 
 def channel_stats(images: Sequence[Image.Image], pre: Preprocess) -> tuple[list[float], list[float]]:
@@ -282,8 +272,7 @@ def load_data(req: DataRequest) -> tuple[LabelledDataset, LabelledDataset, DataI
     source.update(layout)
     if len(classes) < 2:
         raise DataError(f"{root} has a single class ({classes[0]}); a classifier needs at least 2 class folders")
-    check_all_readable([p for p, _ in train] + [p for p, _ in val])
-    channels, size = inspect_images([p for p, _ in train], req.seed)
+    channels, size = inspect_images([p for p, _ in train], [p for p, _ in val], req.seed)
     size = req.image_size or size
     info, augment = _describe(
         classes, channels, size, [open_image(p) for p, _ in _sample(train, req.seed)], source, req
