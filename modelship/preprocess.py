@@ -91,6 +91,10 @@ def preprocess_image(image: Image.Image, pre: Preprocess) -> np.ndarray:
     return normalize(to_array(image, pre), pre)
 
 
+class ImageTooLarge(DataError):
+    """An image refused for its pixel count before it is decoded."""
+
+
 def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None) -> Image.Image:
     """Decode PNG/JPEG/... bytes fully, so a truncated file fails here and not later; refuse huge images unread."""
     if not data:
@@ -98,10 +102,12 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None
     try:
         image = Image.open(io.BytesIO(data))
         if max_pixels is not None and image.width * image.height > max_pixels:
-            raise DataError(f"{what} is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
+            raise ImageTooLarge(f"{what} is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
         image.load()
     except UnidentifiedImageError:
         raise DataError(f"{what} is not an image PIL can read; expected PNG or JPEG bytes") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{what} has too many pixels to decode ({e})") from None
+    except (OSError, ValueError) as e:
         raise DataError(f"{what} could not be decoded ({e}); the file may be truncated or corrupt") from None
     return image

@@ -19,7 +19,7 @@ import numpy as np
 import pydantic_core
 
 from modelship.errors import DataError
-from modelship.preprocess import Preprocess, decode_image, preprocess_image
+from modelship.preprocess import ImageTooLarge, Preprocess, decode_image, preprocess_image
 
 MAX_IMAGE_PIXELS = 40_000_000  # a 16 MB PNG can unpack to gigabytes; refuse before decoding
 
@@ -115,8 +115,10 @@ def image_tensor(data: bytes, spec: ModelSpec, what: str = "image") -> np.ndarra
     try:
         image = decode_image(data, what, max_pixels=MAX_IMAGE_PIXELS)
         return preprocess_image(image, spec.preprocess)[None]
+    except ImageTooLarge as e:
+        raise RequestError(str(e), 413) from None
     except DataError as e:
-        raise RequestError(str(e), 413 if "pixels" in str(e) else 400) from None
+        raise RequestError(str(e), 400) from None
 
 
 # ------------------------------------------------------------------------------------------------ /predict
