@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # one stamp per extra, remade when pyproject.toml changes
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e ".[all]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python

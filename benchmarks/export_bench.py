@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.bundle import export
-from export.config import ExportConfig
-from export.parity import table
-from export.source import load_source
-from training.models import build_model, model_kwargs
+from modelship.export.bundle import export
+from modelship.export.config import ExportConfig
+from modelship.export.parity import table
+from modelship.export.source import load_source
+from modelship.training.models import build_model, model_kwargs
 
 
 def samples_per_s(run: Callable[[], object], batch: int, min_seconds: float) -> float:

@@ -11,8 +11,8 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 
-from training.checkpoint import load_checkpoint
-from training.models import build_model
+from modelship.training.checkpoint import load_checkpoint
+from modelship.training.models import build_model
 
 
 def make_app(checkpoint: str) -> FastAPI:

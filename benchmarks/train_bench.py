@@ -24,11 +24,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.config import TrainConfig
-from training.data import default_data_dir
-from training.models import build_model, model_kwargs
-from training.shapes import ensure_shapes
-from training.train import train
+from modelship.training.config import TrainConfig
+from modelship.training.data import default_data_dir
+from modelship.training.models import build_model, model_kwargs
+from modelship.training.shapes import ensure_shapes
+from modelship.training.train import train
 
 
 def plain_loop(root: Path, epochs: int, device: torch.device) -> dict:

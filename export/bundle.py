@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from export import parity
-from export.config import ExportConfig
-from export.formats import INPUT_NAME, OUTPUT_NAME, export_onnx, export_torchscript
-from export.source import Source, load_source
 from modelship.errors import BundleError, CheckpointError, ConfigError
+from modelship.export import parity
+from modelship.export.config import ExportConfig
+from modelship.export.formats import INPUT_NAME, OUTPUT_NAME, export_onnx, export_torchscript
+from modelship.export.source import Source, load_source
 from modelship.manifest import (
     ARTIFACT_FILES,
     FORMAT,
@@ -31,7 +31,7 @@ from modelship.manifest import (
     sha256_file,
     write_json,
 )
-from training.data import validation_images
+from modelship.training.data import validation_images
 
 log = logging.getLogger(__name__)
 

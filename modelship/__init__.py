@@ -1,3 +1,3 @@
 """modelship: train -> export -> serve for PyTorch image classifiers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

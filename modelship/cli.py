@@ -69,7 +69,7 @@ def names(text: str) -> list[str]:
 
 def add_train_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     """Flags of `train` (and of `run`, which passes them through)."""
-    from training.config import AMP_MODES, DEVICES, OPTIMIZERS, SCHEDULES  # light: no torch import
+    from modelship.training.config import AMP_MODES, DEVICES, OPTIMIZERS, SCHEDULES  # light: no torch import
 
     d = p.add_argument_group("data")
     d.add_argument("--data", default="shapes", help="shapes | mnist | fashion-mnist | cifar10 | PATH to an ImageFolder")
@@ -143,7 +143,7 @@ def add_train_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> 
 
 
 def train_config(args: argparse.Namespace, out: Path) -> Any:
-    from training.config import TrainConfig
+    from modelship.training.config import TrainConfig
 
     return TrainConfig(
         out=out,
@@ -186,7 +186,7 @@ def train_config(args: argparse.Namespace, out: Path) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import train
+    from modelship.training.train import train
 
     best = train(train_config(args, args.out))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -229,7 +229,7 @@ def export_config(
     args: argparse.Namespace, checkpoint: Path, out: Path, *, device: str, force: bool, name: str | None, **bare: Any
 ) -> Any:
     """ExportConfig from parsed flags; `bare` holds the state_dict-only options (model, input_shape, ...)."""
-    from export.config import ExportConfig
+    from modelship.export.config import ExportConfig
 
     return ExportConfig(
         checkpoint=checkpoint,
@@ -249,8 +249,8 @@ def export_config(
 
 def report_parity(checks: list[Any], problems: list[str], what: str) -> None:
     """The parity table on stdout; one GateError naming every failed check and hash mismatch, if any."""
-    from export.parity import table
     from modelship.errors import GateError
+    from modelship.export.parity import table
 
     print(table(checks))
     problems = problems + [c.describe() for c in checks if not c.passed]
@@ -259,7 +259,7 @@ def report_parity(checks: list[Any], problems: list[str], what: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.bundle import export
+    from modelship.export.bundle import export
 
     cfg = export_config(
         args,
@@ -288,7 +288,7 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from export.bundle import verify
+    from modelship.export.bundle import verify
 
     result = verify(args.bundle, args.checkpoint, args.device)
     report_parity(result.checks, result.hash_errors, f"bundle {args.bundle} failed verification")
@@ -347,10 +347,10 @@ def run_summary(
 def cmd_run(args: argparse.Namespace) -> int:
     import time
 
-    from export.bundle import export
     from modelship.errors import ConfigError, GateError
-    from training.checkpoint import load_checkpoint
-    from training.train import train
+    from modelship.export.bundle import export
+    from modelship.training.checkpoint import load_checkpoint
+    from modelship.training.train import train
 
     if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
         raise ConfigError(f"--min-accuracy must be between 0 and 1, got {args.min_accuracy}")
@@ -400,7 +400,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.server import ServeConfig, serve
+    from modelship.serving.server import ServeConfig, serve
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("MODELSHIP_API_KEY")
     serve(
@@ -435,7 +435,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from serving.client import Client
+    from modelship.serving.client import Client
 
     client = Client(args.url, args.api_key or os.environ.get("MODELSHIP_API_KEY"), args.timeout)
     for image in args.images:

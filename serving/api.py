@@ -32,9 +32,9 @@ from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, W
 
 import modelship
 from modelship.manifest import read_manifest
-from serving import protocol
-from serving.backends import BACKENDS, Backend
-from serving.metrics import exposition, metrics
+from modelship.serving import protocol
+from modelship.serving.backends import BACKENDS, Backend
+from modelship.serving.metrics import exposition, metrics
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from serving.metrics import metrics
-from serving.protocol import RequestError
+from modelship.serving.metrics import metrics
+from modelship.serving.protocol import RequestError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

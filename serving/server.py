@@ -100,7 +100,7 @@ def resolve_devices(cfg: ServeConfig) -> tuple[str, int]:
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     else:
-        from serving.backends import cuda_device_count
+        from modelship.serving.backends import cuda_device_count
 
         gpus = cuda_device_count()
     if cfg.device == "cuda" and gpus == 0:
@@ -128,7 +128,7 @@ def serve(cfg: ServeConfig) -> None:
     accelerator, n_devices = resolve_devices(cfg)
     check_port(cfg.host, cfg.port)
 
-    from serving import metrics
+    from modelship.serving import metrics
 
     metrics_dir = metrics.init_dir()  # before prometheus_client is imported anywhere
     try:
@@ -142,9 +142,9 @@ def _run(cfg: ServeConfig, manifest: dict[str, Any], accelerator: str, n_devices
     from litserve.transport.zmq_queue import Broker
     from litserve.utils import WorkerSetupStatus
 
-    from serving.api import ModelshipAPI, ModelshipSpec, Settings, ZMQResponses
-    from serving.middleware import Guard
-    from serving.protocol import ModelSpec
+    from modelship.serving.api import ModelshipAPI, ModelshipSpec, Settings, ZMQResponses
+    from modelship.serving.middleware import Guard
+    from modelship.serving.protocol import ModelSpec
 
     workers = n_devices * cfg.workers_per_device
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)

@@ -259,7 +259,7 @@ def load_data(req: DataRequest) -> tuple[LabelledDataset, LabelledDataset, DataI
     if req.name in TORCHVISION_DATASETS:
         return _load_torchvision(req)
     if req.name == "shapes":
-        from training.shapes import ensure_shapes
+        from modelship.training.shapes import ensure_shapes
 
         root = ensure_shapes(req.data_dir, seed=req.seed, train=req.shapes_train, val=req.shapes_val)
         source: dict[str, Any] = {"name": "shapes", "seed": req.seed, "train": req.shapes_train, "val": req.shapes_val}

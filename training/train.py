@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from modelship.errors import CheckpointError, ConfigError, DataError
-from training import checkpoint as ckpt_io
-from training.config import TrainConfig
-from training.data import DataInfo, DataRequest, LabelledDataset, default_data_dir, load_data
-from training.models import (
+from modelship.training import checkpoint as ckpt_io
+from modelship.training.config import TrainConfig
+from modelship.training.data import DataInfo, DataRequest, LabelledDataset, default_data_dir, load_data
+from modelship.training.models import (
     build_model,
     check_output,
     clean_state_dict,

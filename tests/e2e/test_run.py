@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from modelship.training.checkpoint import load_checkpoint
 from tests.helpers import Result, run_modelship, tiny_train_args
 from tests.serving.conftest import Server, running_server
-from training.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

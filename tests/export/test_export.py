@@ -13,12 +13,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export.bundle import export
-from export.config import ExportConfig
+from modelship.export.bundle import export
+from modelship.export.config import ExportConfig
 from modelship.manifest import check_bundle, sha256_file
+from modelship.training.checkpoint import load_checkpoint
+from modelship.training.models import REGISTRY, build_model, model_kwargs
 from tests.helpers import run_modelship
-from training.checkpoint import load_checkpoint
-from training.models import REGISTRY, build_model, model_kwargs
 
 
 def save_state_dict(tmp_path: Path, arch: str, shape: list[int], classes: int = 3, **extra) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.parity import Check, compare, table
+from modelship.export.parity import Check, compare, table
 
 
 def test_within_tolerance_passes_with_exact_numbers() -> None:

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from modelship.preprocess import Preprocess, preprocess_image
-from serving.middleware import route_label
-from serving.protocol import (
+from modelship.serving.middleware import route_label
+from modelship.serving.protocol import (
     ModelSpec,
     RequestError,
     V2Request,

@@ -17,11 +17,11 @@ import tritonclient.http as triton
 from PIL import Image
 
 from modelship.preprocess import Preprocess
-from serving.client import Client, ClientError
+from modelship.serving.client import Client, ClientError
+from modelship.training.checkpoint import load_checkpoint
+from modelship.training.data import EvalTransform
 from tests.helpers import run_modelship
 from tests.serving.conftest import Server
-from training.checkpoint import load_checkpoint
-from training.data import EvalTransform
 
 
 def val_png(data_dir: Path, cls: str = "triangle") -> Path:

@@ -13,8 +13,8 @@ from PIL import Image
 
 from modelship.errors import DataError
 from modelship.preprocess import Preprocess, preprocess_image
-from training.data import DataRequest, load_data, validation_images
-from training.shapes import CLASSES, ensure_shapes
+from modelship.training.data import DataRequest, load_data, validation_images
+from modelship.training.shapes import CLASSES, ensure_shapes
 
 
 def write_folder(

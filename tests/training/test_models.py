@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modelship.errors import CheckpointError, ModelError
-from training.models import (
+from modelship.training.models import (
     REGISTRY,
     build_model,
     check_output,

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelship.training.checkpoint import load_checkpoint
+from modelship.training.config import TrainConfig
+from modelship.training.data import DataRequest, load_data
+from modelship.training.models import build_model
+from modelship.training.train import EpochSampler, class_weights, make_optimizer, make_scheduler
 from tests.helpers import REPO, pt_files, run_modelship, tiny_train_args
 from tests.training.test_data import write_folder
-from training.checkpoint import load_checkpoint
-from training.config import TrainConfig
-from training.data import DataRequest, load_data
-from training.models import build_model
-from training.train import EpochSampler, class_weights, make_optimizer, make_scheduler
 
 
 def test_checkpoint_is_the_design_contract(tiny_run: Path) -> None:
@@ -97,7 +97,7 @@ def test_killed_run_resumed_gives_the_same_weights_bit_for_bit(tmp_path: Path, d
 WRITER = """
 import sys, torch
 from pathlib import Path
-from training.checkpoint import atomic_torch_save
+from modelship.training.checkpoint import atomic_torch_save
 path = Path(sys.argv[1])
 v = 0
 while True:
