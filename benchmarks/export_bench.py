@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modelship.export.bundle import export
-from modelship.export.config import ExportConfig
+from modelship.export.config import ExportConfig, ExportOptions
 from modelship.export.parity import table
 from modelship.export.source import load_source
 from modelship.training.models import build_model, model_kwargs
@@ -109,7 +109,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, ckpt, bare in models_to_export(args, Path(tmp)):
             t0 = time.perf_counter()
-            bundle = export(ExportConfig(checkpoint=ckpt, out=Path(tmp) / name, device=args.device, **bare))
+            bundle = export(ExportConfig(ckpt, Path(tmp) / name, ExportOptions(device=args.device), **bare))
             seconds = time.perf_counter() - t0
             each = ", ".join(f"{k} {v['export_seconds']}s" for k, v in bundle.manifest["artifacts"].items())
             print(f"\n{name}: export and parity in {seconds:.1f}s ({each})")

@@ -6,7 +6,6 @@ import logging
 import os
 import secrets
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,23 +14,15 @@ from typing import Any
 
 import torch
 
-from modelship.errors import BundleError, CheckpointError, ConfigError
+from modelship.errors import BundleError, CheckpointError, ConfigError, ParityError
 from modelship.export import parity
 from modelship.export.config import ExportConfig
 from modelship.export.formats import INPUT_NAME, OUTPUT_NAME, export_onnx, export_torchscript
 from modelship.export.source import Source, load_source
-from modelship.manifest import (
-    ARTIFACT_FILES,
-    FORMAT,
-    MANIFEST,
-    PARITY,
-    VERSION,
-    hash_mismatches,
-    read_manifest,
-    sha256_file,
-    write_json,
-)
+from modelship.files import sha256_file, write_json
+from modelship.manifest import ARTIFACT_FILES, FORMAT, MANIFEST, PARITY, VERSION, hash_mismatches, read_manifest
 from modelship.training.data import validation_images
+from modelship.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +37,16 @@ class Bundle:
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
+    def raise_if_failed(self) -> None:
+        """ParityError naming every failed check: the bundle is written, but it must not ship."""
+        raise_for(self.checks, [], f"bundle {self.path} written, but it must not ship")
 
-def runtime_versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import onnxscript
 
-    import modelship
-
-    return {
-        "modelship": modelship.__version__,
-        "torch": str(torch.__version__),
-        "onnx": onnx.__version__,
-        "onnxscript": onnxscript.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "python": sys.version.split()[0],
-    }
+def raise_for(checks: list[parity.Check], problems: list[str], what: str) -> None:
+    """One ParityError listing every failed check and every other problem (hash mismatches), if there are any."""
+    problems = problems + [c.describe() for c in checks if not c.passed]
+    if problems:
+        raise ParityError(f"{what}: {len(problems)} check(s) failed: " + "; ".join(problems))
 
 
 def _staging_dir(out: Path) -> Path:
@@ -90,6 +75,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The bundle's manifest.json (DESIGN.md, Stage 2): written here and nowhere else."""
     c, h, w = src.input_shape
+    opts = cfg.options
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -99,18 +85,18 @@ def build_manifest(
         "input": {"name": INPUT_NAME, "shape": ["batch", c, h, w], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(src.classes)], "dtype": "float32"},
         "preprocess": src.preprocess.to_dict(),
-        "max_batch": cfg.max_batch,
+        "max_batch": opts.max_batch,
         "artifacts": artifacts,
         "parity": {
             **parity.summary(checks),
-            "atol": cfg.atol,
-            "rtol": cfg.rtol,
-            "batch_sizes": cfg.batch_sizes,
-            "seed": cfg.seed,
+            "atol": opts.atol,
+            "rtol": opts.rtol,
+            "batch_sizes": opts.batch_sizes,
+            "seed": opts.seed,
             "report": PARITY,
         },
         "source": src.info,
-        "versions": runtime_versions(),
+        "versions": versions("torch", "onnx", "onnxscript", "onnxruntime"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -127,28 +113,19 @@ def run_parity(
 def export(cfg: ExportConfig) -> Bundle:
     """Export every requested format, check parity, and move the finished bundle into place (even when parity fails,
     so parity.json can be read; the manifest then says `parity.passed: false` and the server refuses it)."""
-    src = load_source(
-        cfg.checkpoint,
-        {
-            "model": cfg.model,
-            "model_kwargs": cfg.model_kwargs,
-            "input_shape": cfg.input_shape,
-            "classes": cfg.classes,
-            "mean": cfg.mean,
-            "std": cfg.std,
-        },
-    )
+    src = load_source(cfg.checkpoint, cfg.bare)
+    opts = cfg.options
     tmp = _staging_dir(cfg.out)
     try:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(opts.seed)
         example = torch.randn(2, *src.input_shape)  # batch >= 2, so the exporter cannot specialise it to 1
         artifacts: dict[str, dict[str, Any]] = {}
         files: dict[str, Path] = {}
-        for fmt in cfg.formats:
+        for fmt in opts.formats:
             path = tmp / ARTIFACT_FILES[fmt]
             t0 = time.perf_counter()
             if fmt == "onnx":
-                extra = export_onnx(src.model, example, path, cfg.opset, cfg.verbose)
+                extra = export_onnx(src.model, example, path, opts.opset, cfg.verbose)
             else:
                 extra = export_torchscript(src.model, example, path)
             seconds = time.perf_counter() - t0
@@ -162,7 +139,7 @@ def export(cfg: ExportConfig) -> Bundle:
                 **extra,
             }
         checks = run_parity(
-            src, files, batch_sizes=cfg.batch_sizes, seed=cfg.seed, atol=cfg.atol, rtol=cfg.rtol, device=cfg.device
+            src, files, batch_sizes=opts.batch_sizes, seed=opts.seed, atol=opts.atol, rtol=opts.rtol, device=opts.device
         )
         manifest = build_manifest(cfg, src, artifacts, checks)
         write_json(tmp / PARITY, {"passed": manifest["parity"]["passed"], "checks": parity.report(checks)})
@@ -176,8 +153,12 @@ def export(cfg: ExportConfig) -> Bundle:
 
 @dataclass
 class Verification:
+    bundle: Path
     hash_errors: list[str]
     checks: list[parity.Check]
+
+    def raise_if_failed(self) -> None:
+        raise_for(self.checks, self.hash_errors, f"bundle {self.bundle} failed verification")
 
 
 def verify(bundle: Path, checkpoint: Path | None = None, device: str = "auto") -> Verification:
@@ -221,4 +202,4 @@ def verify(bundle: Path, checkpoint: Path | None = None, device: str = "auto") -
     )
     if not checks:
         raise BundleError(f"{bundle} has no artifact to check")
-    return Verification(errors, checks)
+    return Verification(bundle, errors, checks)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from modelship.errors import CheckpointError, ConfigError
-from modelship.manifest import sha256_file
+from modelship.files import sha256_file
 from modelship.preprocess import Preprocess
 from modelship.training.checkpoint import is_checkpoint, is_state_dict, read_torch_file, validate
 from modelship.training.models import build_model, clean_state_dict, model_kwargs, resolve_factory

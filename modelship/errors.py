@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ModelshipError(Exception):
     """A problem the user can fix: bad input, a missing file, a wrong flag. Exit code 2, no traceback."""
@@ -35,13 +37,18 @@ class ExportError(ModelshipError):
     exit_code = 1
 
 
-class ParityError(ModelshipError):
-    """An exported artifact disagrees with eager PyTorch beyond the tolerance. Exit code 1."""
-
-    exit_code = 1
-
-
 class GateError(ModelshipError):
-    """The pipeline ran but its result must not ship (accuracy under the bar, parity failed). Exit code 1."""
+    """The work ran but its result must not ship (accuracy under the bar, parity failed). Exit code 1.
+
+    `result` is what was built (a RunResult from the pipeline), so a caller can still show it.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, result: Any = None):
+        super().__init__(message)
+        self.result = result
+
+
+class ParityError(GateError):
+    """An exported artifact disagrees with eager PyTorch beyond its tolerance or accuracy gate. Exit code 1."""

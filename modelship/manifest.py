@@ -1,20 +1,18 @@
 """The bundle's `manifest.json`: the one contract between export and serving.
 
-Export writes it (export/bundle.py builds the dict); `read_manifest` validates it for both `modelship verify` and
-the server. Only the standard library here: serving imports this without torch.
+Export writes it (modelship.export.bundle builds the dict); `read_manifest` validates it for `modelship verify`,
+`evaluate` and the server. Only the standard library here: serving imports this without torch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from modelship.errors import BundleError
+from modelship.files import sha256_file
 
 FORMAT = "modelship.bundle"
 VERSION = 1
@@ -25,29 +23,9 @@ ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def public_mode() -> int:
-    """The mode a plain open() would give a new file (mkstemp's 0600 would hide it from a serving user)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temp file and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, public_mode())
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+def safe_name(text: str) -> str:
+    """A name usable in URLs and the v2 API: runs of other characters become '-', at most 64 characters."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")[:64].rstrip("-_.") or "model"
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:

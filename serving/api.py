@@ -11,28 +11,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import pickle
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 import litserve as ls
 import numpy as np
-from fastapi import HTTPException, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
-from litserve.loops.simple_loops import BatchedLoop
-from litserve.specs.base import LitSpec
-from litserve.transport.zmq_transport import ZMQTransport
-from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
+from starlette.requests import ClientDisconnect
 
 import modelship
 from modelship.manifest import read_manifest
-from modelship.serving import protocol
+from modelship.serving import compat, protocol
 from modelship.serving.backends import BACKENDS, Backend
 from modelship.serving.metrics import exposition, metrics
 
@@ -54,7 +47,7 @@ class Settings:
     workers_per_device: int
     device: str
     max_payload_mb: float
-    api_key: bool
+    api_key_required: bool
     log_level: str = "info"
 
 
@@ -68,8 +61,12 @@ def json_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer; never sent, only counted
+
+
 def handled(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-    """Client mistakes become {"error": ...} with their 4xx; anything else is logged and answered 500."""
+    """Client mistakes become {"error": ...} with their 4xx; a client gone mid-request is 499 (counted, not logged as
+    an error); anything else is logged and answered 500."""
 
     @functools.wraps(fn)  # FastAPI reads the endpoint's signature through __wrapped__
     async def wrapper(*args: Any, **kwargs: Any) -> Response:
@@ -77,6 +74,9 @@ def handled(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[R
             return await fn(*args, **kwargs)
         except protocol.RequestError as e:
             return json_error(e.status, e.message)
+        except ClientDisconnect:
+            log.debug("%s: the client disconnected before its request arrived", fn.__name__)
+            return Response(status_code=CLIENT_CLOSED)
         except Exception:
             log.exception("unhandled error in %s", fn.__name__)
             return json_error(500, "internal server error; see the server log")
@@ -84,10 +84,10 @@ def handled(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[R
     return wrapper
 
 
-class ModelshipSpec(LitSpec):
-    """/predict, KServe v2, /info and /metrics on top of LitServe's queues."""
+class HTTPSpec(compat.LitSpec):
+    """The HTTP side: /, /predict, KServe v2, /info and /metrics on top of LitServe's queues."""
 
-    def __init__(self, manifest: dict[str, Any], settings: Settings, model: protocol.ModelSpec) -> None:
+    def __init__(self, manifest: dict[str, Any], settings: Settings, model: protocol.ServedModel) -> None:
         super().__init__()
         self.api_path = "/predict"
         self.settings = settings
@@ -102,6 +102,7 @@ class ModelshipSpec(LitSpec):
             "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
             "outputs": [{"name": model.output_name, "datatype": "FP32", "shape": [-1, len(model.classes)]}],
         }
+        self.add_endpoint("/", self.root, ["GET"])
         self.add_endpoint("/predict", self.predict, ["POST"])
         self.add_endpoint("/info", self.info, ["GET"])
         self.add_endpoint("/metrics", self.metrics, ["GET"])
@@ -123,41 +124,50 @@ class ModelshipSpec(LitSpec):
     # ------------------------------------------------------------------------------------------ plumbing
 
     def ready(self) -> bool:
-        status = self._server.workers_setup_status if self._server is not None else {}
-        return bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
+        return compat.workers_ready(self)
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """Queue one validated array and wait for its logits."""
-        uid = uuid.uuid4().hex
-        event = asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(event=event)
-        now = time.monotonic()
-        self.request_queue.put((self.response_queue_id, uid, now, (x, now)))
         try:
-            await asyncio.wait_for(event.wait(), self.settings.timeout)
-        except asyncio.TimeoutError:
-            self.response_buffer.pop(uid, None)
+            return await compat.submit(self, (x, time.monotonic()), self.settings.timeout)
+        except compat.WorkerTimeout:
             raise protocol.RequestError(
                 f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
             ) from None
-        response, status = self.response_buffer.pop(uid).response
-        if status != LitAPIStatus.ERROR:
-            return response
-        if isinstance(response, bytes):
-            try:
-                response = pickle.loads(response)
-            except Exception:
-                response = None
-        if isinstance(response, HTTPException):
-            raise protocol.RequestError(str(response.detail), response.status_code)
-        if response is None:  # the worker died; LitServe's monitor has already started a new one
+        except compat.WorkerDied:
             raise protocol.RequestError(
                 "the inference worker stopped while handling this request and is being replaced; retry", 503
-            )
-        log.error("inference failed: %r", response)
-        raise protocol.RequestError("inference failed; see the server log", 500)
+            ) from None
+        except compat.WorkerFailed as e:
+            if e.status is not None:
+                raise protocol.RequestError(str(e), e.status) from None
+            log.error("inference failed: %s", e)
+            raise protocol.RequestError("inference failed; see the server log", 500) from None
 
     # ------------------------------------------------------------------------------------------ endpoints
+
+    @handled
+    async def root(self, request: Request) -> Response:
+        """What this server is and where to go next."""
+        name = self.model.name
+        return JSONResponse(
+            {
+                "project": "modelship",
+                "version": modelship.__version__,
+                "model": name,
+                "backend": self.settings.backend,
+                "ready": self.ready(),
+                "links": {
+                    "docs": "/docs",
+                    "openapi": "/openapi.json",
+                    "predict": "/predict",
+                    "v2": f"/v2/models/{name}",
+                    "health": "/health",
+                    "info": "/info",
+                    "metrics": "/metrics",
+                },
+            }
+        )
 
     @handled
     async def predict(self, request: Request) -> Response:
@@ -245,62 +255,16 @@ class ModelshipSpec(LitSpec):
         return Response(content, headers=headers)
 
 
-class ZMQResponses(ZMQTransport):
-    """LitServe's ZeroMQ response transport, with a close() that does not fail in the process that never used it."""
+class InferenceAPI(ls.LitAPI):
+    """The inference worker side: loads the backend, warms it up, and runs dynamic batches."""
 
-    def close(self, **kwargs: Any) -> None:
-        if self._zmq is not None:
-            self._zmq.close()
-
-    def __reduce__(self) -> tuple:
-        return ZMQResponses, (self.backend_address, self.frontend_address)
-
-
-class GatherLoop(BatchedLoop):
-    """LitServe's batched loop, gathering differently: wait for a first request in 10 ms slices (LitServe's own
-    collector makes an IPC round trip every millisecond, even when idle), then take whatever else arrives within
-    batch_timeout, up to max_batch_size.
-
-    Why 10 ms and not longer: a worker killed while its get() is pending in the Manager process leaves that get
-    behind, and the next request handed to it is lost (answered 504 at --timeout). The slice bounds that window.
-    """
-
-    FIRST_WAIT = 0.01
-
-    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
-        payloads: list = []
-        timed_out: list = []
-        try:
-            item = request_queue.get(timeout=self.FIRST_WAIT)
-        except Empty:
-            return payloads, timed_out
-        deadline = time.monotonic() + lit_api.batch_timeout
-        while True:
-            if item == _SENTINEL_VALUE:
-                raise _StopLoopError()
-            response_queue_id, uid, queued_at, x = item
-            # tells the server which worker holds the request, so a crash answers it instead of hanging
-            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR)
-            if time.monotonic() - queued_at > lit_api.request_timeout:
-                timed_out.append((response_queue_id, uid))
-            else:
-                payloads.append((response_queue_id, uid, x))
-            if len(payloads) >= lit_api.max_batch_size:
-                return payloads, timed_out
-            remaining = deadline - time.monotonic()
-            try:
-                item = request_queue.get(timeout=remaining) if remaining > 0 else request_queue.get_nowait()
-            except Empty:
-                return payloads, timed_out
-
-
-class ModelshipAPI(ls.LitAPI):
-    """Runs in each inference worker: loads the backend, warms it up, and runs dynamic batches."""
-
-    def __init__(self, settings: Settings, spec: ModelshipSpec) -> None:
+    def __init__(self, settings: Settings, spec: HTTPSpec) -> None:
         # always the batched loop, so a batch of one takes the same path as a batch of many
         super().__init__(
-            max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, spec=spec, loop=GatherLoop()
+            max_batch_size=settings.max_batch_size,
+            batch_timeout=settings.batch_timeout,
+            spec=spec,
+            loop=compat.GatherLoop(),
         )
         self.settings = settings
         self.chunk = spec.model.max_batch

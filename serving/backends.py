@@ -5,41 +5,18 @@ A backend is a callable float32 [N, C, H, W] -> float32 [N, num_classes] plus a 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from modelship.devices import tensorrt_loadable
+
 log = logging.getLogger(__name__)
-
-
-@lru_cache(maxsize=1)
-def cuda_device_count() -> int:
-    """GPUs the CUDA driver reports, asked through libcuda directly: no torch, no ONNX Runtime error spew."""
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return int(count.value)
-
-
-def _tensorrt_loadable() -> bool:
-    for name in ("libnvinfer.so.10", "libnvinfer.so.8"):
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
 
 
 @dataclass
@@ -75,7 +52,7 @@ def onnx_backend(path: Path, device: str, threads: int) -> Backend:
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels torch brought along
         providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
-        if os.environ.get("MODELSHIP_TENSORRT", "1") != "0" and _tensorrt_loadable():
+        if os.environ.get("MODELSHIP_TENSORRT", "1") != "0" and tensorrt_loadable():
             providers.insert(0, ("TensorrtExecutionProvider", {"device_id": idx}))
     session = ort.InferenceSession(str(path), options, providers=providers)
     active = session.get_providers()

@@ -17,8 +17,11 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
-KNOWN_PATHS = frozenset({"/predict", "/info", "/metrics", "/v2", *OPEN_PATHS})
+# no API key needed: health for load balancers, and the API's description (no model data, only its name and shape)
+OPEN_PATHS = frozenset(
+    {"/health", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+)
+KNOWN_PATHS = frozenset({"/", "/predict", "/info", "/metrics", "/v2", *OPEN_PATHS})
 MODEL_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/infer)?$")
 
 
@@ -39,8 +42,9 @@ def route_label(path: str) -> str:
     return "other"
 
 
-async def send_json(send: Send, status: int, payload: dict[str, Any], close: bool = False) -> None:
-    body = json.dumps(payload).encode()
+async def send_error(send: Send, status: int, message: str, close: bool = False) -> None:
+    """A complete {"error": message} response, sent straight from the middleware."""
+    body = json.dumps({"error": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))
@@ -82,13 +86,13 @@ class Guard:
         try:
             headers = dict(scope["headers"])
             if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
-                await send_tracked_json(
+                await send_error(
                     send_tracked, 401, "missing or wrong API key; send it as X-API-Key or Authorization: Bearer"
                 )
                 return
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                await send_tracked_json(send_tracked, 413, self._too_large(int(length)), close=True)
+                await send_error(send_tracked, 413, self._too_large(int(length)), close=True)
                 return
             received = 0
 
@@ -104,7 +108,7 @@ class Guard:
                 await self.app(scope, receive_limited, send_tracked)
             except PayloadTooLarge as e:  # from a route that did not answer it itself
                 if not started:
-                    await send_tracked_json(send_tracked, 413, e.message, close=True)
+                    await send_error(send_tracked, 413, e.message, close=True)
         finally:
             m = metrics()
             m.requests.labels(route, str(status)).inc()
@@ -115,7 +119,3 @@ class Guard:
             f"the request body ({size} bytes or more) is over the {self.max_bytes} byte payload limit "
             "(--max-payload-mb)"
         )
-
-
-async def send_tracked_json(send: Send, status: int, message: str, close: bool = False) -> None:
-    await send_json(send, status, {"error": message}, close=close)

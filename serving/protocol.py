@@ -34,7 +34,7 @@ class RequestError(Exception):
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ServedModel:
     """What request validation needs from the manifest."""
 
     name: str
@@ -46,7 +46,7 @@ class ModelSpec:
     max_batch: int
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], max_batch: int) -> ModelSpec:
+    def from_manifest(cls, manifest: dict[str, Any], max_batch: int) -> ServedModel:
         c, h, w = (int(v) for v in manifest["input"]["shape"][1:])
         return cls(
             name=manifest["name"],
@@ -98,23 +98,23 @@ def parse_json(body: bytes) -> Any:
         raise RequestError(f"the request body is not valid JSON ({e})") from None
 
 
-def parse_top_k(value: Any, spec: ModelSpec) -> int:
+def parse_top_k(value: Any, model: ServedModel) -> int:
     if value is None:
-        return spec.default_top_k
+        return model.default_top_k
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= len(spec.classes):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= len(model.classes):
         raise RequestError(
-            f"top_k must be an integer from 1 to {len(spec.classes)} (the number of classes), got {value!r}"
+            f"top_k must be an integer from 1 to {len(model.classes)} (the number of classes), got {value!r}"
         )
     return value
 
 
-def image_tensor(data: bytes, spec: ModelSpec, what: str = "image") -> np.ndarray:
+def image_tensor(data: bytes, model: ServedModel, what: str = "image") -> np.ndarray:
     """Raw PNG/JPEG bytes -> [1, C, H, W] through the manifest's preprocessing."""
     try:
         image = decode_image(data, what, max_pixels=MAX_IMAGE_PIXELS)
-        return preprocess_image(image, spec.preprocess)[None]
+        return preprocess_image(image, model.preprocess)[None]
     except ImageTooLarge as e:
         raise RequestError(str(e), 413) from None
     except DataError as e:
@@ -135,14 +135,14 @@ class PredictRequest:
     image: bytes | None = None
     what: str = "image"
 
-    def to_tensor(self, spec: ModelSpec) -> np.ndarray:
+    def to_tensor(self, model: ServedModel) -> np.ndarray:
         if self.tensor is not None:
             return self.tensor
         assert self.image is not None
-        return image_tensor(self.image, spec, self.what)
+        return image_tensor(self.image, model, self.what)
 
 
-def parse_predict_json(body: bytes, spec: ModelSpec) -> PredictRequest:
+def parse_predict_json(body: bytes, model: ServedModel) -> PredictRequest:
     """{"image": base64} or {"inputs": [C,H,W]}, optional "top_k"."""
     doc = parse_json(body)
     expected = '{"image": "<base64 PNG/JPEG>"} or {"inputs": [C][H][W] floats}, optionally with "top_k"'
@@ -151,7 +151,7 @@ def parse_predict_json(body: bytes, spec: ModelSpec) -> PredictRequest:
     unknown = sorted(set(doc) - set(PREDICT_FIELDS))
     if unknown:
         raise RequestError(f"unknown field(s) {', '.join(unknown)}; expected {expected}")
-    top_k = parse_top_k(doc.get("top_k"), spec)
+    top_k = parse_top_k(doc.get("top_k"), model)
     if ("image" in doc) == ("inputs" in doc):
         raise RequestError(f"give exactly one of image or inputs: {expected}")
     if "image" in doc:
@@ -165,16 +165,16 @@ def parse_predict_json(body: bytes, spec: ModelSpec) -> PredictRequest:
         except (binascii.Error, ValueError):
             raise RequestError("image is not valid base64; expected base64-encoded PNG or JPEG bytes") from None
         return PredictRequest(top_k, image=data)
-    return PredictRequest(top_k, tensor=tensor_from_json(doc["inputs"], "inputs", spec.shape)[None])
+    return PredictRequest(top_k, tensor=tensor_from_json(doc["inputs"], "inputs", model.shape)[None])
 
 
-def predict_response(logits: np.ndarray, spec: ModelSpec, top_k: int) -> dict[str, Any]:
+def predict_response(logits: np.ndarray, model: ServedModel, top_k: int) -> dict[str, Any]:
     """{"label", "index", "score", "top_k": [...]} with softmax probabilities as scores."""
     z = logits.astype(np.float64)
     p = np.exp(z - z.max())
     p /= p.sum()
     order = np.argsort(-p, kind="stable")[:top_k]
-    ranked = [{"label": spec.classes[i], "index": int(i), "score": float(p[i])} for i in order]
+    ranked = [{"label": model.classes[i], "index": int(i), "score": float(p[i])} for i in order]
     return {**ranked[0], "top_k": ranked}
 
 
@@ -186,6 +186,8 @@ V2_REQUEST_FIELDS = ("id", "inputs", "outputs", "parameters")
 
 @dataclass
 class V2Request:
+    """A validated v2 inference request: the batch, its id, and how to answer."""
+
     tensor: np.ndarray
     id: str | None = None
     binary_output: bool = False
@@ -209,8 +211,74 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def parse_v2_infer(body: bytes, header_length: str | None, spec: ModelSpec) -> V2Request:
-    """A v2 inference request, JSON or with the binary tensor extension, -> validated [N,C,H,W] float32."""
+V2_INPUT_FIELDS = ("name", "shape", "datatype", "parameters", "data")
+V2_OUTPUT_FIELDS = ("name", "parameters")
+
+
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+def _v2_type(value: Any, kind: type | tuple[type, ...], where: str, expected: str) -> None:
+    """RequestError naming the field when a v2 request field has the wrong JSON type (a boolean is not a number)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise RequestError(f"{where} must be {expected}, got {JSON_TYPES.get(type(value), 'a number')}")
+
+
+def _v2_parameters(value: Any, where: str) -> dict[str, Any]:
+    """A v2 `parameters` object: string keys, string/number/boolean values (Open Inference Protocol)."""
+    if value is None:
+        return {}
+    _v2_type(value, dict, where, "an object of string, number or boolean values")
+    for key, v in value.items():
+        _v2_type(v, (str, int, float, bool), f"{where}.{key}", "a string, number or boolean")
+    return value
+
+
+def _v2_fields(doc: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(doc) - set(allowed))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)} in {where}; it has {', '.join(allowed)}")
+
+
+def parse_v2_infer(body: bytes, header_length: str | None, model: ServedModel) -> V2Request:
+    """A v2 inference request, JSON or with the binary tensor extension, -> validated [N,C,H,W] float32.
+
+    Every field is checked against the Open Inference Protocol's request schema, and named when it is wrong.
+    """
+    doc, binary = _split_binary(body, header_length)
+    if not isinstance(doc, dict):
+        raise RequestError("expected a JSON object with an inputs list (KServe v2 inference request)")
+    _v2_fields(doc, V2_REQUEST_FIELDS, "the request")
+    request_id = doc.get("id")
+    if request_id is not None:
+        _v2_type(request_id, str, "id", "a string")
+    params = _v2_parameters(doc.get("parameters"), "parameters")
+    inputs = doc.get("inputs")
+    _v2_type(inputs, list, "inputs", f"an array with one tensor object named {model.input_name!r}")
+    assert isinstance(inputs, list)
+    if len(inputs) != 1:
+        raise RequestError(f"inputs must be a list with one tensor object named {model.input_name!r}")
+    tensor = _v2_input(inputs[0], binary, model)
+    outputs = doc.get("outputs", [])
+    _v2_type(outputs, list, "outputs", "an array of objects")
+    binary_out = _v2_binary_flag(params, "parameters.binary_data_output")
+    names = []
+    for i, o in enumerate(outputs):
+        where = f"outputs[{i}]"
+        _v2_type(o, dict, where, "an object")
+        _v2_fields(o, V2_OUTPUT_FIELDS, where)
+        _v2_type(o.get("name"), str, f"{where}.name", "a string")
+        if o["name"] != model.output_name:
+            raise RequestError(f"unknown output {o['name']!r}; this model's output is {model.output_name!r}")
+        out_params = _v2_parameters(o.get("parameters"), f"{where}.parameters")
+        binary_out = _v2_binary_flag(out_params, f"{where}.parameters.binary_data") or binary_out
+        names.append(o["name"])
+    return V2Request(tensor, request_id, binary_out, names)
+
+
+def _split_binary(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+    """The JSON header (parsed) and the binary tensor bytes after it (the binary tensor extension)."""
     binary = b""
     if header_length is not None:
         try:
@@ -220,69 +288,56 @@ def parse_v2_infer(body: bytes, header_length: str | None, spec: ModelSpec) -> V
         if not 0 < n <= len(body):
             raise RequestError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
         body, binary = body[:n], body[n:]
-    doc = parse_json(body)
-    if not isinstance(doc, dict):
-        raise RequestError("expected a JSON object with an inputs list (KServe v2 inference request)")
-    unknown = sorted(set(doc) - set(V2_REQUEST_FIELDS))
-    if unknown:
-        raise RequestError(f"unknown field(s) {', '.join(unknown)}; a v2 request has {', '.join(V2_REQUEST_FIELDS)}")
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise RequestError(f"inputs must be a list with one tensor object named {spec.input_name!r}")
-    t = inputs[0]
-    if t.get("name") != spec.input_name:
-        raise RequestError(f"unknown input {t.get('name')!r}; this model's input is {spec.input_name!r}")
-    if t.get("datatype") not in V2_DTYPES:
-        raise RequestError(f"input datatype {t.get('datatype')!r} is not supported; expected FP32")
+    return parse_json(body), binary
+
+
+def _v2_binary_flag(params: dict[str, Any], where: str) -> bool:
+    key = where.rsplit(".", 1)[1]
+    if key not in params:
+        return False
+    _v2_type(params[key], bool, where, "a boolean")
+    return bool(params[key])
+
+
+def _v2_input(t: Any, binary: bytes, model: ServedModel) -> np.ndarray:
+    """The one input tensor object -> float32 [N, C, H, W]."""
+    _v2_type(t, dict, "inputs[0]", "an object")
+    _v2_fields(t, V2_INPUT_FIELDS, "inputs[0]")
+    _v2_type(t.get("name"), str, "inputs[0].name", "a string")
+    if t["name"] != model.input_name:
+        raise RequestError(f"unknown input {t['name']!r}; this model's input is {model.input_name!r}")
+    _v2_type(t.get("datatype"), str, "inputs[0].datatype", "a string")
+    if t["datatype"] not in V2_DTYPES:
+        raise RequestError(f"input datatype {t['datatype']!r} is not supported; expected FP32")
     shape = t.get("shape")
+    expected = f"[N, {', '.join(map(str, model.shape))}]"
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise RequestError(
-            f"input shape must be a list of integers [N, {', '.join(map(str, spec.shape))}], got {shape!r}"
-        )
-    if len(shape) != 4 or tuple(shape[1:]) != spec.shape or shape[0] < 1:
-        raise RequestError(
-            f"input shape {shape} does not fit the model; expected [N, {', '.join(map(str, spec.shape))}]"
-        )
-    if shape[0] > spec.max_batch:
-        raise RequestError(f"input batch of {shape[0]} is over this server's limit of {spec.max_batch}")
-    params = t.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise RequestError("input parameters must be an object")
-    if "binary_data_size" in params:
-        size = params["binary_data_size"]
-        need = math.prod(shape) * 4
-        if not isinstance(size, int) or size != len(binary) or size != need:
-            raise RequestError(
-                f"binary input is {len(binary)} bytes (binary_data_size {size!r}); "
-                f"shape {shape} FP32 needs {need} bytes"
-            )
-        if "data" in t:
-            raise RequestError("input has both binary data and a data field; send one")
-        tensor = check_finite(np.frombuffer(binary, dtype=V2_DTYPES["FP32"]).reshape(shape).astype(np.float32), "input")
-    else:
+        raise RequestError(f"inputs[0].shape must be an array of integers {expected}, got {shape!r}")
+    if len(shape) != 4 or tuple(shape[1:]) != model.shape or shape[0] < 1:
+        raise RequestError(f"input shape {shape} does not fit the model; expected {expected}")
+    if shape[0] > model.max_batch:
+        raise RequestError(f"input batch of {shape[0]} is over this server's limit of {model.max_batch}")
+    params = _v2_parameters(t.get("parameters"), "inputs[0].parameters")
+    if "binary_data_size" not in params:
         if binary:
             raise RequestError("binary data follows the JSON header but the input has no binary_data_size parameter")
         if "data" not in t:
             raise RequestError("input needs data (a list of numbers) or binary_data_size with the binary extension")
-        tensor = tensor_from_json(t["data"], "input data", tuple(shape), flat_ok=True)
-    outputs = doc.get("outputs") or []
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-        raise RequestError("outputs must be a list of objects")
-    names = [o.get("name") for o in outputs]
-    bad = [n for n in names if n != spec.output_name]
-    if bad:
-        raise RequestError(f"unknown output {bad[0]!r}; this model's output is {spec.output_name!r}")
-    request_params = doc.get("parameters") or {}
-    binary_out = bool(request_params.get("binary_data_output", False)) if isinstance(request_params, dict) else False
-    binary_out = binary_out or any(bool((o.get("parameters") or {}).get("binary_data")) for o in outputs)
-    request_id = doc.get("id")
-    return V2Request(tensor, str(request_id) if request_id is not None else None, binary_out, names)
+        return tensor_from_json(t["data"], "input data", tuple(shape), flat_ok=True)
+    size, need = params["binary_data_size"], math.prod(shape) * 4
+    if isinstance(size, bool) or not isinstance(size, int) or size != len(binary) or size != need:
+        raise RequestError(
+            f"binary input is {len(binary)} bytes (binary_data_size {size!r}); shape {shape} FP32 needs {need} bytes"
+        )
+    if "data" in t:
+        raise RequestError("input has both binary data and a data field; send one")
+    return check_finite(np.frombuffer(binary, dtype=V2_DTYPES["FP32"]).reshape(shape).astype(np.float32), "input")
 
 
-def v2_response(logits: np.ndarray, req: V2Request, spec: ModelSpec) -> tuple[bytes, dict[str, str]]:
+def v2_response(logits: np.ndarray, req: V2Request, model: ServedModel) -> tuple[bytes, dict[str, str]]:
     """Body and extra headers: JSON data, or the JSON header followed by raw little-endian FP32 bytes."""
-    out: dict[str, Any] = {"name": spec.output_name, "datatype": "FP32", "shape": list(logits.shape)}
-    doc: dict[str, Any] = {"model_name": spec.name, "model_version": "1", "outputs": [out]}
+    out: dict[str, Any] = {"name": model.output_name, "datatype": "FP32", "shape": list(logits.shape)}
+    doc: dict[str, Any] = {"model_name": model.name, "model_version": "1", "outputs": [out]}
     if req.id is not None:
         doc["id"] = req.id
     if not req.binary_output:

@@ -33,7 +33,10 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
 
     def run(*args: str) -> Result:
         capsys.readouterr()
-        code = main([str(a) for a in args])
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own usage errors: still one line on stderr, checked like ours
+            code = int(e.code or 0)
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)
 

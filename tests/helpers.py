@@ -1,14 +1,22 @@
-"""Helpers shared by the tests: running the CLI, tiny training flags, and small models with known outputs."""
+"""Helpers shared by the tests: running the CLI, real servers, image folders, and small models with known outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +54,107 @@ def run_modelship(*args: str, timeout: float = 300, env: dict[str, str] | None =
 
 def pt_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.pt")) if root.exists() else []
+
+
+# ---------------------------------------------------------------------------------------- image folders
+
+
+def write_folder(
+    root: Path, classes: dict[str, int], mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0
+) -> None:
+    """An ImageFolder of random PNGs: {class: count}; size is (W, H) as PIL takes it."""
+    rng = np.random.default_rng(seed)
+    channels = 1 if mode == "L" else 3
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            arr = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+            Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode).save(root / name / f"{i}.png")
+
+
+# ---------------------------------------------------------------------------------------- real servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    health_seen: list[int] = field(default_factory=list)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        """Process ids of this server's inference workers (spawned: their command line says so)."""
+        found = []
+        for pid in Path("/proc").iterdir():
+            if not pid.name.isdigit():
+                continue
+            try:
+                stat = (pid / "stat").read_text()
+                cmdline = (pid / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid and "spawn_main" in cmdline:
+                found.append(int(pid.name))
+        return sorted(found)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, seen: list[int], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            status = httpx.get(url + "/health", timeout=2).status_code
+            seen.append(status)
+            if status == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def running_server(bundle: Path, *args: str, env: dict[str, str] | None = None, tmp: Path) -> Iterator[Server]:
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelship.cli", "serve", str(bundle), "--port", str(port), *args],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        )  # fmt: skip
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        wait_ready(server.url, proc, log, server.health_seen)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=40)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of a test's server outlives it
+
+
+def scrape(url: str, **kwargs) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", **kwargs).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- models with known outputs

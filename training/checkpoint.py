@@ -1,17 +1,21 @@
 """The checkpoint file format: written here, read here, nowhere else.
 
 A checkpoint is a plain dict that `torch.load(path, weights_only=True)` reads: tensors, numbers, strings, lists and
-dicts only. It is written to a temporary file in the same directory, fsynced, and renamed over the old one, so a
-process killed at any moment leaves either the previous whole file or the new whole one.
+dicts only:
+
+    format: "modelship.checkpoint", version: 1
+    model: {arch, kwargs}          state_dict (plain names)      data: {classes, input_shape, mean, std, source}
+    epoch, global_step, metrics, history, early_stopping          optimizer, scheduler, scaler, rng
+    config, versions
+
+It is written to a temporary file in the same directory, fsynced, and renamed over the old one, so a process killed
+at any moment leaves either the previous whole file or the new whole one.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,53 +23,49 @@ import numpy as np
 import torch
 
 from modelship.errors import CheckpointError
-from modelship.manifest import public_mode
+from modelship.files import atomic_write
+from modelship.versions import versions
 
 FORMAT = "modelship.checkpoint"
 VERSION = 1
 REQUIRED = ("model", "state_dict", "data", "epoch", "global_step", "metrics")
 
 
-def versions() -> dict[str, str]:
-    """Library versions recorded in checkpoints and manifests."""
-    import torchvision
-
-    import modelship
-
-    return {
-        "modelship": modelship.__version__,
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "python": sys.version.split()[0],
-    }
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file beside `path`, fsync, then os.replace: never a torn file at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, public_mode())
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save through `atomic_write`: never a torn file at `path`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def remove_stale_temps(directory: Path) -> None:
-    """Delete temp files a killed writer left behind (the checkpoints themselves are always whole)."""
-    for tmp in directory.glob(".*.pt.*.tmp"):
-        tmp.unlink(missing_ok=True)
+def build_checkpoint(
+    *,
+    model: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    data: dict[str, Any],
+    progress: dict[str, Any],
+    resume: dict[str, Any],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """The checkpoint dict (the format above), built here and nowhere else.
+
+    `model` is {arch, kwargs}; `progress` holds epoch, global_step, metrics, history, early_stopping; `resume` holds
+    the optimizer, scheduler and scaler states. The RNG states and library versions are added here.
+    """
+    missing = {"epoch", "global_step", "metrics"} - set(progress)
+    assert not missing, f"progress lacks {missing}"
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {"arch": model["arch"], "kwargs": dict(model["kwargs"])},
+        "state_dict": state_dict,
+        "data": data,
+        **progress,
+        "optimizer": resume["optimizer"],
+        "scheduler": resume["scheduler"],
+        "scaler": resume["scaler"],
+        "rng": capture_rng(),
+        "config": config,
+        "versions": versions("torch", "torchvision"),
+    }
 
 
 def read_torch_file(path: Path) -> Any:

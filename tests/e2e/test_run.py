@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from modelship.training.checkpoint import load_checkpoint
-from tests.helpers import Result, run_modelship, tiny_train_args
-from tests.serving.conftest import Server, running_server
+from tests.helpers import Result, Server, run_modelship, running_server, tiny_train_args
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import torch
 from onnx import numpy_helper
 
 from modelship.export.bundle import export
-from modelship.export.config import ExportConfig
-from modelship.manifest import check_bundle, sha256_file
+from modelship.export.config import ExportConfig, ExportOptions
+from modelship.files import sha256_file
+from modelship.manifest import check_bundle
 from modelship.training.checkpoint import load_checkpoint
 from modelship.training.models import REGISTRY, build_model, model_kwargs
 from tests.helpers import run_modelship
@@ -100,7 +101,7 @@ def test_parity_report_covers_every_artifact_batch_and_input_kind(tiny_bundle: P
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_every_registry_model_exports_and_passes_parity(tmp_path: Path, arch: str) -> None:
     sd = save_state_dict(tmp_path, arch, [3, 32, 32])
-    cfg = ExportConfig(checkpoint=sd, out=tmp_path / "b", model=arch, input_shape=(3, 32, 32), device="cpu")
+    cfg = ExportConfig(sd, tmp_path / "b", ExportOptions(device="cpu"), model=arch, input_shape=(3, 32, 32))
     bundle = export(cfg)
     assert bundle.passed, [c.describe() for c in bundle.checks if not c.passed]
     assert {(c.artifact, c.batch_size) for c in bundle.checks} == {
@@ -318,11 +319,7 @@ def test_malicious_pickle_is_refused_and_runs_no_code(tmp_path: Path, cli) -> No
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, cli, make, extra, message: str) -> None:
     path = make(tmp_path)
-    try:
-        r = cli("export", path, "--out", tmp_path / "b", *extra)
-    except SystemExit as e:  # argparse's own errors
-        assert e.code == 2
-        return
+    r = cli("export", path, "--out", tmp_path / "b", *extra)
     assert r.code == 2, r.err
     assert r.last_line.startswith("modelship export: error: ") and message.format(d=tmp_path) in r.last_line
     assert "Traceback" not in r.err
@@ -341,6 +338,6 @@ def test_unwritable_out(tmp_path: Path, tiny_ckpt: Path, cli) -> None:
 
 @pytest.mark.gpu
 def test_onnx_parity_on_the_cuda_provider(tiny_ckpt: Path, tmp_path: Path) -> None:
-    bundle = export(ExportConfig(checkpoint=tiny_ckpt, out=tmp_path / "b", formats=("onnx",), device="cuda"))
+    bundle = export(ExportConfig(tiny_ckpt, tmp_path / "b", ExportOptions(formats=("onnx",), device="cuda")))
     runtimes = {c.runtime for c in bundle.checks}
     assert runtimes == {"onnxruntime-cpu", "onnxruntime-cuda"} and bundle.passed

@@ -10,8 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serving.conftest import Server, running_server
-from tests.serving.test_server import scrape
+from tests.helpers import Server, running_server, scrape
 
 CLIENTS = 64
 

@@ -14,8 +14,8 @@ from PIL import Image
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.serving.middleware import route_label
 from modelship.serving.protocol import (
-    ModelSpec,
     RequestError,
+    ServedModel,
     V2Request,
     decompress,
     parse_predict_json,
@@ -24,7 +24,7 @@ from modelship.serving.protocol import (
     v2_response,
 )
 
-SPEC = ModelSpec(
+SPEC = ServedModel(
     name="m", classes=("a", "b", "c"), input_name="input", output_name="logits", shape=(3, 4, 4),
     preprocess=Preprocess(size=(4, 4), channels=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), max_batch=8,
 )  # fmt: skip

@@ -15,9 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from modelship.manifest import sha256_file
-from tests.serving.conftest import running_server
-from tests.serving.test_server import scrape
+from modelship.files import sha256_file
+from tests.helpers import running_server, scrape
 
 KEY = "s3cret-key"
 

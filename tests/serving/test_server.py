@@ -20,8 +20,7 @@ from modelship.preprocess import Preprocess
 from modelship.serving.client import Client, ClientError
 from modelship.training.checkpoint import load_checkpoint
 from modelship.training.data import EvalTransform
-from tests.helpers import run_modelship
-from tests.serving.conftest import Server
+from tests.helpers import Server, run_modelship, scrape
 
 
 def val_png(data_dir: Path, cls: str = "triangle") -> Path:
@@ -270,13 +269,3 @@ def test_metrics_count_requests_batches_and_queue_time(server: Server) -> None:
     assert after["modelship_batch_size_sum"] - before.get("modelship_batch_size_sum", 0) == 5  # samples run
     assert after["modelship_queue_seconds_count"] - before.get("modelship_queue_seconds_count", 0) == 5
     assert 'modelship_request_duration_seconds_bucket{le="0.1",route="/predict"}' in after
-
-
-def scrape(url: str, **kwargs) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", **kwargs).text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out

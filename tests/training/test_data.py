@@ -15,19 +15,7 @@ from modelship.errors import DataError
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.training.data import DataRequest, load_data, validation_images
 from modelship.training.shapes import CLASSES, ensure_shapes
-
-
-def write_folder(
-    root: Path, classes: dict[str, int], mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0
-) -> None:
-    """An ImageFolder of random PNGs: {class: count}; size is (W, H) as PIL takes it."""
-    rng = np.random.default_rng(seed)
-    channels = 1 if mode == "L" else 3
-    for name, count in classes.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            arr = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-            Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode).save(root / name / f"{i}.png")
+from tests.helpers import write_folder
 
 
 def req(name: str | Path, data_dir: Path, **kw) -> DataRequest:

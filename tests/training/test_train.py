@@ -18,10 +18,10 @@ import torch
 from modelship.training.checkpoint import load_checkpoint
 from modelship.training.config import TrainConfig
 from modelship.training.data import DataRequest, load_data
+from modelship.training.loaders import EpochSampler, class_weights
 from modelship.training.models import build_model
-from modelship.training.train import EpochSampler, class_weights, make_optimizer, make_scheduler
-from tests.helpers import REPO, pt_files, run_modelship, tiny_train_args
-from tests.training.test_data import write_folder
+from modelship.training.optim import make_optimizer, make_scheduler
+from tests.helpers import REPO, pt_files, run_modelship, tiny_train_args, write_folder
 
 
 def test_checkpoint_is_the_design_contract(tiny_run: Path) -> None:

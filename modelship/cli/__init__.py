@@ -1,0 +1,76 @@
+"""The `modelship` command: parses flags, builds a config, calls the pipeline or a stage, prints, maps errors to exit
+codes. Nothing else: what a command does lives in the function it calls, so tests and scripts call the same thing.
+
+Heavy libraries (torch, onnx, litserve) are imported inside the command functions, so `modelship --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from modelship.cli.export import add_export_args, add_verify_args, cmd_export, cmd_verify
+from modelship.cli.serve import add_predict_args, add_serve_args, cmd_predict, cmd_serve
+from modelship.cli.train import add_run_args, add_train_args, cmd_run, cmd_train
+from modelship.errors import ModelshipError
+
+log = logging.getLogger("modelship")
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: list[Command] = [
+    ("run", "train, export and check parity in one go: the main job and the CI gate", add_run_args, cmd_run),
+    ("train", "train a classifier and write state_dict checkpoints", add_train_args, cmd_train),
+    (
+        "export",
+        "export a checkpoint to ONNX and TorchScript, check parity, write a bundle",
+        add_export_args,
+        cmd_export,
+    ),
+    ("verify", "re-check a bundle's hashes and parity (e.g. after a runtime upgrade)", add_verify_args, cmd_verify),
+    ("serve", "serve a bundle over HTTP: /predict and KServe v2, dynamic batching", add_serve_args, cmd_serve),
+    ("predict", "classify image files with a running server", add_predict_args, cmd_predict),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import modelship
+
+    parser = argparse.ArgumentParser(
+        prog="modelship", description="Train -> export -> serve for PyTorch image classifiers."
+    )
+    parser.add_argument("--version", action="version", version=f"modelship {modelship.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, add_args, func in COMMANDS:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(sp)
+        sp.set_defaults(func=func)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("torch", "onnxscript", "onnx_ir", "urllib3", "PIL", "matplotlib", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `modelship` console command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except ModelshipError as e:
+        if args.verbose:
+            log.exception("error")
+        print(f"modelship {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"modelship {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,7 @@
+"""`python -m modelship.cli ...`, the same as the `modelship` console command (torchrun uses this form)."""
+
+import sys
+
+from modelship.cli import main
+
+sys.exit(main())

@@ -1,0 +1,32 @@
+"""Device names and GPU discovery without torch: the CLI, export and serving all ask the same way."""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@lru_cache(maxsize=1)
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver reports, asked through libcuda directly: no torch, no ONNX Runtime error spew."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+def tensorrt_loadable() -> bool:
+    """TensorRT's runtime library loads here (ONNX Runtime's TensorRT provider needs it)."""
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False

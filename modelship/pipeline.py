@@ -1,0 +1,130 @@
+"""The pipeline: `run(cfg) -> RunResult`, train -> export -> gates, the main job and the CI gate.
+
+A plain function like the stages, so tests and scripts call it without argparse. The gates raise the project's own
+errors: `ParityError` when an exported artifact disagrees with PyTorch, `GateError` when accuracy is under the bar.
+Both carry the result, so a caller can still show what was built before it refused to ship.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelship.errors import ConfigError, GateError, ParityError
+from modelship.export.config import ExportConfig, ExportOptions
+from modelship.manifest import safe_name
+from modelship.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from modelship.export.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Options of `modelship run`: the training run, the export of its best checkpoint, and the accuracy bar."""
+
+    train: TrainConfig
+    export: ExportOptions = field(default_factory=ExportOptions)
+    min_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
+            raise ConfigError(f"--min-accuracy must be between 0 and 1, got {self.min_accuracy}")
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.train.out / "bundle"
+
+    @property
+    def bundle_name(self) -> str:
+        """--name, else data and model, e.g. shapes-cnn."""
+        data = self.train.data
+        base = Path(data).name if "/" in data else data
+        return self.export.name or safe_name(f"{base}-{self.train.model.split(':')[-1]}")
+
+
+@dataclass
+class RunResult:
+    """What a run built and how it measured up."""
+
+    checkpoint: Path
+    ckpt: dict[str, Any]
+    bundle: Bundle
+    train_seconds: float
+    export_seconds: float
+
+    @property
+    def best_val_acc(self) -> float:
+        return max(r["val_acc"] for r in self.ckpt["history"])
+
+    @property
+    def seconds(self) -> float:
+        return self.train_seconds + self.export_seconds
+
+    def summary(self) -> list[tuple[str, str]]:
+        """(field, value) rows of the table `modelship run` ends with."""
+        history, data = self.ckpt["history"], self.ckpt["data"]
+        best = max(history, key=lambda r: r["val_acc"])
+        rows = [
+            (
+                "data",
+                f"{data['source'].get('name', '?')} ({len(data['classes'])} classes, input {data['input_shape']})",
+            ),
+            ("model", f"{self.ckpt['model']['arch']} {json.dumps(self.ckpt['model']['kwargs'])}"),
+            ("epochs", f"{len(history)} of {self.ckpt['config']['epochs']}, {self.train_seconds:.1f}s"),
+            ("best val_acc", f"{best['val_acc']:.4f} (epoch {best['epoch']})"),
+        ]
+        checks = self.bundle.checks
+        for kind, art in self.bundle.manifest["artifacts"].items():
+            mine = [c for c in checks if c.artifact == kind]
+            worst = max(c.max_abs_err for c in mine)
+            verdict = "PASS" if all(c.passed for c in mine) else "FAIL"
+            size = f"{art['bytes'] / 1024:.0f} KiB"
+            rows.append((kind, f"{art['path']}  {size}  worst max_abs_err {worst:.2e}  parity {verdict}"))
+        p = self.bundle.manifest["parity"]
+        tolerance = f"atol {p['atol']:g}, rtol {p['rtol']:g}"
+        verdict = "PASS" if p["passed"] else "FAIL"
+        rows.append(("parity", f"{verdict} ({p['checks']} checks, {tolerance}, {self.export_seconds:.1f}s)"))
+        rows.append(("bundle", str(self.bundle.path)))
+        rows.append(("serve it", f"modelship serve {self.bundle.path}"))
+        return rows
+
+
+def run(cfg: RunConfig) -> RunResult | None:
+    """Train, export the best checkpoint to RUN_DIR/bundle, then gate on parity and accuracy.
+
+    Returns None on the ranks other than 0 of a torchrun job (rank 0 alone exports).
+    """
+    # the stages bring torch; importing them here keeps `modelship --help` fast
+    from modelship.export.bundle import export
+    from modelship.training.checkpoint import load_checkpoint
+    from modelship.training.train import train
+
+    t0 = time.perf_counter()
+    best = train(cfg.train)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    t1 = time.perf_counter()
+    options = dataclasses.replace(cfg.export, name=cfg.bundle_name, device=cfg.train.device)
+    bundle = export(ExportConfig(checkpoint=best, out=cfg.bundle_dir, options=options, force=True))
+    result = RunResult(best, load_checkpoint(best), bundle, t1 - t0, time.perf_counter() - t1)
+    gate(cfg, result)
+    return result
+
+
+def gate(cfg: RunConfig, result: RunResult) -> None:
+    """Refuse to ship: ParityError on any failed parity check, GateError on accuracy under --min-accuracy."""
+    problems = [c.describe() for c in result.bundle.checks if not c.passed]
+    if problems:
+        raise ParityError(f"parity failed, the model must not ship: {'; '.join(problems)}", result=result)
+    acc = result.best_val_acc
+    if cfg.min_accuracy is not None and acc < cfg.min_accuracy:
+        raise GateError(f"best val_acc {acc:.4f} is under --min-accuracy {cfg.min_accuracy:g}", result=result)

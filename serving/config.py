@@ -1,0 +1,81 @@
+"""ServeConfig: the options of `modelship serve`, validated with messages that say how to fix them.
+
+Light on purpose (standard library only): the CLI reads its defaults from here for `--help`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from modelship.devices import DEVICES
+from modelship.errors import ConfigError
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
+BACKENDS = ("onnx", "torchscript")  # the artifact kinds a server can run
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Options of `modelship serve`; see README.md for each flag and BENCHMARKS.md for how defaults were chosen."""
+
+    bundle: Path
+    backend: str = "onnx"
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+    batch_timeout: float = 0.002
+    workers_per_device: int = 2
+    api_servers: int | None = None
+    threads: int | None = None
+    timeout: float = 30.0
+    max_payload_mb: float = 16.0
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    log_level: str = "info"
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        need(self.host in HOSTS, f"--host must be one of {', '.join(HOSTS)} (LitServe binds these), got {self.host!r}")
+        need(1024 <= self.port <= 65535, f"--port must be between 1024 and 65535, got {self.port}")
+        need(
+            1 <= self.max_batch_size <= 1024, f"--max-batch-size must be between 1 and 1024, got {self.max_batch_size}"
+        )
+        need(
+            0 <= self.batch_timeout < self.timeout,
+            f"--batch-timeout must be >= 0 and below --timeout ({self.timeout}s), got {self.batch_timeout}",
+        )
+        need(self.workers_per_device >= 1, f"--workers-per-device must be at least 1, got {self.workers_per_device}")
+        need(self.api_servers is None or self.api_servers >= 1, f"--api-servers must be >= 1, got {self.api_servers}")
+        need(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
+        need(self.timeout > 0, f"--timeout must be positive, got {self.timeout}")
+        need(self.max_payload_mb > 0, f"--max-payload-mb must be positive, got {self.max_payload_mb}")
+        need(
+            self.api_key is None or bool(self.api_key.strip()),
+            "the API key is empty; set MODELSHIP_API_KEY or --api-key to a non-empty value",
+        )
+        levels = ", ".join(LOG_LEVELS)
+        need(self.log_level in LOG_LEVELS, f"--log-level must be one of {levels}, got {self.log_level!r}")
+        for origin in self.cors_origins:
+            need(is_origin(origin), f"--cors-origin {origin!r} is not an origin; expected * or scheme://host[:port]")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_payload_mb * (1 << 20))
+
+
+def is_origin(text: str) -> bool:
+    """`*` or a bare origin such as https://app.example.com:8443 (no path, query or trailing slash)."""
+    if text == "*":
+        return True
+    parts = urlsplit(text)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and not (parts.path or parts.query)

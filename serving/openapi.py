@@ -1,0 +1,299 @@
+"""The OpenAPI document behind `/docs` and `/openapi.json`: every route with its real request and response schemas.
+
+LitSpec endpoints take a raw `Request` (bodies are parsed and validated by modelship.serving.protocol, which knows
+the model's shape), so FastAPI cannot infer their bodies; the schemas are pydantic models here, and `install_openapi`
+attaches them to the operations FastAPI lists. The examples are built for the served model, so they work when pasted.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, Field
+
+import modelship
+
+Scalar = str | int | float | bool
+EXAMPLE_LIMIT = 16384  # a tensor example with more numbers than this would make /openapi.json megabytes long
+
+
+class Error(BaseModel):
+    error: str = Field(description="what was wrong and what was expected")
+
+
+class PredictImage(BaseModel):
+    image: str = Field(description="a PNG or JPEG file, base64-encoded (a data: URL works too)")
+    top_k: int | None = Field(None, ge=1, description="how many classes to list (default: up to 5)")
+
+
+class PredictTensor(BaseModel):
+    inputs: list[list[list[float]]] = Field(description="one preprocessed image, float [C][H][W]")
+    top_k: int | None = Field(None, ge=1)
+
+
+class Ranked(BaseModel):
+    label: str
+    index: int
+    score: float = Field(description="softmax probability")
+
+
+class Prediction(Ranked):
+    top_k: list[Ranked] = Field(description="the most likely classes, best first")
+
+
+class Root(BaseModel):
+    project: str
+    version: str
+    model: str
+    backend: str
+    ready: bool
+    links: dict[str, str]
+
+
+class Info(BaseModel):
+    model: dict[str, Any] = Field(description="the bundle's manifest, without the exporting machine's paths")
+    server: dict[str, Any] = Field(description="how this server batches and runs")
+
+
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32"]
+    parameters: dict[str, Scalar] | None = Field(None, description="binary_data_size with the binary extension")
+    data: list[float] | None = Field(None, description="row-major values, flat or nested")
+
+
+class V2RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Scalar] | None = Field(None, description="binary_data: answer this output in binary")
+
+
+class V2InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Scalar] | None = Field(None, description="binary_data_output: every output in binary")
+    inputs: list[V2Tensor] = Field(min_length=1, max_length=1)
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2Tensor]
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 is the batch dimension")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+MODELS: list[type[BaseModel]] = [
+    Error, PredictImage, PredictTensor, Ranked, Prediction, Root, Info, V2Tensor, V2RequestedOutput,
+    V2InferenceRequest, V2InferenceResponse, V2TensorMetadata, V2ModelMetadata, V2ServerMetadata, V2Live, V2Ready,
+    V2ModelReady,
+]  # fmt: skip
+
+
+def ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def json_body(model: type[BaseModel], description: str = "") -> dict[str, Any]:
+    return {"description": description or model.__name__, "content": {"application/json": {"schema": ref(model)}}}
+
+
+def errors(*codes: int) -> dict[str, Any]:
+    what = {
+        400: "malformed request: the message names the field and what was expected",
+        401: "missing or wrong API key",
+        404: "unknown model or version",
+        413: "body over --max-payload-mb, or an image over 40 Mpixel",
+        415: "unsupported Content-Type or Content-Encoding",
+        503: "not warmed up yet, or the worker is being replaced: retry",
+        504: "no answer within --timeout",
+    }
+    return {str(c): json_body(Error, what[c]) for c in codes}
+
+
+def example_png() -> str:
+    """A small grey PNG, base64: the server resizes any image to the model's size, so this works for every model."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def predict_body(shape: tuple[int, int, int]) -> dict[str, Any]:
+    c, h, w = shape
+    examples: dict[str, Any] = {"image": {"summary": "a base64 PNG", "value": {"image": example_png(), "top_k": 3}}}
+    if c * h * w <= EXAMPLE_LIMIT:
+        zeros = [[[0.0] * w for _ in range(h)] for _ in range(c)]
+        examples["inputs"] = {"summary": f"a preprocessed tensor [{c}][{h}][{w}]", "value": {"inputs": zeros}}
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"oneOf": [ref(PredictImage), ref(PredictTensor)]}, "examples": examples},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer"}},
+                }
+            },
+            "image/png": binary,
+            "image/jpeg": binary,
+        },
+    }
+
+
+def infer_body(model_input: str, shape: tuple[int, int, int]) -> dict[str, Any]:
+    n = math.prod(shape)
+    tensor: dict[str, Any] = {"name": model_input, "shape": [1, *shape], "datatype": "FP32"}
+    json_media: dict[str, Any] = {"schema": ref(V2InferenceRequest)}
+    if n <= EXAMPLE_LIMIT:
+        json_media["example"] = {"id": "example-1", "inputs": [{**tensor, "data": [0.0] * n}]}
+    return {
+        "required": True,
+        "content": {
+            "application/json": json_media,
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "binary tensor extension: the JSON request (inputs[0].parameters.binary_data_size "
+                "set), then the raw little-endian FP32 bytes; the header Inference-Header-Content-Length gives the "
+                "JSON part's length",
+            },
+        },
+    }
+
+
+def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """(path, method) -> the OpenAPI fields modelship adds to FastAPI's operation."""
+    m = spec.model
+    v2 = {"tags": ["KServe v2"]}
+    model_ops = {}
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        model_ops[(prefix, "get")] = {
+            **v2,
+            "summary": "model metadata",
+            "responses": {"200": json_body(V2ModelMetadata), **errors(401, 404)},
+        }
+        model_ops[(prefix + "/ready", "get")] = {
+            **v2,
+            "summary": "model readiness",
+            "responses": {
+                "200": json_body(V2ModelReady),
+                "503": json_body(V2ModelReady, "warming up"),
+                **errors(401, 404),
+            },
+        }
+        model_ops[(prefix + "/infer", "post")] = {
+            **v2,
+            "summary": f"inference on a batch [N, {', '.join(map(str, m.shape))}]",
+            "requestBody": infer_body(m.input_name, m.shape),
+            "responses": {
+                "200": json_body(V2InferenceResponse, "logits [N, classes]; binary when asked"),
+                **errors(400, 401, 404, 413, 415, 503, 504),
+            },
+        }
+    text = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+    return {
+        ("/", "get"): {"summary": "what this server is, and links", "responses": {"200": json_body(Root)}},
+        ("/health", "get"): {
+            "summary": "200 once every worker is warm, 503 before", "security": [],
+            "responses": {"200": {"description": "ok", **text}, "503": {"description": "not ready", **text}},
+        },
+        ("/info", "get"): {"summary": "the manifest and the batching settings", "responses": {"200": json_body(Info)}},
+        ("/metrics", "get"): {
+            "summary": "Prometheus metrics, summed over every server process",
+            "responses": {"200": {"description": "Prometheus text format", **text}},
+        },
+        ("/predict", "post"): {
+            "tags": ["predict"], "summary": "classify one image", "requestBody": predict_body(m.shape),
+            "responses": {"200": json_body(Prediction), **errors(400, 401, 413, 415, 503, 504)},
+        },
+        ("/v2", "get"): {**v2, "summary": "server metadata", "responses": {"200": json_body(V2ServerMetadata)}},
+        ("/v2/health/live", "get"): {**v2, "summary": "liveness", "security": [],
+                                     "responses": {"200": json_body(V2Live)}},
+        ("/v2/health/ready", "get"): {
+            **v2, "summary": "readiness", "security": [],
+            "responses": {"200": json_body(V2Ready), "503": json_body(V2Ready, "warming up")},
+        },
+        **model_ops,
+    }  # fmt: skip
+
+
+def build_openapi(app: FastAPI, spec: Any) -> dict[str, Any]:
+    """FastAPI's document for the routes, completed with modelship's schemas, examples and security."""
+    m = spec.model
+    doc = get_openapi(
+        title=f"modelship: {m.name}",
+        version=modelship.__version__,
+        description=(
+            f"Serves `{m.name}` ({spec.settings.backend}): {len(m.classes)} classes, input "
+            f"[N, {', '.join(map(str, m.shape))}]. `/predict` classifies one image; the KServe v2 routes take "
+            "batches and speak the protocol `tritonclient` uses."
+        ),
+        routes=app.routes,
+    )
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    for (path, method), extra in operations(spec).items():
+        op = doc["paths"].get(path, {}).get(method)
+        if op is not None:
+            op.update(extra if spec.settings.api_key_required else {k: v for k, v in extra.items() if k != "security"})
+    if spec.settings.api_key_required:
+        doc["components"]["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer"},
+        }
+        doc["security"] = [{"apiKey": []}, {"bearer": []}]
+    return doc
+
+
+def install_openapi(app: FastAPI, spec: Any) -> None:
+    """Serve `build_openapi`'s document at /openapi.json (and so in /docs), built once on first request."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, spec)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,97 @@
+"""One epoch of training and one pass of evaluation: sums per rank, reduced to means across ranks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from modelship.training.loaders import batches
+from modelship.training.runtime import Dist
+
+
+@dataclass
+class StepContext:
+    """How a batch is placed and computed: device, mixed precision, memory format, gradient clipping."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    channels_last: bool
+    clip_grad: float | None
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def train_one_epoch(
+    net: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    ctx: StepContext,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """One pass over this rank's training shard; returns the summed loss, the correct count and the sample count."""
+    net.train()
+    total_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    correct = torch.zeros((), device=ctx.device, dtype=torch.int64)
+    seen = 0
+    for x, y in batches(loader):
+        x, y = ctx.to_device(x, y)
+        with ctx.autocast():
+            logits = net(x)
+            loss = loss_fn(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        ctx.scaler.scale(loss).backward()
+        if ctx.clip_grad is not None:
+            ctx.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(net.parameters(), ctx.clip_grad)
+        ctx.scaler.step(opt)
+        ctx.scaler.update()
+        sched.step()
+        # sums stay on the device: a .item() per step would wait for the GPU every step
+        total_loss += loss.detach().double() * y.numel()
+        correct += (logits.argmax(1) == y).sum()
+        seen += y.numel()
+        if progress is not None:
+            progress(y.numel())
+    return {"loss": total_loss.item(), "correct": float(correct.item()), "n": float(seen)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, ctx: StepContext) -> dict[str, float]:
+    """One pass over this rank's validation shard; returns the summed loss, the correct count and the sample count."""
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in batches(loader):
+        x, y = ctx.to_device(x, y)
+        with ctx.autocast():
+            logits = model(x)
+        total_loss += loss_fn(logits.float(), y).item() * y.numel()
+        correct += int((logits.argmax(1) == y).sum().item())
+        seen += y.numel()
+    return {"loss": total_loss, "correct": float(correct), "n": float(seen)}
+
+
+def reduce_means(sums: dict[str, float], dist: Dist, device: torch.device) -> dict[str, float]:
+    """Sum (loss, correct, n) across ranks; return the mean loss, the accuracy and the total sample count."""
+    t = torch.tensor([sums["loss"], sums["correct"], sums["n"]], dtype=torch.float64, device=device)
+    if dist.enabled:
+        torch_dist.all_reduce(t)
+    loss, correct, n = t.tolist()
+    return {"loss": loss / max(n, 1), "acc": correct / max(n, 1), "n": n}
