@@ -65,28 +65,36 @@ def load_source(path: Path, overrides: dict[str, Any]) -> Source:
     obj = read_torch_file(path)
     digest = sha256_file(path)
     if is_checkpoint(obj):
-        ckpt = validate(obj, path)
-        arch, kwargs = ckpt["model"]["arch"], dict(ckpt["model"]["kwargs"])
-        data = dict(ckpt["data"])
-        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
-        if given:
-            log.warning(
-                "%s is a modelship checkpoint; ignoring %s (the checkpoint describes its model)", path, ", ".join(given)
-            )
-        model = build_model(arch, kwargs)
-        load_strict(model, clean_state_dict(ckpt["state_dict"]), str(path))
-        info = {
-            "kind": "modelship.checkpoint",
-            "checkpoint": str(path.resolve()),
-            "sha256": digest,
-            "epoch": ckpt["epoch"],
-            "metrics": dict(ckpt["metrics"]),
-        }
-        pre = Preprocess.from_dict(data)
-        return Source(model.eval(), arch, kwargs, list(data["classes"]), list(data["input_shape"]), pre, data, info)
+        return _from_checkpoint(validate(obj, path), path, digest, overrides)
     if not is_state_dict(obj):
         raise CheckpointError(f"{path} is neither a modelship checkpoint nor a state_dict (a dict of name -> tensor)")
-    state = clean_state_dict(obj)
+    return _from_state_dict(clean_state_dict(obj), path, digest, overrides)
+
+
+def _from_checkpoint(ckpt: dict[str, Any], path: Path, digest: str, overrides: dict[str, Any]) -> Source:
+    """A modelship checkpoint describes its own model and data; --model and friends are ignored."""
+    arch, kwargs = ckpt["model"]["arch"], dict(ckpt["model"]["kwargs"])
+    data = dict(ckpt["data"])
+    given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+    if given:
+        log.warning(
+            "%s is a modelship checkpoint; ignoring %s (the checkpoint describes its model)", path, ", ".join(given)
+        )
+    model = build_model(arch, kwargs)
+    load_strict(model, clean_state_dict(ckpt["state_dict"]), str(path))
+    info = {
+        "kind": "modelship.checkpoint",
+        "checkpoint": str(path.resolve()),
+        "sha256": digest,
+        "epoch": ckpt["epoch"],
+        "metrics": dict(ckpt["metrics"]),
+    }
+    pre = Preprocess.from_dict(data)
+    return Source(model.eval(), arch, kwargs, list(data["classes"]), list(data["input_shape"]), pre, data, info)
+
+
+def _from_state_dict(state: dict[str, torch.Tensor], path: Path, digest: str, overrides: dict[str, Any]) -> Source:
+    """A bare state_dict: the model from --model/--input-shape, classes from --classes or the head's size."""
     arch, shape = overrides.get("model"), overrides.get("input_shape")
     if arch is None or shape is None:
         raise ConfigError(
