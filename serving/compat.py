@@ -89,7 +89,7 @@ class Server(ls.LitServer):
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
         self._on_worker_failure = on_worker_failure
         self.app.router.routes[:] = [
-            r for r in self.app.router.routes if getattr(r, "path", None) not in ("/", LITSERVE_INFO_PATH)
+            r for r in self.app.router.routes if not _litserve_own(r, ("/", LITSERVE_INFO_PATH))
         ]
 
     def _init_manager(self, num_api_servers: int) -> Any:
@@ -114,6 +114,12 @@ class Server(ls.LitServer):
                 log.info("ready: %d worker(s) warmed up; /health is 200", len(states))
                 return
             time.sleep(0.05)
+
+
+def _litserve_own(route: Any, paths: tuple[str, ...]) -> bool:
+    """A route LitServe registered itself (its endpoints are functions local to LitServer's methods) at `paths`."""
+    qualname = getattr(getattr(route, "endpoint", None), "__qualname__", "")
+    return getattr(route, "path", None) in paths and qualname.startswith("LitServer.")
 
 
 # ------------------------------------------------------------------------------------------------ 3. batches

@@ -131,8 +131,18 @@ def ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def json_body(model: type[BaseModel], description: str = "") -> dict[str, Any]:
-    return {"description": description or model.__name__, "content": {"application/json": {"schema": ref(model)}}}
+def json_body(model: type[BaseModel], description: str = "", example: Any = None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": ref(model)}
+    if example is not None:
+        media["example"] = example
+    return {"description": description or model.__name__, "content": {"application/json": media}}
+
+
+def prediction_example(classes: tuple[str, ...]) -> dict[str, Any]:
+    """What /predict answers, with this model's class names."""
+    scores = [0.9, 0.06, 0.02, 0.01, 0.01][: len(classes)]
+    ranked = [{"label": c, "index": i, "score": s} for i, (c, s) in enumerate(zip(classes, scores, strict=False))]
+    return {**ranked[0], "top_k": ranked}
 
 
 def errors(*codes: int) -> dict[str, Any]:
@@ -231,20 +241,15 @@ def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
             },
         }
     text = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+    server = {"tags": ["server"]}
     return {
-        ("/", "get"): {"summary": "what this server is, and links", "responses": {"200": json_body(Root)}},
-        ("/health", "get"): {
-            "summary": "200 once every worker is warm, 503 before", "security": [],
-            "responses": {"200": {"description": "ok", **text}, "503": {"description": "not ready", **text}},
-        },
-        ("/info", "get"): {"summary": "the manifest and the batching settings", "responses": {"200": json_body(Info)}},
-        ("/metrics", "get"): {
-            "summary": "Prometheus metrics, summed over every server process",
-            "responses": {"200": {"description": "Prometheus text format", **text}},
-        },
         ("/predict", "post"): {
             "tags": ["predict"], "summary": "classify one image", "requestBody": predict_body(m.shape),
-            "responses": {"200": json_body(Prediction), **errors(400, 401, 413, 415, 503, 504)},
+            "responses": {
+                "200": json_body(Prediction, "the best class and the top_k, with softmax scores",
+                                 prediction_example(m.classes)),
+                **errors(400, 401, 413, 415, 503, 504),
+            },
         },
         ("/v2", "get"): {**v2, "summary": "server metadata", "responses": {"200": json_body(V2ServerMetadata)}},
         ("/v2/health/live", "get"): {**v2, "summary": "liveness", "security": [],
@@ -254,6 +259,18 @@ def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
             "responses": {"200": json_body(V2Ready), "503": json_body(V2Ready, "warming up")},
         },
         **model_ops,
+        ("/", "get"): {**server, "summary": "what this server is, and links", "responses": {"200": json_body(Root)}},
+        ("/health", "get"): {
+            **server, "summary": "200 once every worker is warm, 503 before", "security": [],
+            "responses": {"200": {"description": "ok", **text}, "503": {"description": "not ready", **text}},
+        },
+        ("/info", "get"): {
+            **server, "summary": "the manifest and the batching settings", "responses": {"200": json_body(Info)},
+        },
+        ("/metrics", "get"): {
+            **server, "summary": "Prometheus metrics, summed over every server process",
+            "responses": {"200": {"description": "Prometheus text format", **text}},
+        },
     }  # fmt: skip
 
 
@@ -275,10 +292,21 @@ def build_openapi(app: FastAPI, spec: Any) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    for (path, method), extra in operations(spec).items():
+    ops = operations(spec)
+    for (path, method), extra in ops.items():
         op = doc["paths"].get(path, {}).get(method)
         if op is not None:
+            op.get("responses", {}).pop("422", None)  # FastAPI's path-parameter validation; these routes never use it
             op.update(extra if spec.settings.api_key_required else {k: v for k, v in extra.items() if k != "security"})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    order = list(dict.fromkeys(path for path, _ in ops))  # predict first, then v2, then the server's own routes
+    doc["paths"] = {p: doc["paths"][p] for p in order if p in doc["paths"]} | doc["paths"]
+    doc["tags"] = [
+        {"name": "predict", "description": "one image in, its classes out"},
+        {"name": "KServe v2", "description": "the Open Inference Protocol: batches of tensors, as tritonclient sends"},
+        {"name": "server", "description": "what is served, health, metrics"},
+    ]
     if spec.settings.api_key_required:
         doc["components"]["securitySchemes"] = {
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -296,4 +324,5 @@ def install_openapi(app: FastAPI, spec: Any) -> None:
             app.openapi_schema = build_openapi(app, spec)
         return app.openapi_schema
 
+    app.title = f"modelship: {spec.model.name}"  # the /docs page's title
     app.openapi = openapi  # type: ignore[method-assign]

@@ -8,6 +8,7 @@ in-flight requests finish.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -21,6 +22,8 @@ from modelship.manifest import check_bundle
 from modelship.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
+
+TORCH_BACKENDS = {"torchscript": "torch"}  # backends that need more than the light `serve` install
 
 
 class ServeError(ModelshipError):
@@ -38,7 +41,21 @@ def load_bundle(cfg: ServeConfig) -> dict[str, Any]:
     if cfg.backend not in manifest["artifacts"]:
         have = ", ".join(manifest["artifacts"])
         raise ConfigError(f"--backend {cfg.backend}: bundle {cfg.bundle} has no {cfg.backend} artifact (it has {have})")
+    needs = TORCH_BACKENDS.get(cfg.backend)
+    if needs and not importable(needs):
+        raise ConfigError(
+            f"--backend {cfg.backend} runs on {needs}, which is not installed here; "
+            "pip install 'modelship[serve,torch]', or serve the onnx artifact"
+        )
     return manifest
+
+
+def importable(module: str) -> bool:
+    """`module` can be imported here (found, without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def resolve_devices(cfg: ServeConfig) -> tuple[str, int]:
@@ -105,12 +122,12 @@ def build_server(
     cfg: ServeConfig, manifest: dict[str, Any], accelerator: str, n_devices: int, failed: threading.Event
 ) -> Any:
     """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
-    from modelship.serving.openapi import install_openapi
     from starlette.middleware.cors import CORSMiddleware
 
     from modelship.serving import compat
     from modelship.serving.api import HTTPSpec, InferenceAPI, Settings
     from modelship.serving.middleware import Guard
+    from modelship.serving.openapi import install_openapi
     from modelship.serving.protocol import ServedModel
 
     workers = n_devices * cfg.workers_per_device

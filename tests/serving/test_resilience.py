@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 
 from modelship.files import sha256_file
-from tests.helpers import running_server, scrape
-
-KEY = "s3cret-key"
+from tests.helpers import KEY, running_server, scrape
 
 
 def predict(url: str, **kwargs) -> httpx.Response:
