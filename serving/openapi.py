@@ -211,9 +211,8 @@ def infer_body(model_input: str, shape: tuple[int, int, int]) -> dict[str, Any]:
     }
 
 
-def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    """(path, method) -> the OpenAPI fields modelship adds to FastAPI's operation."""
-    m = spec.model
+def v2_model_operations(m: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """The per-model v2 routes, with and without /versions/{version}."""
     v2 = {"tags": ["KServe v2"]}
     model_ops = {}
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
@@ -240,6 +239,14 @@ def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
                 **errors(400, 401, 404, 413, 415, 503, 504),
             },
         }
+    return model_ops
+
+
+def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """(path, method) -> the OpenAPI fields modelship adds to FastAPI's operation."""
+    m = spec.model
+    v2 = {"tags": ["KServe v2"]}
+    model_ops = v2_model_operations(m)
     text = {"content": {"text/plain": {"schema": {"type": "string"}}}}
     server = {"tags": ["server"]}
     return {

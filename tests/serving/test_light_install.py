@@ -57,7 +57,7 @@ def test_serve_and_predict_an_onnx_bundle_without_torch(
         r = run_modelship("predict", "--url", s.url, str(png), "--json", env=no_torch)
         assert r.code == 0, r.err
         answer = json.loads(r.out)
-        assert answer["label"] in CLASSES and [t["label"] for t in answer["top_k"]][0] == answer["label"]
+        assert answer["label"] in CLASSES and answer["top_k"][0]["label"] == answer["label"]
         assert sorted(t["label"] for t in answer["top_k"]) == sorted(CLASSES)
         batch = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3, 32, 32], "data": [0.5] * 6144}]}
         assert httpx.post(s.url + "/v2/models/shapes-cnn/infer", json=batch).status_code == 200
