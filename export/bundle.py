@@ -73,7 +73,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 def build_manifest(
     cfg: ExportConfig, src: Source, artifacts: dict[str, dict[str, Any]], checks: list[parity.Check]
 ) -> dict[str, Any]:
-    """The bundle's manifest.json (DESIGN.md, Stage 2): written here and nowhere else."""
+    """The bundle's manifest.json (ARCHITECTURE.md lists its keys): written here and nowhere else."""
     c, h, w = src.input_shape
     opts = cfg.options
     return {

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from modelship.errors import ModelshipError
+from modelship.serving.config import CLIENT_TIMEOUT, CLIENT_URL
 
 
 class ClientError(ModelshipError):
@@ -26,7 +27,7 @@ class ClientError(ModelshipError):
 class Client:
     """Calls /predict and the KServe v2 endpoints of one server."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
+    def __init__(self, url: str = CLIENT_URL, api_key: str | None = None, timeout: float = CLIENT_TIMEOUT):
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout

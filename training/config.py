@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelship.devices import DEVICES
 from modelship.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "sgd", "adam")
 SCHEDULES = ("cosine", "step", "onecycle")
 AMP_MODES = ("none", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_LR = {"adamw": 3e-3, "adam": 1e-3, "sgd": 0.05}
 
 

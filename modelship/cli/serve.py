@@ -10,7 +10,14 @@ from typing import Any
 
 from modelship.cli.args import config_from, default
 from modelship.devices import DEVICES
-from modelship.serving.config import BACKENDS, HOSTS, LOG_LEVELS, ServeConfig  # light: standard library only
+from modelship.serving.config import (  # light: standard library only
+    BACKENDS,
+    CLIENT_TIMEOUT,
+    CLIENT_URL,
+    HOSTS,
+    LOG_LEVELS,
+    ServeConfig,
+)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -92,11 +99,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG or JPEG files")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default %(default)s)")
+    p.add_argument("--url", default=CLIENT_URL, help="server address (default %(default)s)")
     p.add_argument("--top-k", type=int, help="how many classes to list (default: the server's, up to 5)")
     p.add_argument("--json", action="store_true", help="print the server's JSON answer per image")
     p.add_argument("--api-key", help="default: $MODELSHIP_API_KEY")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, help="seconds per request (default %(default)s)")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from modelship.errors import GateError, ParityError
+from modelship.export.config import ExportOptions
+from modelship.pipeline import RunConfig, RunResult, run
 from modelship.training.checkpoint import load_checkpoint
+from modelship.training.config import TrainConfig
 from tests.helpers import Result, Server, run_modelship, running_server, tiny_train_args
 
 
@@ -94,3 +98,21 @@ def test_usage_errors_exit_2(tmp_path: Path, data_dir: Path, cli) -> None:
     r = cli("run", "--out", tmp_path, "--min-accuracy", "95", *tiny_train_args(data_dir))
     assert r.code == 2 and r.last_line == "modelship run: error: --min-accuracy must be between 0 and 1, got 95.0"
     assert not (tmp_path / "bundle").exists()
+
+
+def test_run_is_a_plain_function_whose_gates_raise_the_project_errors(tmp_path: Path, data_dir: Path) -> None:
+    train = TrainConfig(
+        out=tmp_path, epochs=1, shapes_train=100, shapes_val=25, model_kwargs={"width": 8}, device="cpu",
+        data_dir=data_dir,
+    )  # fmt: skip
+    with pytest.raises(ParityError) as failed:
+        run(RunConfig(train, ExportOptions(formats=("onnx",), atol=0, rtol=0)))
+    assert str(failed.value).startswith("parity failed, the model must not ship: onnx on onnxruntime-cpu at batch")
+    result = failed.value.result
+    assert isinstance(result, RunResult) and result.bundle.path == tmp_path / "bundle" and not result.bundle.passed
+
+    with pytest.raises(GateError) as low:
+        run(RunConfig(train, ExportOptions(formats=("onnx",)), min_accuracy=0.999))
+    assert not isinstance(low.value, ParityError)
+    assert str(low.value) == f"best val_acc {low.value.result.best_val_acc:.4f} is under --min-accuracy 0.999"
+    assert low.value.result.bundle.passed and low.value.result.bundle.manifest["name"] == "shapes-cnn"
