@@ -1,26 +1,42 @@
-"""`export(cfg) -> Bundle` and `verify(...)`: the bundle is built in a temporary directory and renamed into place."""
+"""The export stage: `export(cfg) -> Bundle` and `verify(...)`.
+
+The bundle is built in a temporary directory and renamed into place, so a failed export leaves nothing behind.
+Every artifact is checked before the manifest is written: exact formats (onnx, torchscript, pt2) by atol/rtol
+against eager PyTorch, variants (onnx-fp16, onnx-int8) by top-1 agreement and accuracy on labelled images.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from modelship.errors import BundleError, CheckpointError, ConfigError, ParityError
-from modelship.export import parity
-from modelship.export.config import ExportConfig
-from modelship.export.formats import INPUT_NAME, OUTPUT_NAME, export_onnx, export_torchscript
+from modelship.export import parity, variants
+from modelship.export.config import ExportConfig, ExportOptions
+from modelship.export.formats import INPUT_NAME, OUTPUT_NAME, export_onnx, export_pt2, export_torchscript
 from modelship.export.source import Source, load_source
 from modelship.files import sha256_file, write_json
-from modelship.manifest import ARTIFACT_FILES, FORMAT, MANIFEST, PARITY, VERSION, hash_mismatches, read_manifest
+from modelship.manifest import (
+    ARTIFACT_FILES,
+    FORMAT,
+    MANIFEST,
+    PARITY,
+    VARIANTS,
+    VERSION,
+    hash_mismatches,
+    read_manifest,
+)
 from modelship.training.data import validation_images
 from modelship.versions import versions
 
@@ -32,19 +48,20 @@ class Bundle:
     path: Path
     manifest: dict[str, Any]
     checks: list[parity.Check]
+    variant_checks: list[variants.VariantCheck] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.checks) and all(c.passed for c in self.variant_checks)
 
     def raise_if_failed(self) -> None:
         """ParityError naming every failed check: the bundle is written, but it must not ship."""
-        raise_for(self.checks, [], f"bundle {self.path} written, but it must not ship")
+        raise_for(self.checks, self.variant_checks, [], f"bundle {self.path} written, but it must not ship")
 
 
-def raise_for(checks: list[parity.Check], problems: list[str], what: str) -> None:
+def raise_for(checks: list[Any], variant_checks: list[Any], problems: list[str], what: str) -> None:
     """One ParityError listing every failed check and every other problem (hash mismatches), if there are any."""
-    problems = problems + [c.describe() for c in checks if not c.passed]
+    problems = problems + [c.describe() for c in [*checks, *variant_checks] if not c.passed]
     if problems:
         raise ParityError(f"{what}: {len(problems)} check(s) failed: " + "; ".join(problems))
 
@@ -70,12 +87,20 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+Gated = tuple[list[parity.Check], list[variants.VariantCheck]]
+
+
 def build_manifest(
-    cfg: ExportConfig, src: Source, artifacts: dict[str, dict[str, Any]], checks: list[parity.Check]
+    cfg: ExportConfig, src: Source, artifacts: dict[str, dict[str, Any]], gates: Gated
 ) -> dict[str, Any]:
     """The bundle's manifest.json (ARCHITECTURE.md lists its keys): written here and nowhere else."""
     c, h, w = src.input_shape
     opts = cfg.options
+    checks, gated = gates
+    every: list[parity.Check | variants.VariantCheck] = [*checks, *gated]
+    failed = [x.describe() for x in every if not x.passed]
+    for kind, art in artifacts.items():
+        art["checked_on"] = sorted({x.runtime for x in every if x.artifact == kind})
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -89,10 +114,17 @@ def build_manifest(
         "artifacts": artifacts,
         "parity": {
             **parity.summary(checks),
+            "passed": not failed,
+            "failed": failed,
             "atol": opts.atol,
             "rtol": opts.rtol,
             "batch_sizes": opts.batch_sizes,
             "seed": opts.seed,
+            "variants": [variant_summary(v) for v in gated],
+            "variant_gate": {
+                "max_accuracy_drop": opts.max_accuracy_drop,
+                "min_agreement": {v: opts.min_agreement(v) for v in opts.variants},
+            },
             "report": PARITY,
         },
         "source": src.info,
@@ -101,54 +133,101 @@ def build_manifest(
     }
 
 
-def run_parity(
-    src: Source, files: dict[str, Path], *, batch_sizes: list[int], seed: int, atol: float, rtol: float, device: str
-) -> list[parity.Check]:
-    """Eager vs every artifact on random inputs and, when the checkpoint's data is on disk, real ones."""
+def variant_summary(v: variants.VariantCheck) -> dict[str, Any]:
+    keys = ("artifact", "runtime", "images", "top1_agreement", "accuracy", "reference_accuracy", "accuracy_drop",
+            "speedup", "passed")  # fmt: skip
+    return {k: getattr(v, k) for k in keys}
+
+
+def run_parity(src: Source, files: dict[str, Path], opts: ExportOptions) -> list[parity.Check]:
+    """Eager vs every exact artifact on random inputs and, when the checkpoint's data is on disk, real ones."""
+    batch_sizes = opts.batch_sizes
     real = validation_images(src.data, max(batch_sizes)) if src.data else []
-    inputs = parity.parity_inputs(src.input_shape, batch_sizes, seed, real, src.preprocess)
-    return parity.check_parity(parity.eager_runner(src.model), parity.runners_for(files, device), inputs, atol, rtol)
+    inputs = parity.parity_inputs(src.input_shape, batch_sizes, opts.seed, real, src.preprocess)
+    reference = parity.eager_runner(src.model)
+    return parity.check_parity(reference, parity.runners_for(files, opts.device), inputs, opts.atol, opts.rtol)
+
+
+def run_gates(src: Source, files: dict[str, Path], opts: ExportOptions, images: variants.Labelled | None) -> Gated:
+    """Every check of a bundle's artifacts: exact parity, then the variants' gate on labelled images."""
+    exact = {k: v for k, v in files.items() if k not in VARIANTS.values()}
+    checks = run_parity(src, exact, opts)
+    gated: list[variants.VariantCheck] = []
+    if images is not None:
+        runners = parity.runners_for({k: v for k, v in files.items() if k.startswith("onnx")}, opts.device)
+        gated = variants.check_variants(parity.eager_runner(src.model), runners, images, opts)
+    return checks, gated
+
+
+def write_artifacts(
+    src: Source, opts: ExportOptions, tmp: Path, verbose: bool, calibration: np.ndarray | None
+) -> dict[str, dict[str, Any]]:
+    """Every requested format, then every variant of the ONNX file, into `tmp`; their manifest entries."""
+    torch.manual_seed(opts.seed)
+    example = torch.randn(2, *src.input_shape)  # batch >= 2, so the exporters cannot specialise it to 1
+    makers = {
+        "onnx": lambda p: {"precision": "fp32", **export_onnx(src.model, example, p, opts.opset, verbose)},
+        "torchscript": lambda p: {"precision": "fp32", **export_torchscript(src.model, example, p)},
+        "pt2": lambda p: {"precision": "fp32", **export_pt2(src.model, example, p, verbose)},
+        "onnx-fp16": lambda p: variants.make_fp16(tmp / ARTIFACT_FILES["onnx"], p),
+        "onnx-int8": lambda p: variants.make_int8(
+            tmp / ARTIFACT_FILES["onnx"], p, _given(calibration), opts.calibration_method, verbose
+        ),
+    }
+    artifacts: dict[str, dict[str, Any]] = {}
+    for kind in [*opts.formats, *(VARIANTS[v] for v in opts.variants)]:
+        path = tmp / ARTIFACT_FILES[kind]
+        t0 = time.perf_counter()
+        extra = makers[kind](path)
+        seconds = time.perf_counter() - t0
+        log.info("exported %s in %.1fs (%s)", kind, seconds, ", ".join(f"{k} {v}" for k, v in extra.items()))
+        artifacts[kind] = {
+            "path": path.name,
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+            "export_seconds": round(seconds, 2),
+            **extra,
+        }
+    return artifacts
+
+
+def _given(x: np.ndarray | None) -> np.ndarray:
+    assert x is not None, "calibration images are loaded whenever int8 is asked for"
+    return x
 
 
 def export(cfg: ExportConfig) -> Bundle:
-    """Export every requested format, check parity, and move the finished bundle into place (even when parity fails,
-    so parity.json can be read; the manifest then says `parity.passed: false` and the server refuses it)."""
+    """Export every requested format and variant, check them, and move the finished bundle into place (even when a
+    check fails, so parity.json can be read; the manifest then says `parity.passed: false` and serving refuses it)."""
     src = load_source(cfg.checkpoint, cfg.bare)
     opts = cfg.options
+    # the images the variants need are found before anything is written: a missing folder is a usage error
+    images = variants.gate_images(src, opts) if opts.variants else None
+    calibration = variants.calibration_images(src, opts) if "int8" in opts.variants else None
     tmp = _staging_dir(cfg.out)
     try:
-        torch.manual_seed(opts.seed)
-        example = torch.randn(2, *src.input_shape)  # batch >= 2, so the exporter cannot specialise it to 1
-        artifacts: dict[str, dict[str, Any]] = {}
-        files: dict[str, Path] = {}
-        for fmt in opts.formats:
-            path = tmp / ARTIFACT_FILES[fmt]
-            t0 = time.perf_counter()
-            if fmt == "onnx":
-                extra = export_onnx(src.model, example, path, opts.opset, cfg.verbose)
-            else:
-                extra = export_torchscript(src.model, example, path)
-            seconds = time.perf_counter() - t0
-            log.info("exported %s (%s) in %.1fs", fmt, ", ".join(f"{k} {v}" for k, v in extra.items()), seconds)
-            files[fmt] = path
-            artifacts[fmt] = {
-                "path": path.name,
-                "sha256": sha256_file(path),
-                "bytes": path.stat().st_size,
-                "export_seconds": round(seconds, 2),
-                **extra,
-            }
-        checks = run_parity(
-            src, files, batch_sizes=opts.batch_sizes, seed=opts.seed, atol=opts.atol, rtol=opts.rtol, device=opts.device
-        )
-        manifest = build_manifest(cfg, src, artifacts, checks)
-        write_json(tmp / PARITY, {"passed": manifest["parity"]["passed"], "checks": parity.report(checks)})
+        artifacts = write_artifacts(src, opts, tmp, cfg.verbose, calibration[0] if calibration else None)
+        if calibration is not None:
+            artifacts["onnx-int8"]["calibration"]["source"] = calibration[1]
+        checks, gated = run_gates(src, {k: tmp / a["path"] for k, a in artifacts.items()}, opts, images)
+        manifest = build_manifest(cfg, src, artifacts, (checks, gated))
+        write_json(tmp / PARITY, parity_report(manifest, (checks, gated), images))
         write_json(tmp / MANIFEST, manifest)
         _move_into_place(tmp, cfg.out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return Bundle(cfg.out, manifest, checks)
+    return Bundle(cfg.out, manifest, checks, gated)
+
+
+def parity_report(manifest: dict[str, Any], gates: Gated, images: variants.Labelled | None) -> dict[str, Any]:
+    """parity.json: every exact check, and every variant check with the labelled images it ran on."""
+    return {
+        "passed": manifest["parity"]["passed"],
+        "checks": parity.report(gates[0]),
+        "variants": variants.report(gates[1]),
+        "variant_images": images.source if images is not None else None,
+    }
 
 
 @dataclass
@@ -156,13 +235,16 @@ class Verification:
     bundle: Path
     hash_errors: list[str]
     checks: list[parity.Check]
+    variant_checks: list[variants.VariantCheck] = field(default_factory=list)
 
     def raise_if_failed(self) -> None:
-        raise_for(self.checks, self.hash_errors, f"bundle {self.bundle} failed verification")
+        raise_for(self.checks, self.variant_checks, self.hash_errors, f"bundle {self.bundle} failed verification")
 
 
-def verify(bundle: Path, checkpoint: Path | None = None, device: str = "auto") -> Verification:
-    """Re-check every sha256, then re-run parity against the checkpoint the bundle came from."""
+def verify(
+    bundle: Path, checkpoint: Path | None = None, device: str = "auto", validation_data: Path | None = None
+) -> Verification:
+    """Re-check every sha256, then re-run parity and the variants' gate against the checkpoint the bundle came from."""
     manifest = read_manifest(bundle)
     errors = hash_mismatches(bundle, manifest)
     source = manifest["source"]
@@ -175,31 +257,43 @@ def verify(bundle: Path, checkpoint: Path | None = None, device: str = "auto") -
         errors.append(
             f"checkpoint {ckpt}: sha256 differs from the one the bundle was exported from ({source['sha256'][:12]}…)"
         )
-    c, h, w = manifest["input"]["shape"][1:]
-    src = load_source(
-        ckpt,
-        {
-            "model": manifest["model"]["arch"],
-            "model_kwargs": manifest["model"]["kwargs"],
-            "input_shape": (c, h, w),
-            "classes": tuple(manifest["classes"]),
-            "mean": tuple(manifest["preprocess"]["mean"]),
-            "std": tuple(manifest["preprocess"]["std"]),
-        }
-        if source.get("kind") == "state_dict"
-        else {},
-    )
-    p = manifest["parity"]
+    src = load_source(ckpt, bare_overrides(manifest) if source.get("kind") == "state_dict" else {})
+    opts = verify_options(manifest, device, validation_data)
     files = {kind: bundle / art["path"] for kind, art in manifest["artifacts"].items()}
-    checks = run_parity(
-        src,
-        files,
-        batch_sizes=list(p["batch_sizes"]),
-        seed=int(p["seed"]),
+    images = variants.gate_images(src, opts) if opts.variants else None
+    checks, gated = run_gates(src, files, opts, images)
+    if not checks and not gated:
+        raise BundleError(f"{bundle} has no artifact to check")
+    return Verification(bundle, errors, checks, gated)
+
+
+def bare_overrides(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a bare state_dict's model is rebuilt from: the manifest says everything the flags said at export."""
+    c, h, w = manifest["input"]["shape"][1:]
+    return {
+        "model": manifest["model"]["arch"],
+        "model_kwargs": manifest["model"]["kwargs"],
+        "input_shape": (c, h, w),
+        "classes": tuple(manifest["classes"]),
+        "mean": tuple(manifest["preprocess"]["mean"]),
+        "std": tuple(manifest["preprocess"]["std"]),
+    }
+
+
+def verify_options(manifest: dict[str, Any], device: str, validation_data: Path | None) -> ExportOptions:
+    """The options the bundle was checked with at export, read back from its manifest."""
+    p = manifest["parity"]
+    gate = p.get("variant_gate", {})
+    kinds = {v: k for k, v in VARIANTS.items()}
+    options = ExportOptions(
+        max_batch=int(manifest["max_batch"]),
         atol=float(p["atol"]),
         rtol=float(p["rtol"]),
+        seed=int(p["seed"]),
         device=device,
+        validation_data=validation_data,
+        max_accuracy_drop=float(gate.get("max_accuracy_drop", ExportOptions.max_accuracy_drop)),
     )
-    if not checks:
-        raise BundleError(f"{bundle} has no artifact to check")
-    return Verification(bundle, errors, checks)
+    agreements = {f"{v}_min_agreement": a for v, a in gate.get("min_agreement", {}).items()}
+    present = tuple(kinds[k] for k in manifest["artifacts"] if k in kinds)
+    return dataclasses.replace(options, variants=present, **agreements)

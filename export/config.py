@@ -12,17 +12,18 @@ from typing import Any
 
 from modelship.devices import DEVICES
 from modelship.errors import ConfigError
-from modelship.manifest import ARTIFACT_FILES, NAME_RE, safe_name
+from modelship.manifest import FORMATS, NAME_RE, VARIANTS, safe_name
 
 DEFAULT_OPSET = 18  # the dynamo exporter's own minimum; what Triton's and KServe's ONNX Runtime builds all read
 MAX_OPSET = 23
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """How to export and check: formats, opset, batch sizes and tolerances; see README.md for each flag."""
 
-    formats: tuple[str, ...] = ("onnx", "torchscript")
+    formats: tuple[str, ...] = ("onnx", "torchscript", "pt2")
     opset: int = DEFAULT_OPSET
     max_batch: int = 64
     atol: float = 1e-4
@@ -30,13 +31,23 @@ class ExportOptions:
     name: str | None = None
     device: str = "auto"
     seed: int = 0
+    # deployment variants of the ONNX file, gated on agreement with eager and accuracy on labelled images
+    variants: tuple[str, ...] = ()
+    calibration_data: Path | None = None
+    calibration_size: int = 256
+    calibration_method: str = "minmax"
+    validation_data: Path | None = None
+    max_accuracy_drop: float = 0.01
+    fp16_min_agreement: float = 0.99
+    int8_min_agreement: float = 0.97
 
     def __post_init__(self) -> None:
-        unknown = [f for f in self.formats if f not in ARTIFACT_FILES]
-        if not self.formats or unknown:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if not self.formats or unknown or len(set(self.formats)) != len(self.formats):
             raise ConfigError(
-                f"--formats must name one or more of {', '.join(ARTIFACT_FILES)}, got {','.join(self.formats)!r}"
+                f"--formats must name one or more of {', '.join(FORMATS)}, got {','.join(self.formats)!r}"
             )
+        self._check_variants()
         if not DEFAULT_OPSET <= self.opset <= MAX_OPSET:
             raise ConfigError(
                 f"--opset must be between {DEFAULT_OPSET} and {MAX_OPSET} (the dynamo exporter's range), "
@@ -52,6 +63,34 @@ class ExportOptions:
             raise ConfigError(
                 f"--name {self.name!r} is not usable in URLs; use letters, digits, '.', '_' or '-' (at most 64)"
             )
+
+    def _check_variants(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or len(set(self.variants)) != len(self.variants):
+            raise ConfigError(
+                f"--variants must name one or more of {', '.join(VARIANTS)}, got {','.join(self.variants)!r}"
+            )
+        if self.variants and "onnx" not in self.formats:
+            raise ConfigError("--variants are made from the ONNX file; add onnx to --formats")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"--calibration-method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration_method!r}"
+            )
+        if self.calibration_size < 1:
+            raise ConfigError(f"--calibration-size must be at least 1, got {self.calibration_size}")
+        for flag, value in (
+            ("--max-accuracy-drop", self.max_accuracy_drop),
+            ("--fp16-min-agreement", self.fp16_min_agreement),
+            ("--int8-min-agreement", self.int8_min_agreement),
+        ):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{flag} must be between 0 and 1, got {value}")
+        for flag, path in (("--calibration-data", self.calibration_data), ("--validation-data", self.validation_data)):
+            if path is not None and not path.is_dir():
+                raise ConfigError(f"{flag} {path} is not a folder; expected a folder of images")
+
+    def min_agreement(self, variant: str) -> float:
+        return {"fp16": self.fp16_min_agreement, "int8": self.int8_min_agreement}[variant]
 
     @property
     def batch_sizes(self) -> list[int]:

@@ -1,4 +1,5 @@
-"""Eager model -> ONNX (dynamo exporter, symbolic batch) and TorchScript (script, trace as a guarded fallback)."""
+"""Eager model -> ONNX (dynamo exporter), torch.export .pt2 (both with a symbolic batch) and TorchScript (legacy:
+script, trace as a guarded fallback)."""
 
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ def _summary(e: BaseException) -> str:
         text = next((line for line in lines if line), type(e).__name__)
     if "data-dependent" in text or "GuardOnDataDependent" in text:
         text += (
-            " — the model branches on tensor values (data-dependent control flow); ONNX export needs torch.cond "
-            "there, or export only TorchScript with --formats torchscript"
+            " — the model branches on tensor values (data-dependent control flow); ONNX and pt2 export need "
+            "torch.cond there, or export only TorchScript with --formats torchscript"
         )
     return text[:600]
 
@@ -142,3 +143,22 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> d
             method = "trace"
         scripted.save(str(path))
     return {"method": method}
+
+
+def export_pt2(model: nn.Module, example: torch.Tensor, path: Path, verbose: bool) -> dict[str, Any]:
+    """torch.export with a symbolic batch dimension, saved with torch.export.save; fails if the batch got fixed."""
+    batch = torch.export.Dim(BATCH_DIM, min=1)
+    try:
+        with quiet(not verbose), torch.no_grad():
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as e:
+        raise ExportError(f"torch.export failed: {_summary(e)} (run with --verbose for the exporter's log)") from None
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user_input = placeholders[-1].meta["val"]  # parameters and buffers come first
+    if isinstance(user_input.shape[0], int):
+        raise ExportError(
+            f"the exported pt2 program has a fixed batch dimension ({user_input.shape[0]}); expected a symbolic one. "
+            "Does the model hard-code the batch size (e.g. x.view(2, -1))?"
+        )
+    torch.export.save(program, str(path))
+    return {"batch_dim": str(user_input.shape[0])}

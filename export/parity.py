@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelship.errors import ConfigError
 from modelship.preprocess import Preprocess, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,16 @@ def torchscript_runner(path: Path) -> Runner:
     return run
 
 
+def pt2_runner(path: Path) -> Runner:
+    module = torch.export.load(str(path)).module()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
+
+
 def cuda_usable() -> bool:
     """ONNX Runtime's CUDA provider is worth trying: torch sees a GPU and ORT was built with the provider."""
     import onnxruntime as ort
@@ -147,21 +158,24 @@ def onnx_runner(path: Path, provider: str) -> Runner | None:
 
 
 def runners_for(artifacts: dict[str, Path], device: str) -> list[tuple[str, str, Runner]]:
-    """(artifact, runtime, runner) for every artifact and runtime to check."""
+    """(artifact, runtime, runner) for every artifact and runtime to check: torch ones on CPU (eager is the reference
+    there), every ONNX file on ONNX Runtime's CPU provider, and on its CUDA provider when a GPU is usable."""
     out: list[tuple[str, str, Runner]] = []
     if "torchscript" in artifacts:
         out.append(("torchscript", "torch-cpu", torchscript_runner(artifacts["torchscript"])))
-    if "onnx" in artifacts:
-        cpu = onnx_runner(artifacts["onnx"], "CPUExecutionProvider")
+    if "pt2" in artifacts:
+        out.append(("pt2", "torch-cpu", pt2_runner(artifacts["pt2"])))
+    onnx_files = {k: v for k, v in artifacts.items() if k.startswith("onnx")}
+    on_gpu = device == "cuda" or (device == "auto" and onnx_files and cuda_usable())
+    for kind, path in onnx_files.items():
+        cpu = onnx_runner(path, "CPUExecutionProvider")
         assert cpu is not None
-        out.append(("onnx", "onnxruntime-cpu", cpu))
-        if device == "cuda" or (device == "auto" and cuda_usable()):
-            cuda = onnx_runner(artifacts["onnx"], "CUDAExecutionProvider")
+        out.append((kind, "onnxruntime-cpu", cpu))
+        if on_gpu:
+            cuda = onnx_runner(path, "CUDAExecutionProvider")
             if cuda is not None:
-                out.append(("onnx", "onnxruntime-cuda", cuda))
+                out.append((kind, "onnxruntime-cuda", cuda))
             elif device == "cuda":
-                from modelship.errors import ConfigError
-
                 raise ConfigError("--device cuda: ONNX Runtime's CUDA provider is not usable here")
     return out
 

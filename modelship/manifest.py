@@ -19,7 +19,11 @@ VERSION = 1
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
 REQUIRED = ("name", "classes", "model", "input", "output", "preprocess", "artifacts", "parity", "source", "versions")
-ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+# every artifact kind a bundle can hold, and its file: the exact formats (checked by atol/rtol against eager) and the
+# deployment variants made from the ONNX file (checked by top-1 agreement and accuracy on labelled images)
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
+VARIANTS = {"fp16": "onnx-fp16", "int8": "onnx-int8"}
+ARTIFACT_FILES = {**FORMATS, "onnx-fp16": "model.fp16.onnx", "onnx-int8": "model.int8.onnx"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

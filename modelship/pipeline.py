@@ -84,11 +84,18 @@ class RunResult:
         ]
         checks = self.bundle.checks
         for kind, art in self.bundle.manifest["artifacts"].items():
+            if kind.startswith("onnx-"):
+                continue  # variants have their own rows
             mine = [c for c in checks if c.artifact == kind]
             worst = max(c.max_abs_err for c in mine)
             verdict = "PASS" if all(c.passed for c in mine) else "FAIL"
             size = f"{art['bytes'] / 1024:.0f} KiB"
             rows.append((kind, f"{art['path']}  {size}  worst max_abs_err {worst:.2e}  parity {verdict}"))
+        for v in self.bundle.variant_checks:
+            art = self.bundle.manifest["artifacts"][v.artifact]
+            gate = f"top-1 agreement {v.top1_agreement:.4f}, accuracy {v.accuracy:.4f} ({-v.accuracy_drop:+.4f})"
+            verdict = "PASS" if v.passed else "FAIL"
+            rows.append((v.artifact, f"{art['path']}  {art['bytes'] / 1024:.0f} KiB  {gate} on {v.runtime}  {verdict}"))
         p = self.bundle.manifest["parity"]
         tolerance = f"atol {p['atol']:g}, rtol {p['rtol']:g}"
         verdict = "PASS" if p["passed"] else "FAIL"
@@ -122,7 +129,9 @@ def run(cfg: RunConfig) -> RunResult | None:
 
 def gate(cfg: RunConfig, result: RunResult) -> None:
     """Refuse to ship: ParityError on any failed parity check, GateError on accuracy under --min-accuracy."""
-    problems = [c.describe() for c in result.bundle.checks if not c.passed]
+    bundle = result.bundle
+    problems = [c.describe() for c in bundle.checks if not c.passed]
+    problems += [v.describe() for v in bundle.variant_checks if not v.passed]
     if problems:
         raise ParityError(f"parity failed, the model must not ship: {'; '.join(problems)}", result=result)
     acc = result.best_val_acc

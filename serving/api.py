@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 import modelship
 from modelship.manifest import read_manifest
 from modelship.serving import compat, protocol
-from modelship.serving.backends import BACKENDS, Backend
+from modelship.serving.backends import PLATFORMS, Backend, load_backend
 from modelship.serving.metrics import exposition, metrics
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,15 @@ class HTTPSpec(compat.LitSpec):
         self.settings = settings
         self.model = model
         self.manifest = public_manifest(manifest)
-        platform = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}[settings.backend]
         c, h, w = model.shape
+        artifact = manifest["artifacts"][settings.backend]
+        datatype = {"float32": "FP32", "float16": "FP16"}[artifact.get("io", manifest["input"]["dtype"])]
         self.v2_metadata = {
             "name": model.name,
             "versions": ["1"],
-            "platform": platform,
-            "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
-            "outputs": [{"name": model.output_name, "datatype": "FP32", "shape": [-1, len(model.classes)]}],
+            "platform": PLATFORMS[settings.backend],
+            "inputs": [{"name": model.input_name, "datatype": datatype, "shape": [-1, c, h, w]}],
+            "outputs": [{"name": model.output_name, "datatype": datatype, "shape": [-1, len(model.classes)]}],
         }
         self.add_endpoint("/", self.root, ["GET"])
         self.add_endpoint("/predict", self.predict, ["POST"])
@@ -276,7 +277,7 @@ class InferenceAPI(ls.LitAPI):
         logging.basicConfig(level=self.settings.log_level.upper(), format="%(message)s")
         manifest = read_manifest(Path(self.settings.bundle))
         path = Path(self.settings.bundle) / manifest["artifacts"][self.settings.backend]["path"]
-        self.backend = BACKENDS[self.settings.backend](path, device, self.settings.threads)
+        self.backend = load_backend(self.settings.backend, path, device, self.settings.threads)
         # warm up at the largest batch before /health turns 200: first calls allocate and pick kernels
         for n in (self.chunk, 1, self.chunk):
             self.backend(np.zeros((n, *self.shape), np.float32))

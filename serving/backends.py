@@ -1,4 +1,5 @@
-"""Inference backends over a bundle's artifacts: ONNX Runtime (no torch import) and TorchScript.
+"""Inference backends over a bundle's artifacts: ONNX Runtime for every ONNX file (fp32, fp16, int8; no torch
+import), and torch for TorchScript and torch.export programs.
 
 A backend is a callable float32 [N, C, H, W] -> float32 [N, num_classes] plus a description for /info.
 """
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Backend:
     run: Callable[[np.ndarray], np.ndarray]
-    kind: str  # onnx | torchscript
+    kind: str  # an artifact kind: onnx, onnx-fp16, onnx-int8, torchscript, pt2
     device: str  # cpu | cuda:N
     providers: list[str]
 
@@ -34,8 +35,9 @@ def device_index(device: str) -> int:
     return int(device.split(":")[1]) if ":" in device else 0
 
 
-def onnx_backend(path: Path, device: str, threads: int) -> Backend:
-    """An ONNX Runtime session: TensorRT/CUDA providers on a GPU (with CPU as fallback), the CPU provider otherwise."""
+def onnx_backend(path: Path, device: str, threads: int, kind: str = "onnx") -> Backend:
+    """An ONNX Runtime session: TensorRT/CUDA providers on a GPU (with CPU as fallback), the CPU provider otherwise.
+    TensorRT runs the fp16 and int8 (QDQ) files in their own precision."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -53,7 +55,10 @@ def onnx_backend(path: Path, device: str, threads: int) -> Backend:
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels torch brought along
         providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
         if os.environ.get("MODELSHIP_TENSORRT", "1") != "0" and tensorrt_loadable():
-            providers.insert(0, ("TensorrtExecutionProvider", {"device_id": idx}))
+            trt: dict[str, object] = {"device_id": idx, "trt_fp16_enable": kind == "onnx-fp16"}
+            if kind == "onnx-int8":
+                trt["trt_int8_enable"] = True  # explicit quantization: the scales come from the QDQ nodes
+            providers.insert(0, ("TensorrtExecutionProvider", trt))
     session = ort.InferenceSession(str(path), options, providers=providers)
     active = session.get_providers()
     if device.startswith("cuda") and active[0] == "CPUExecutionProvider":
@@ -63,7 +68,7 @@ def onnx_backend(path: Path, device: str, threads: int) -> Backend:
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(None, {name: x})[0]
 
-    return Backend(run, "onnx", device, active)
+    return Backend(run, kind, device, active)
 
 
 def torchscript_backend(path: Path, device: str, threads: int) -> Backend:
@@ -83,4 +88,30 @@ def torchscript_backend(path: Path, device: str, threads: int) -> Backend:
     return Backend(run, "torchscript", device, [f"torch-{dev.type}"])
 
 
-BACKENDS = {"onnx": onnx_backend, "torchscript": torchscript_backend}
+def pt2_backend(path: Path, device: str, threads: int) -> Backend:
+    """A torch.export program (torch.export.load(...).module()) on `device`, run under inference_mode."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    module = torch.export.load(str(path)).module().to(dev)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x).to(dev, non_blocking=True)).float().cpu().numpy()
+
+    return Backend(run, "pt2", device, [f"torch-{dev.type}"])
+
+
+def load_backend(kind: str, path: Path, device: str, threads: int) -> Backend:
+    """The backend that runs artifact `kind` of a bundle."""
+    if kind.startswith("onnx"):
+        return onnx_backend(path, device, threads, kind)
+    return {"torchscript": torchscript_backend, "pt2": pt2_backend}[kind](path, device, threads)
+
+
+# the v2 model metadata's `platform` for each artifact kind (Triton's names where Triton has one)
+PLATFORMS = {
+    "onnx": "onnxruntime_onnx", "onnx-fp16": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx",
+    "torchscript": "pytorch_libtorch", "pt2": "pytorch_torch_export",
+}  # fmt: skip

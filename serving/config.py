@@ -13,7 +13,7 @@ from modelship.devices import DEVICES
 from modelship.errors import ConfigError
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
-BACKENDS = ("onnx", "torchscript")  # the artifact kinds a server can run
+BACKENDS = ("onnx", "onnx-fp16", "onnx-int8", "torchscript", "pt2")  # the artifact kinds a server can run
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CLIENT_URL = "http://127.0.0.1:8000"  # where `modelship predict --url` and Client() look by default
 CLIENT_TIMEOUT = 30.0

@@ -23,7 +23,7 @@ from modelship.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
-TORCH_BACKENDS = {"torchscript": "torch"}  # backends that need more than the light `serve` install
+TORCH_BACKENDS = {"torchscript": "torch", "pt2": "torch"}  # backends that need more than the light `serve` install
 
 
 class ServeError(ModelshipError):

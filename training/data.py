@@ -338,25 +338,48 @@ def _load_torchvision(req: DataRequest) -> tuple[LabelledDataset, LabelledDatase
     )
 
 
-def validation_images(data: dict[str, Any], limit: int) -> list[Image.Image]:
-    """Up to `limit` validation images of a checkpoint's data block, if its source is still on disk; else []."""
+def source_samples(data: dict[str, Any], split: str, limit: int, seed: int = 0) -> list[tuple[Image.Image, int]]:
+    """Up to `limit` (image, label) pairs of the `train` or `val` split a checkpoint's data block describes: evenly
+    spread over the validation split, a seeded sample of the training split. [] when the data is not on disk."""
     source = data.get("source") or {}
     try:
         if source.get("name") in TORCHVISION_DATASETS:
             import torchvision.datasets as tvd
 
-            base = getattr(tvd, TORCHVISION_DATASETS[source["name"]])(source["root"], train=False, download=False)
-            return [base[i][0] for i in range(min(limit, len(base)))]
+            cls = getattr(tvd, TORCHVISION_DATASETS[source["name"]])
+            base = cls(source["root"], train=split == "train", download=False)
+            return [(base[i][0], int(base[i][1])) for i in _pick(range(len(base)), split, limit, seed)]
         if "root" in source:
             root = Path(source["root"])
             if "val_dir" in source:
-                _, val = scan_folder(root / source["val_dir"], "validation folder")
+                _, files = scan_folder(root / (source["val_dir"] if split == "val" else source["train_dir"]), split)
             else:
                 _, samples = scan_folder(root / source.get("train_dir", ""), "data folder")
-                _, val = split_samples(samples, float(source["val_split"]), int(source["seed"]))
-            # spread over classes rather than the first class only
-            picked = val[:: max(1, len(val) // limit)][:limit]
-            return [open_image(p) for p, _ in picked]
+                train, val = split_samples(samples, float(source["val_split"]), int(source["seed"]))
+                files = val if split == "val" else train
+            return [(open_image(p), label) for p, label in _pick(files, split, limit, seed)]
     except (DataError, RuntimeError, OSError, KeyError, ValueError) as e:
-        log.info("validation images not available (%s); parity uses random inputs only", e)
+        log.info("the %s images of %s are not available (%s)", split, source.get("name", "the checkpoint"), e)
     return []
+
+
+def _pick(items: Sequence[Any], split: str, limit: int, seed: int) -> list[Any]:
+    if split == "val":  # evenly spaced: spread over the classes rather than the first class only
+        return list(items[:: max(1, len(items) // limit)][:limit])
+    idx = np.random.default_rng(seed).permutation(len(items))[:limit]
+    return [items[i] for i in sorted(idx)]
+
+
+def validation_images(data: dict[str, Any], limit: int) -> list[Image.Image]:
+    """Up to `limit` validation images of a checkpoint's data block, if its source is still on disk; else []."""
+    return [image for image, _ in source_samples(data, "val", limit)]
+
+
+def folder_images(root: Path, what: str) -> list[str]:
+    """Every image file under `root`, recursively (an ImageFolder or a plain folder of images), sorted."""
+    if not root.is_dir():
+        raise DataError(f"{what} {root} is not a folder; expected a folder of images (an ImageFolder works too)")
+    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{what} {root} has no images (looked for {', '.join(IMG_EXTENSIONS)})")
+    return files

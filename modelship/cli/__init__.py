@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from modelship.cli.export import add_export_args, add_verify_args, cmd_export, cmd_verify
+from modelship.cli.export import add_export_args, add_triton_args, add_verify_args, cmd_export, cmd_triton, cmd_verify
 from modelship.cli.serve import add_predict_args, add_serve_args, cmd_predict, cmd_serve
 from modelship.cli.train import add_run_args, add_train_args, cmd_run, cmd_train
 from modelship.errors import ModelshipError
@@ -30,6 +30,12 @@ COMMANDS: list[Command] = [
         cmd_export,
     ),
     ("verify", "re-check a bundle's hashes and parity (e.g. after a runtime upgrade)", add_verify_args, cmd_verify),
+    (
+        "triton",
+        "write a Triton model repository and a KServe InferenceService for a bundle",
+        add_triton_args,
+        cmd_triton,
+    ),
     ("serve", "serve a bundle over HTTP: /predict and KServe v2, dynamic batching", add_serve_args, cmd_serve),
     ("predict", "classify image files with a running server", add_predict_args, cmd_predict),
 ]

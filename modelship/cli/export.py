@@ -9,8 +9,8 @@ from typing import Any
 
 from modelship.cli.args import chw, config_from, default, floats, json_object, names
 from modelship.devices import DEVICES
-from modelship.export.config import ExportConfig, ExportOptions  # light: no torch import
-from modelship.manifest import ARTIFACT_FILES
+from modelship.export.config import CALIBRATION_METHODS, ExportConfig, ExportOptions  # light: no torch import
+from modelship.manifest import FORMATS, VARIANTS
 
 log = logging.getLogger("modelship")
 
@@ -23,7 +23,7 @@ def add_export_options(p: Any) -> None:
 
     p.add_argument(
         "--formats", type=names, default=d("formats"),
-        help=f"{','.join(ARTIFACT_FILES)} (default {','.join(d('formats'))})",
+        help=f"{','.join(FORMATS)}; torchscript is legacy (default {','.join(d('formats'))})",
     )  # fmt: skip
     p.add_argument("--opset", type=int, default=d("opset"), help="ONNX opset (default %(default)s)")
     p.add_argument(
@@ -33,6 +33,55 @@ def add_export_options(p: Any) -> None:
     p.add_argument("--rtol", type=float, default=d("rtol"), help="relative tolerance (default %(default)s)")
     p.add_argument(
         "--name", default=d("name"), help="model name in the bundle and the v2 API (default: the bundle folder's name)"
+    )
+    v = p.add_argument_group("deployment variants, gated on agreement with fp32 and accuracy on labelled images")
+    v.add_argument(
+        "--variants", type=names, default=d("variants"), help=f"{','.join(VARIANTS)} of the ONNX file (default none)"
+    )
+    v.add_argument(
+        "--calibration-data",
+        type=Path,
+        default=d("calibration_data"),
+        metavar="PATH",
+        help="int8: images to calibrate on (default: a sample of the checkpoint's training data)",
+    )
+    v.add_argument(
+        "--calibration-size",
+        type=int,
+        default=d("calibration_size"),
+        metavar="N",
+        help="int8: calibration images (default %(default)s)",
+    )
+    v.add_argument(
+        "--calibration-method",
+        choices=CALIBRATION_METHODS,
+        default=d("calibration_method"),
+        help="int8: how activation ranges are chosen (default %(default)s)",
+    )
+    v.add_argument(
+        "--validation-data",
+        type=Path,
+        default=d("validation_data"),
+        metavar="PATH",
+        help="labelled images, a folder per class, to gate variants on (default: the checkpoint's validation split)",
+    )
+    v.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=d("max_accuracy_drop"),
+        help="largest accuracy loss against fp32 (default %(default)s)",
+    )
+    v.add_argument(
+        "--fp16-min-agreement",
+        type=float,
+        default=d("fp16_min_agreement"),
+        help="fp16: top-1 agreement with eager fp32 (default %(default)s)",
+    )
+    v.add_argument(
+        "--int8-min-agreement",
+        type=float,
+        default=d("int8_min_agreement"),
+        help="int8: top-1 agreement with eager fp32 (default %(default)s)",
     )
 
 
@@ -58,12 +107,20 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--std", type=floats, help="per-channel normalisation std (default 1)")
 
 
+def print_checks(checks: list[Any], variant_checks: list[Any]) -> None:
+    from modelship.export import parity, variants
+
+    print(parity.table(checks))
+    if variant_checks:
+        print()
+        print(variants.table(variant_checks))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from modelship.export.bundle import export
-    from modelship.export.parity import table
 
     bundle = export(config_from(ExportConfig, args, options=export_options(args)))
-    print(table(bundle.checks))
+    print_checks(bundle.checks, bundle.variant_checks)
     bundle.raise_if_failed()
     log.info("bundle %s: %s, parity passed", bundle.path, ", ".join(sorted(bundle.manifest["artifacts"])))
     return 0
@@ -73,14 +130,58 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
     p.add_argument("--checkpoint", type=Path, metavar="CKPT", help="default: the checkpoint the manifest names")
     p.add_argument("--device", choices=DEVICES, default=default(ExportOptions, "device"), help="runtimes to re-check")
+    p.add_argument(
+        "--validation-data",
+        type=Path,
+        metavar="PATH",
+        help="labelled images for the variants' gate (default: the checkpoint's validation split)",
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from modelship.export.bundle import verify
-    from modelship.export.parity import table
 
-    result = verify(args.bundle, args.checkpoint, args.device)
-    print(table(result.checks))
+    result = verify(args.bundle, args.checkpoint, args.device, args.validation_data)
+    print_checks(result.checks, result.variant_checks)
     result.raise_if_failed()
     log.info("bundle %s verified: hashes match, parity holds", args.bundle)
+    return 0
+
+
+def add_triton_args(p: argparse.ArgumentParser) -> None:
+    from modelship.export.triton import TRITON, TritonConfig
+
+    def d(name: str) -> Any:
+        return default(TritonConfig, name)
+
+    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="REPO", help="a new (or empty) folder for the repository")
+    p.add_argument("--backend", choices=list(TRITON), default=d("backend"), help="which artifact (default %(default)s)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=d("max_batch_size"),
+        help="Triton's max_batch_size (default: the bundle's checked maximum)",
+    )
+    p.add_argument(
+        "--instances", type=int, default=d("instances"), help="model instances per device (default %(default)s)"
+    )
+    p.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=d("queue_delay_us"),
+        help="dynamic batching delay in microseconds (default %(default)s)",
+    )
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from modelship.export.triton import TritonConfig, write_repository
+
+    model_dir = write_repository(config_from(TritonConfig, args))
+    print(model_dir)
+    log.info(
+        "Triton repository %s written; run it with: docker run --gpus all -p8000:8000 -v %s:/models "
+        "nvcr.io/nvidia/tritonserver:<xx.yy>-py3 tritonserver --model-repository=/models",
+        args.out, args.out.resolve(),
+    )  # fmt: skip
     return 0
