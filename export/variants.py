@@ -127,6 +127,7 @@ def make_fp16(src_path: Path, out_path: Path) -> dict[str, Any]:
         raise ExportError(f"fp16 conversion failed: {str(e).splitlines()[0]}") from None
     folded = fold_cast_pairs(half)
     topological_sort(half.graph)  # the converter appends its input Casts at the end; the checker wants order
+    del half.graph.value_info[:]  # intermediate types the converter left stale around kept ops; ORT re-infers them
     try:
         onnx.checker.check_model(half, full_check=True)
     except Exception as e:

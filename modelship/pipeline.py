@@ -93,13 +93,14 @@ class RunResult:
             rows.append((kind, f"{art['path']}  {size}  worst max_abs_err {worst:.2e}  parity {verdict}"))
         for v in self.bundle.variant_checks:
             art = self.bundle.manifest["artifacts"][v.artifact]
-            gate = f"top-1 agreement {v.top1_agreement:.4f}, accuracy {v.accuracy:.4f} ({-v.accuracy_drop:+.4f})"
+            gate = f"top-1 agreement {v.top1_agreement:.4f}, accuracy {v.accuracy:.4f} vs fp32 {v.reference_accuracy:.4f}"
             verdict = "PASS" if v.passed else "FAIL"
             rows.append((v.artifact, f"{art['path']}  {art['bytes'] / 1024:.0f} KiB  {gate} on {v.runtime}  {verdict}"))
         p = self.bundle.manifest["parity"]
         tolerance = f"atol {p['atol']:g}, rtol {p['rtol']:g}"
         verdict = "PASS" if p["passed"] else "FAIL"
-        rows.append(("parity", f"{verdict} ({p['checks']} checks, {tolerance}, {self.export_seconds:.1f}s)"))
+        gates = f" + {len(self.bundle.variant_checks)} variant gates" if self.bundle.variant_checks else ""
+        rows.append(("parity", f"{verdict} ({p['checks']} checks{gates}, {tolerance}, {self.export_seconds:.1f}s)"))
         rows.append(("bundle", str(self.bundle.path)))
         rows.append(("serve it", f"modelship serve {self.bundle.path}"))
         return rows

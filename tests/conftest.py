@@ -63,3 +63,24 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Pa
     out = tmp_path_factory.mktemp("bundles") / "shapes-cnn"
     assert main(["export", str(tiny_ckpt), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A small cnn trained well enough that its predictions mean something (about 0.8 val_acc, 200 steps)."""
+    out = tmp_path_factory.mktemp("trained_run")
+    args = tiny_train_args(data_dir, "--shapes-train", "800", "--shapes-val", "100", "--batch-size", "16")
+    assert main(["train", "--epochs", "4", "--out", str(out), *args]) == 0
+    return out / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def variant_bundle(tmp_path_factory: pytest.TempPathFactory, trained_ckpt: Path) -> Path:
+    """The trained checkpoint exported with every format and both variants; read-only for tests.
+
+    The gate is loosened for this half-trained model (its near-ties flip under int8 more than a trained model's do);
+    the quickstart test holds the real defaults to a fully trained one."""
+    out = tmp_path_factory.mktemp("variant_bundles") / "shapes-cnn"
+    gate = ["--int8-min-agreement", "0.9", "--max-accuracy-drop", "0.05"]
+    assert main(["export", str(trained_ckpt), "--out", str(out), "--variants", "fp16,int8", *gate]) == 0
+    return out

@@ -230,3 +230,22 @@ def not_a_module(num_classes: int) -> NotAModule:
 
 def wrong_output(num_classes: int, in_channels: int = 3, image_size: tuple[int, int] = (32, 32)) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes + 1))
+
+
+class UpsampleNet(nn.Module):
+    """Conv, 2x bilinear upsampling (an ONNX Resize), conv, average pool, linear head."""
+
+    def __init__(self, num_classes: int, in_channels: int):
+        super().__init__()
+        self.a = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        x = nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.head(torch.relu(self.b(x)).mean((2, 3)))
+
+
+def upsample_net(num_classes: int, in_channels: int = 3, image_size: tuple[int, int] = (32, 32)) -> nn.Module:
+    return UpsampleNet(num_classes, in_channels)

@@ -15,11 +15,13 @@ from modelship.manifest import FORMATS, VARIANTS
 log = logging.getLogger("modelship")
 
 
-def add_export_options(p: Any) -> None:
-    """Flags `export` and `run` share; defaults come from ExportOptions."""
+def add_export_options(parser: argparse.ArgumentParser, title: str = "export") -> None:
+    """Flags `export` and `run` share, in two groups; defaults come from ExportOptions."""
 
     def d(name: str) -> Any:
         return default(ExportOptions, name)
+
+    p = parser.add_argument_group(title)
 
     p.add_argument(
         "--formats", type=names, default=d("formats"),
@@ -34,7 +36,7 @@ def add_export_options(p: Any) -> None:
     p.add_argument(
         "--name", default=d("name"), help="model name in the bundle and the v2 API (default: the bundle folder's name)"
     )
-    v = p.add_argument_group("deployment variants, gated on agreement with fp32 and accuracy on labelled images")
+    v = parser.add_argument_group("deployment variants, gated on agreement with fp32 and accuracy on labelled images")
     v.add_argument(
         "--variants", type=names, default=d("variants"), help=f"{','.join(VARIANTS)} of the ONNX file (default none)"
     )

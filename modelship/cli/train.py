@@ -131,8 +131,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", type=Path, default=Path("runs/run"), metavar="DIR", help="run directory (default %(default)s)"
     )
-    e = p.add_argument_group("export (the bundle is written to DIR/bundle, replacing an earlier one)")
-    add_export_options(e)
+    add_export_options(p, "export (the bundle is written to DIR/bundle, replacing an earlier one)")
     p.add_argument(
         "--min-accuracy",
         type=float,

@@ -27,7 +27,7 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_second() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M)
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(r"^run: .*\n\t\$\(BIN\)/modelship run ", makefile, re.M)
+    assert re.search(r"^run: .*\n\t\$\(BIN\)/modelship run .*--variants fp16,int8", makefile, re.M)
     assert re.search(r"^test: lint\n\t\$\(BIN\)/pytest", makefile, re.M)
 
 

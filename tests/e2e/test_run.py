@@ -19,9 +19,13 @@ from tests.helpers import Result, Server, run_modelship, running_server, tiny_tr
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Result, Path]:
-    """The README's main job as a user runs it: the real command, default settings (shapes, cnn, 5 epochs)."""
+    """The README's main job as `make run` runs it: the real command, default settings (shapes, cnn, 5 epochs), with
+    the fp16 and int8 variants."""
     out = tmp_path_factory.mktemp("quickstart")
-    r = run_modelship("run", "--out", str(out), "--min-accuracy", "0.95", "--data-dir", str(data_dir), timeout=600)
+    r = run_modelship(
+        "run", "--out", str(out), "--min-accuracy", "0.95", "--variants", "fp16,int8", "--data-dir", str(data_dir),
+        timeout=600,
+    )  # fmt: skip
     return r, out
 
 
@@ -31,9 +35,13 @@ def test_defaults_reach_95_percent_and_pass_parity(quickstart: tuple[Result, Pat
     table = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.out.strip().splitlines())
     assert table["model"].startswith("cnn") and table["epochs"].startswith("5 of 5")
     assert float(table["best val_acc"].split()[0]) >= 0.95
-    assert (
-        "PASS" in table["onnx"] and "PASS" in table["torchscript"] and table["parity"].startswith("PASS (16 checks")
-    )  # 2 artifacts x 4 batches x random+real
+    assert all("parity PASS" in table[k] for k in ("onnx", "torchscript", "pt2"))
+    assert table["parity"].startswith("PASS (24 checks + 2 variant gates")  # 3 artifacts x 4 batches x random+real
+    for variant in ("onnx-fp16", "onnx-int8"):
+        agreement = float(re.search(r"top-1 agreement ([\d.]+)", table[variant]).group(1))  # type: ignore[union-attr]
+        assert agreement >= 0.97 and table[variant].endswith("on onnxruntime-cpu  PASS")
+    sizes = {k: float(re.search(r"(\d+) KiB", table[k]).group(1)) for k in ("onnx", "onnx-int8")}  # type: ignore[union-attr]
+    assert sizes["onnx-int8"] < 0.4 * sizes["onnx"]  # int8 weights: about a quarter of fp32
     assert table["bundle"] == str(out / "bundle")
     assert table["serve it"] == f"modelship serve {out / 'bundle'}"
     assert r.last_line.startswith("modelship run: OK in ") and "parity passed" in r.last_line
@@ -41,6 +49,8 @@ def test_defaults_reach_95_percent_and_pass_parity(quickstart: tuple[Result, Pat
     assert best["metrics"]["val_acc"] >= 0.95
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
     assert manifest["name"] == "shapes-cnn" and manifest["parity"]["passed"]
+    assert {v["artifact"] for v in manifest["parity"]["variants"]} == {"onnx-fp16", "onnx-int8"}
+    assert manifest["artifacts"]["onnx-int8"]["calibration"]["source"].startswith("the checkpoint's training split")
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def rehash(bundle: Path, kind: str) -> None:
 
 def test_bundle_holds_the_manifest_contract(tiny_bundle: Path, tiny_ckpt: Path) -> None:
     assert sorted(p.name for p in tiny_bundle.iterdir()) == [
-        "manifest.json", "model.onnx", "model.torchscript.pt", "parity.json",
+        "manifest.json", "model.onnx", "model.pt2", "model.torchscript.pt", "parity.json",
     ]  # fmt: skip
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     ckpt = load_checkpoint(tiny_ckpt)
@@ -61,6 +61,12 @@ def test_bundle_holds_the_manifest_contract(tiny_bundle: Path, tiny_ckpt: Path) 
     for kind, art in m["artifacts"].items():
         assert art["sha256"] == sha256_file(tiny_bundle / art["path"]), kind
     assert m["artifacts"]["onnx"]["opset"] == 18 and m["artifacts"]["torchscript"]["method"] == "script"
+    assert {k: a["precision"] for k, a in m["artifacts"].items()} == dict.fromkeys(
+        ("onnx", "torchscript", "pt2"), "fp32"
+    )
+    assert m["artifacts"]["onnx"]["checked_on"] == ["onnxruntime-cpu"] and m["artifacts"]["pt2"]["checked_on"] == [
+        "torch-cpu"
+    ]
     assert m["parity"]["passed"] is True and m["parity"]["batch_sizes"] == [1, 2, 7, 64]
     assert m["parity"]["max_abs_err"] < 1e-4 and m["parity"]["min_top1_agreement"] == 1.0
     assert m["source"]["sha256"] == sha256_file(tiny_ckpt) and m["source"]["kind"] == "modelship.checkpoint"
@@ -85,7 +91,7 @@ def test_parity_report_covers_every_artifact_batch_and_input_kind(tiny_bundle: P
     report = json.loads((tiny_bundle / "parity.json").read_text())
     assert report["passed"] is True
     seen = {(c["artifact"], c["runtime"], c["inputs"], c["batch_size"]) for c in report["checks"]}
-    for artifact, runtime in (("onnx", "onnxruntime-cpu"), ("torchscript", "torch-cpu")):
+    for artifact, runtime in (("onnx", "onnxruntime-cpu"), ("torchscript", "torch-cpu"), ("pt2", "torch-cpu")):
         for kind in ("random", "real"):  # real: the shapes validation images are on disk
             for batch in (1, 2, 7, 64):
                 assert (artifact, runtime, kind, batch) in seen
@@ -105,7 +111,7 @@ def test_every_registry_model_exports_and_passes_parity(tmp_path: Path, arch: st
     bundle = export(cfg)
     assert bundle.passed, [c.describe() for c in bundle.checks if not c.passed]
     assert {(c.artifact, c.batch_size) for c in bundle.checks} == {
-        (a, b) for a in ("onnx", "torchscript") for b in (1, 2, 7, 64)
+        (a, b) for a in ("onnx", "torchscript", "pt2") for b in (1, 2, 7, 64)
     }
     assert bundle.manifest["classes"] == ["0", "1", "2"]  # inferred from the head, no --classes given
 

@@ -122,7 +122,7 @@ def _no_torchscript(m: dict, d: Path) -> None:
         (None, ["--host", "example.com"], "--host must be one of 127.0.0.1, 0.0.0.0, ::"),
         (_unknown_version, [], "is bundle version 2; this modelship reads version 1"),
         (_failed_parity, [], "failed its parity check at export (onnx on onnxruntime-cpu at batch 7"),
-        (_no_torchscript, ["--backend", "torchscript"], "has no torchscript artifact (it has onnx)"),
+        (_no_torchscript, ["--backend", "torchscript"], "has no torchscript artifact (it has onnx, pt2)"),
     ],
     ids=["port", "host", "version", "parity", "backend"],
 )
