@@ -93,7 +93,9 @@ class RunResult:
             rows.append((kind, f"{art['path']}  {size}  worst max_abs_err {worst:.2e}  parity {verdict}"))
         for v in self.bundle.variant_checks:
             art = self.bundle.manifest["artifacts"][v.artifact]
-            gate = f"top-1 agreement {v.top1_agreement:.4f}, accuracy {v.accuracy:.4f} vs fp32 {v.reference_accuracy:.4f}"
+            gate = (
+                f"top-1 agreement {v.top1_agreement:.4f}, accuracy {v.accuracy:.4f} vs fp32 {v.reference_accuracy:.4f}"
+            )
             verdict = "PASS" if v.passed else "FAIL"
             rows.append((v.artifact, f"{art['path']}  {art['bytes'] / 1024:.0f} KiB  {gate} on {v.runtime}  {verdict}"))
         p = self.bundle.manifest["parity"]

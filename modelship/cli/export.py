@@ -158,7 +158,7 @@ def add_triton_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
     p.add_argument("--out", type=Path, required=True, metavar="REPO", help="a new (or empty) folder for the repository")
-    p.add_argument("--backend", choices=list(TRITON), default=d("backend"), help="which artifact (default %(default)s)")
+    p.add_argument("--backend", default=d("backend"), help=f"which artifact: {', '.join(TRITON)} (default %(default)s)")
     p.add_argument(
         "--max-batch-size",
         type=int,

@@ -1,0 +1,53 @@
+"""`modelship serve --backend KEY` for every artifact kind: onnx, onnx-fp16, onnx-int8, torchscript, pt2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from tests.helpers import running_server
+
+PLATFORMS = {
+    "onnx": "onnxruntime_onnx", "onnx-fp16": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx",
+    "torchscript": "pytorch_libtorch", "pt2": "pytorch_torch_export",
+}  # fmt: skip
+
+
+def direct(bundle: Path, kind: str, x: np.ndarray) -> np.ndarray:
+    """The artifact run in-process by its own runtime, as the reference for what the server answers."""
+    path = bundle / json.loads((bundle / "manifest.json").read_text())["artifacts"][kind]["path"]
+    if kind.startswith("onnx"):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    module = torch.jit.load(str(path)) if kind == "torchscript" else torch.export.load(str(path)).module()
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("kind", list(PLATFORMS))
+def test_every_artifact_is_servable(variant_bundle: Path, tmp_path: Path, kind: str) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with running_server(variant_bundle, "--backend", kind, "--workers-per-device", "1", tmp=tmp_path) as s:
+        meta = httpx.get(s.url + "/v2/models/shapes-cnn").json()
+        assert meta["platform"] == PLATFORMS[kind] and meta["inputs"][0]["datatype"] == "FP32"
+        assert httpx.get(s.url + "/info").json()["server"]["backend"] == kind
+        assert httpx.get(s.url + "/").json()["backend"] == kind
+        doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 3, 32, 32], "data": x.ravel().tolist()}]}
+        r = httpx.post(s.url + "/v2/models/shapes-cnn/infer", json=doc)
+        assert r.status_code == 200, r.text
+        got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(3, 5)
+    np.testing.assert_allclose(got, direct(variant_bundle, kind, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_backend_the_bundle_lacks_is_refused(tiny_bundle: Path, cli) -> None:
+    r = cli("serve", tiny_bundle, "--backend", "onnx-int8")
+    assert r.code == 2
+    assert r.last_line == (
+        f"modelship serve: error: --backend onnx-int8: bundle {tiny_bundle} has no onnx-int8 artifact "
+        "(it has onnx, torchscript, pt2)"
+    )
