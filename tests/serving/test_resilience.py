@@ -87,8 +87,8 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(tiny_bundle: Path, t
             futures = [pool.submit(predict, s.url) for _ in range(8)]
             time.sleep(0.3)
             s.proc.send_signal(signal.SIGTERM)
-            statuses = [f.result().status_code for f in futures]
-        assert statuses == [200] * 8
+            answers = [f.result() for f in futures]
+        assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers] + [s.output()[-3000:]]
         assert s.proc.wait(timeout=40) == 0
         assert "Traceback" not in s.output()
 
