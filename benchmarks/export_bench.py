@@ -1,16 +1,18 @@
-"""ONNX Runtime against eager PyTorch on the exported models, side by side in one run.
+"""Exported forms side by side: eager PyTorch, ONNX Runtime fp32, fp16 and int8 — throughput, size and accuracy.
 
-    python benchmarks/export_bench.py [--checkpoint runs/quickstart/checkpoints/best.pt] [--device cpu|cuda]
+    python benchmarks/export_bench.py --checkpoint cnn=runs/quickstart/checkpoints/best.pt \\
+        --checkpoint resnet18=runs/resnet224/checkpoints/best.pt [--device cpu|cuda] [--methods minmax,percentile]
 
-Exports the shapes cnn (from --checkpoint, or freshly initialised at 3x32x32) and resnet18 (3x224x224) with
-`modelship export`, prints each parity table and export time, then measures samples/s of eager PyTorch and of ONNX
-Runtime at batch 1 and 32. Measurements alternate between the two runtimes over several rounds and the median is
-reported, so drift in a shared machine's speed hits both alike.
+Each checkpoint is exported with `--variants fp16,int8` (int8 once per calibration method), so the accuracy of
+every variant and its top-1 agreement with eager fp32 come from the export's own gate, on the checkpoint's
+labelled validation split. Throughput is measured at each batch size with the contenders alternating over several
+rounds (the median is reported), so drift in a shared machine's speed hits all alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -31,7 +33,8 @@ from modelship.export.bundle import export
 from modelship.export.config import ExportConfig, ExportOptions
 from modelship.export.parity import table
 from modelship.export.source import load_source
-from modelship.training.models import build_model, model_kwargs
+from modelship.export.variants import cpu_int8_features
+from modelship.export.variants import table as variants_table
 
 
 def samples_per_s(run: Callable[[], object], batch: int, min_seconds: float) -> float:
@@ -52,86 +55,117 @@ def ort_session(path: Path, device: str) -> Any:
     providers: list = ["CPUExecutionProvider"]
     if device == "cuda":
         ort.preload_dlls()
-        providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def compare(
-    model: torch.nn.Module, session: Any, x: np.ndarray, device: torch.device, args: argparse.Namespace
-) -> tuple[float, float]:
-    """Median samples/s of eager PyTorch and of ONNX Runtime on batch `x`, measured alternately."""
-    xt = torch.from_numpy(x).to(device)
+def contenders(bundle: Path, model: torch.nn.Module, device: torch.device) -> dict[str, Callable[[np.ndarray], Any]]:
+    """name -> run(x) for eager and every ONNX file of the bundle."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
 
-    def eager() -> object:
+    def eager(x: np.ndarray) -> object:
         with torch.inference_mode():
-            out = model(xt)
+            out = model(torch.from_numpy(x).to(device))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out
 
-    def onnxruntime() -> object:
-        return session.run(None, {"input": x})
+    runs: dict[str, Callable[[np.ndarray], Any]] = {"eager": eager}
+    for kind, art in manifest["artifacts"].items():
+        if kind.startswith("onnx"):
+            session = ort_session(bundle / art["path"], device.type)
+            runs[kind] = lambda x, s=session: s.run(None, {"input": x})
+    return runs
 
-    e, o = [], []
+
+def throughput(runs: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, args: argparse.Namespace) -> dict:
+    """Median samples/s per contender, measured alternately over the rounds."""
+    got: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
-        e.append(samples_per_s(eager, len(x), args.seconds))
-        o.append(samples_per_s(onnxruntime, len(x), args.seconds))
-    return statistics.median(e), statistics.median(o)
+        for name, run in runs.items():
+            got[name].append(samples_per_s(lambda r=run: r(x), len(x), args.seconds))
+    return {k: statistics.median(v) for k, v in got.items()}
 
 
-def models_to_export(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path, dict[str, Any]]]:
-    """(name, checkpoint, bare state_dict flags) for the cnn and resnet18."""
-    torch.manual_seed(0)
-    out: list[tuple[str, Path, dict[str, Any]]] = []
-    if args.checkpoint:
-        out.append(("cnn", args.checkpoint, {}))
-    else:
-        torch.save(build_model("cnn", model_kwargs("cnn", 5, [3, 32, 32], {})).state_dict(), tmp / "cnn.pt")
-        out.append(("cnn", tmp / "cnn.pt", {"model": "cnn", "input_shape": (3, 32, 32)}))
-    torch.save(
-        build_model("resnet18", model_kwargs("resnet18", 10, [3, 224, 224], {})).state_dict(), tmp / "resnet18.pt"
+def export_all(name: str, ckpt: Path, tmp: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The bundle with fp16 and int8 (the first method); extra int8 files for the other methods, with their gate."""
+    methods = args.methods.split(",")
+    base = ExportOptions(
+        formats=("onnx",), variants=("fp16", "int8"), device=args.device, calibration_method=methods[0]
     )
-    out.append(("resnet18", tmp / "resnet18.pt", {"model": "resnet18", "input_shape": (3, 224, 224)}))
-    return out
+    t0 = time.perf_counter()
+    bundle = export(ExportConfig(ckpt, tmp / name, base))
+    print(f"\n{name}: export and checks in {time.perf_counter() - t0:.1f}s")
+    print(table(bundle.checks))
+    print(variants_table(bundle.variant_checks))
+    gates = {
+        f"{v.artifact}:{methods[0] if v.artifact == 'onnx-int8' else ''}".rstrip(":"): v for v in bundle.variant_checks
+    }
+    for method in methods[1:]:
+        other = export(
+            ExportConfig(
+                ckpt, tmp / f"{name}-{method}", dataclasses.replace(base, variants=("int8",), calibration_method=method)
+            )
+        )
+        print(variants_table(other.variant_checks))
+        gates[f"onnx-int8:{method}"] = other.variant_checks[0]
+    return bundle.path, gates
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="the shapes cnn checkpoint (default: random weights)")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        metavar="NAME=CKPT",
+        help="a trained checkpoint whose data is on disk (repeatable)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--methods", default="minmax,percentile,entropy", help="int8 calibration methods to compare")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--json-out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args()  # fmt: skip
     device = torch.device(args.device)
-    results = []
+    results, accuracy = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, ckpt, bare in models_to_export(args, Path(tmp)):
-            t0 = time.perf_counter()
-            bundle = export(ExportConfig(ckpt, Path(tmp) / name, ExportOptions(device=args.device), **bare))
-            seconds = time.perf_counter() - t0
-            each = ", ".join(f"{k} {v['export_seconds']}s" for k, v in bundle.manifest["artifacts"].items())
-            print(f"\n{name}: export and parity in {seconds:.1f}s ({each})")
-            print(table(bundle.checks))
-            src = load_source(ckpt, bare)
-            model = src.model.to(device).eval()
-            session = ort_session(bundle.path / "model.onnx", args.device)
+        for spec in args.checkpoint:
+            name, _, path = spec.partition("=")
+            bundle, gates = export_all(name, Path(path), Path(tmp), args)
+            manifest = json.loads((bundle / "manifest.json").read_text())
+            sizes = {k: a["bytes"] for k, a in manifest["artifacts"].items()}
+            for key, v in gates:
+                accuracy.append({"model": name, "variant": key, "fp32": v.reference_accuracy, "accuracy": v.accuracy,
+                                 "drop": v.accuracy_drop, "agreement": v.top1_agreement, "images": v.images,
+                                 "bytes": sizes[v.artifact], "fp32_bytes": sizes["onnx"]})  # fmt: skip
+            src = load_source(Path(path), {})
+            runs = contenders(bundle, src.model.to(device).eval(), device)
             for batch in (int(b) for b in args.batches.split(",")):
                 x = np.random.default_rng(0).standard_normal((batch, *src.input_shape)).astype(np.float32)
-                e, o = compare(model, session, x, device, args)
-                results.append({"model": name, "input": src.input_shape, "batch": batch, "eager": e, "onnxruntime": o})
+                results.append({"model": name, "input": src.input_shape, "batch": batch, **throughput(runs, x, args)})
+    report(results, accuracy, args)
 
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
+
+def report(results: list[dict], accuracy: list[dict], args: argparse.Namespace) -> None:
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; int8 instructions: "
+          f"{', '.join(k for k, v in cpu_int8_features().items() if v) or 'none (no VNNI/AMX)'}")  # fmt: skip
     print(f"device {args.device}, torch threads {torch.get_num_threads()}; samples/s, median of {args.rounds} rounds\n")
-    print(f"{'model':<10} {'input':<14} {'batch':>5}  {'eager':>10}  {'onnxruntime':>11}  ort/eager")
+    print(f"{'model':<9} {'input':<14} {'batch':>5} {'eager':>9} {'ort fp32':>9} {'ort fp16':>9} {'ort int8':>9}"
+          "  fp32/eager  fp16/fp32  int8/fp32")  # fmt: skip
     for r in results:
-        shape = str(r["input"])
-        ratio = r["onnxruntime"] / r["eager"]
-        cells = f"{r['model']:<10} {shape:<14} {r['batch']:>5}  {r['eager']:>10.1f}  {r['onnxruntime']:>11.1f}"
-        print(f"{cells}  {ratio:>8.2f}x")
+        print(f"{r['model']:<9} {r['input']!s:<14} {r['batch']:>5} {r['eager']:>9.1f} {r['onnx']:>9.1f} "
+              f"{r['onnx-fp16']:>9.1f} {r['onnx-int8']:>9.1f}  {r['onnx'] / r['eager']:>9.2f}x "
+              f"{r['onnx-fp16'] / r['onnx']:>9.2f}x {r['onnx-int8'] / r['onnx']:>9.2f}x")  # fmt: skip
+    print(f"\n{'model':<9} {'variant':<20} {'size':>8} {'of fp32':>8} {'fp32 acc':>9} {'acc':>7} {'drop':>8} "
+          f"{'agreement':>10}  images")  # fmt: skip
+    for a in accuracy:
+        size = f"{a['bytes'] / 1024:>6.0f}KB {a['bytes'] / a['fp32_bytes']:>7.0%}"
+        print(f"{a['model']:<9} {a['variant']:<20} {size} {a['fp32']:>9.4f} {a['accuracy']:>7.4f} {a['drop']:>+8.4f} "
+              f"{a['agreement']:>10.4f}  {a['images']}")  # fmt: skip
     if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+        args.json_out.write_text(json.dumps({"throughput": results, "accuracy": accuracy}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

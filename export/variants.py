@@ -28,8 +28,9 @@ from modelship.export.config import ExportOptions
 from modelship.export.formats import quiet
 from modelship.export.parity import Runner
 from modelship.export.source import Source
+from modelship.imagefolder import GRAY_MODES, folder_images, open_image, scan_folder
 from modelship.preprocess import preprocess_image
-from modelship.training.data import GRAY_MODES, folder_images, open_image, scan_folder, source_samples
+from modelship.training.data import source_samples
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ def public_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call `write` on a temp file beside `path`, fsync, rename over `path`, fsync the folder.
 
     A process killed at any moment leaves either the previous whole file or the new whole one, never a torn one.
@@ -58,11 +58,11 @@ def remove_stale_temps(directory: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """`data` through `atomic_write`."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def write_json(path: Path, data: Any) -> None:
     """JSON, indented, through `atomic_write`."""
-    text = (json.dumps(data, indent=2) + "\n").encode()
-
-    def write(f: IO[bytes]) -> None:
-        f.write(text)
-
-    atomic_write(path, write)
+    write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())

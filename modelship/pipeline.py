@@ -60,6 +60,7 @@ class RunResult:
     bundle: Bundle
     train_seconds: float
     export_seconds: float
+    report: Path | None = None
 
     @property
     def best_val_acc(self) -> float:
@@ -104,12 +105,18 @@ class RunResult:
         gates = f" + {len(self.bundle.variant_checks)} variant gates" if self.bundle.variant_checks else ""
         rows.append(("parity", f"{verdict} ({p['checks']} checks{gates}, {tolerance}, {self.export_seconds:.1f}s)"))
         rows.append(("bundle", str(self.bundle.path)))
+        if self.report is not None:
+            rows.append(("report", str(self.report)))
         rows.append(("serve it", f"modelship serve {self.bundle.path}"))
         return rows
 
 
+REPORT_IMAGES = 10_000  # validation images the run's report evaluates, evenly spread over the split
+
+
 def run(cfg: RunConfig) -> RunResult | None:
-    """Train, export the best checkpoint to RUN_DIR/bundle, then gate on parity and accuracy.
+    """Train, export the best checkpoint to RUN_DIR/bundle, evaluate it on the validation split, write
+    RUN_DIR/report.html, then gate on parity and accuracy.
 
     Returns None on the ranks other than 0 of a torchrun job (rank 0 alone exports).
     """
@@ -126,17 +133,66 @@ def run(cfg: RunConfig) -> RunResult | None:
     options = dataclasses.replace(cfg.export, name=cfg.bundle_name, device=cfg.train.device)
     bundle = export(ExportConfig(checkpoint=best, out=cfg.bundle_dir, options=options, force=True))
     result = RunResult(best, load_checkpoint(best), bundle, t1 - t0, time.perf_counter() - t1)
-    gate(cfg, result)
+    refusal = gate(cfg, result)
+    result.report = write_report(cfg, result, refusal)
+    if refusal is not None:
+        raise refusal
     return result
 
 
-def gate(cfg: RunConfig, result: RunResult) -> None:
-    """Refuse to ship: ParityError on any failed parity check, GateError on accuracy under --min-accuracy."""
+def gate(cfg: RunConfig, result: RunResult) -> GateError | None:
+    """Why the model must not ship, if it must not: ParityError on any failed parity check or variant gate,
+    GateError on accuracy under --min-accuracy."""
     bundle = result.bundle
     problems = [c.describe() for c in bundle.checks if not c.passed]
     problems += [v.describe() for v in bundle.variant_checks if not v.passed]
     if problems:
-        raise ParityError(f"parity failed, the model must not ship: {'; '.join(problems)}", result=result)
+        return ParityError(f"parity failed, the model must not ship: {'; '.join(problems)}", result=result)
     acc = result.best_val_acc
     if cfg.min_accuracy is not None and acc < cfg.min_accuracy:
-        raise GateError(f"best val_acc {acc:.4f} is under --min-accuracy {cfg.min_accuracy:g}", result=result)
+        return GateError(f"best val_acc {acc:.4f} is under --min-accuracy {cfg.min_accuracy:g}", result=result)
+    return None
+
+
+def evaluate_validation(result: RunResult, device: str) -> dict[str, Any] | None:
+    """The bundle's ONNX files (fp32 first, then the variants) on the validation split, as `modelship evaluate`
+    measures them; None when the split is not on disk or the bundle has no ONNX file."""
+    import numpy as np
+
+    from modelship.preprocess import Preprocess, preprocess_image
+    from modelship.serving.evaluate import Evaluation, measure
+    from modelship.training.data import source_samples
+
+    manifest = result.bundle.manifest
+    backends = tuple(k for k in manifest["artifacts"] if k.startswith("onnx"))
+    pairs = source_samples(result.ckpt["data"], "val", REPORT_IMAGES)
+    if not pairs or not backends:
+        return None
+    pre = Preprocess.from_dict(manifest["preprocess"])
+    images = (np.stack([preprocess_image(im, pre) for im, _ in pairs[i : i + 256]]) for i in range(0, len(pairs), 256))
+    labels = np.asarray([label for _, label in pairs], np.int64)
+    blocks = measure(result.bundle.path, manifest, backends, device, images, labels)
+    source = result.ckpt["data"]["source"]
+    return Evaluation(blocks, list(manifest["classes"]), f"{source.get('name')} validation split", Path()).to_dict()
+
+
+def write_report(cfg: RunConfig, result: RunResult, refusal: GateError | None) -> Path:
+    """RUN_DIR/report.html, with evaluation.json and confusion_matrix.png beside it."""
+    from modelship import report
+    from modelship.files import write_json
+
+    out = cfg.train.out
+    evaluation = evaluate_validation(result, cfg.train.device)
+    if evaluation is not None:
+        write_json(out / "evaluation.json", evaluation)
+        report.confusion_png(evaluation["confusion_matrix"], evaluation["classes"], out / "confusion_matrix.png")
+    ckpt = result.ckpt
+    page = report.run_page({
+        "manifest": result.bundle.manifest, "history": ckpt["history"], "evaluation": evaluation,
+        "data": ckpt["data"], "model": ckpt["model"], "config": ckpt["config"],
+        "bundle_link": os.path.relpath(result.bundle.path, out), "passed": refusal is None,
+        "reason": str(refusal) if refusal else "", "seconds": result.seconds,
+        "train_seconds": result.train_seconds, "export_seconds": result.export_seconds,
+    })  # fmt: skip
+    report.write(out / "report.html", page)
+    return out / "report.html"

@@ -90,17 +90,20 @@ class Client:
             doc["top_k"] = top_k
         return self._json("POST", "/predict", doc)
 
-    def infer(self, model: str, batch: np.ndarray, binary: bool = True) -> np.ndarray:
-        """KServe v2 inference on a batch [N, C, H, W]; returns the logits [N, num_classes]."""
+    def infer(
+        self, model: str, batch: np.ndarray, binary: bool = True, input_name: str = "input", output_name: str = "logits"
+    ) -> np.ndarray:
+        """KServe v2 inference on a batch [N, C, H, W]; returns the logits [N, num_classes]. Works with any v2 server
+        (modelship, Triton, KServe) that serves `model` with these tensor names."""
         x = np.ascontiguousarray(batch, dtype="<f4")
-        tensor: dict[str, Any] = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+        tensor: dict[str, Any] = {"name": input_name, "shape": list(x.shape), "datatype": "FP32"}
+        wanted = [{"name": output_name, "parameters": {"binary_data": binary}}]
         if not binary:
             tensor["data"] = x.ravel().tolist()
-            doc = {"inputs": [tensor]}
-            out = self._json("POST", f"/v2/models/{model}/infer", doc)["outputs"][0]
+            out = self._json("POST", f"/v2/models/{model}/infer", {"inputs": [tensor], "outputs": wanted})["outputs"][0]
             return np.asarray(out["data"], np.float32).reshape(out["shape"])
         tensor["parameters"] = {"binary_data_size": x.nbytes}
-        header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+        header = json.dumps({"inputs": [tensor], "outputs": wanted}).encode()
         _, headers, data = self._request(
             "POST",
             f"/v2/models/{model}/infer",

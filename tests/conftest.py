@@ -84,3 +84,19 @@ def variant_bundle(tmp_path_factory: pytest.TempPathFactory, trained_ckpt: Path)
     gate = ["--int8-min-agreement", "0.9", "--max-accuracy-drop", "0.05"]
     assert main(["export", str(trained_ckpt), "--out", str(out), "--variants", "fp16,int8", *gate]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def affine_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """logits = 2x + 1 over a [1, 2, 2] input: every answer shows exactly which input it belongs to."""
+    from tests.helpers import affine_identity
+
+    d = tmp_path_factory.mktemp("affine")
+    torch.save(affine_identity(4).state_dict(), d / "affine.pt")
+    out = d / "affine"
+    code = main([
+        "export", str(d / "affine.pt"), "--out", str(out), "--model", "tests.helpers:affine_identity",
+        "--input-shape", "1,2,2", "--classes", "a,b,c,d", "--max-batch", "16",
+    ])  # fmt: skip
+    assert code == 0
+    return out

@@ -64,7 +64,7 @@ FORBIDDEN = {
     "training": {"export", "serving", "pipeline", "cli"},
     "export": {"serving", "pipeline", "cli"},
     "serving": {"training", "export", "pipeline", "cli"},
-    "pipeline": {"cli", "serving"},
+    "pipeline": {"cli"},
     "cli": set(),
 }
 

@@ -16,20 +16,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from modelship.errors import DataError
+from modelship.imagefolder import GRAY_MODES, UNREADABLE, open_image, scan_folder
 from modelship.preprocess import Preprocess, normalize, preprocess_image, to_array
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 BUILTIN = ("shapes", *TORCHVISION_DATASETS)
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 STATS_SAMPLE = 2000
-UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)  # what PIL raises for a non-image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -61,16 +59,6 @@ class DataInfo:
             "std": list(self.std),
             "source": dict(self.source),
         }
-
-
-def open_image(path: str) -> Image.Image:
-    """Open and fully decode one image file, naming the file when it cannot be read."""
-    try:
-        image = Image.open(path)
-        image.load()
-    except UNREADABLE as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-    return image
 
 
 class LabelledDataset(Dataset):
@@ -145,29 +133,6 @@ class TrainTransform:
 
 
 # ---------------------------------------------------------------------------------------------------------- folders
-
-
-def scan_folder(root: Path, what: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes (sorted sub-folder names) and (file, label) pairs of an ImageFolder, with errors a person can act on."""
-    if not root.exists():
-        raise DataError(f"{what} {root} does not exist; expected a folder with one sub-folder of images per class")
-    if not root.is_dir():
-        raise DataError(f"{what} {root} is a file; expected a folder with one sub-folder of images per class")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"{what} {root} has no class sub-folders; expected {root}/<class>/<image files>")
-    samples: list[tuple[str, int]] = []
-    empty = []
-    for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-        if not files:
-            empty.append(name)
-        samples.extend((f, label) for f in files)
-    if not samples:
-        raise DataError(f"{what} {root} has class folders but no images (looked for {', '.join(IMG_EXTENSIONS)})")
-    if empty:
-        raise DataError(f"{what} {root}: class folder(s) {', '.join(empty)} contain no images")
-    return classes, samples
 
 
 def split_samples(
@@ -373,13 +338,3 @@ def _pick(items: Sequence[Any], split: str, limit: int, seed: int) -> list[Any]:
 def validation_images(data: dict[str, Any], limit: int) -> list[Image.Image]:
     """Up to `limit` validation images of a checkpoint's data block, if its source is still on disk; else []."""
     return [image for image, _ in source_samples(data, "val", limit)]
-
-
-def folder_images(root: Path, what: str) -> list[str]:
-    """Every image file under `root`, recursively (an ImageFolder or a plain folder of images), sorted."""
-    if not root.is_dir():
-        raise DataError(f"{what} {root} is not a folder; expected a folder of images (an ImageFolder works too)")
-    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-    if not files:
-        raise DataError(f"{what} {root} has no images (looked for {', '.join(IMG_EXTENSIONS)})")
-    return files

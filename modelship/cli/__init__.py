@@ -13,7 +13,14 @@ import sys
 from collections.abc import Callable, Sequence
 
 from modelship.cli.export import add_export_args, add_triton_args, add_verify_args, cmd_export, cmd_triton, cmd_verify
-from modelship.cli.serve import add_predict_args, add_serve_args, cmd_predict, cmd_serve
+from modelship.cli.serve import (
+    add_evaluate_args,
+    add_predict_args,
+    add_serve_args,
+    cmd_evaluate,
+    cmd_predict,
+    cmd_serve,
+)
 from modelship.cli.train import add_run_args, add_train_args, cmd_run, cmd_train
 from modelship.errors import ModelshipError
 
@@ -37,7 +44,18 @@ COMMANDS: list[Command] = [
         cmd_triton,
     ),
     ("serve", "serve a bundle over HTTP: /predict and KServe v2, dynamic batching", add_serve_args, cmd_serve),
-    ("predict", "classify image files with a running server", add_predict_args, cmd_predict),
+    (
+        "predict",
+        "classify image files and folders: with a server, or offline with a bundle",
+        add_predict_args,
+        cmd_predict,
+    ),
+    (
+        "evaluate",
+        "measure a bundle's artifacts on a labelled folder: accuracy, confusion, per class",
+        add_evaluate_args,
+        cmd_evaluate,
+    ),
 ]
 
 
@@ -80,3 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"modelship {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `modelship predict ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,23 +98,85 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG or JPEG files")
-    p.add_argument("--url", default=CLIENT_URL, help="server address (default %(default)s)")
-    p.add_argument("--top-k", type=int, help="how many classes to list (default: the server's, up to 5)")
-    p.add_argument("--json", action="store_true", help="print the server's JSON answer per image")
+    from modelship.serving.predict import FORMATS, PredictConfig
+
+    def d(name: str) -> Any:
+        return default(PredictConfig, name)
+
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files, and folders of them (recursively)")
+    p.add_argument("--url", help=f"a server: its /predict, or with --bundle its v2 API (e.g. {CLIENT_URL})")
+    p.add_argument(
+        "--bundle", type=Path, metavar="BUNDLE_DIR", help="preprocess with this bundle; alone: run it offline"
+    )
+    p.add_argument(
+        "--backend",
+        default=d("backend"),
+        help=f"offline: the artifact to run, {', '.join(BACKENDS)} (default %(default)s)",
+    )
+    p.add_argument("--top-k", type=int, help="how many classes to list (default: up to 5)")
+    p.add_argument(
+        "--batch-size", type=int, default=d("batch_size"), help="images per batch with --bundle (default %(default)s)"
+    )
+    p.add_argument(
+        "--format", choices=FORMATS, default=d("format"), help="tsv for people, csv, or jsonl (default %(default)s)"
+    )
+    p.add_argument("--output", type=Path, metavar="FILE", help="write there (whole, once done) instead of stdout")
+    p.add_argument("--device", choices=DEVICES, default=d("device"), help="offline (default %(default)s)")
     p.add_argument("--api-key", help="default: $MODELSHIP_API_KEY")
     p.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, help="seconds per request (default %(default)s)")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from modelship.serving.client import Client
+    from modelship.serving.predict import PredictConfig, predict
 
-    client = Client(args.url, args.api_key or os.environ.get("MODELSHIP_API_KEY"), args.timeout)
-    for image in args.images:
-        answer = client.predict_image(image, args.top_k)
-        if args.json:
-            print(json.dumps({"image": str(image), **answer}))
-        else:
-            others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in answer["top_k"][1:])
-            print(f"{image}\t{answer['label']}\t{answer['score']:.4f}" + (f"\t({others})" if others else ""))
+    api_key = args.api_key or os.environ.get("MODELSHIP_API_KEY")
+    n = predict(config_from(PredictConfig, args, paths=tuple(args.paths), api_key=api_key), sys.stdout)
+    if args.output is not None:
+        print(f"{n} prediction(s) written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    from modelship.serving.evaluate import EvaluateConfig
+
+    def d(name: str) -> Any:
+        return default(EvaluateConfig, name)
+
+    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="a labelled ImageFolder (PATH/val or PATH/test when there is one)",
+    )
+    p.add_argument(
+        "--backend",
+        dest="backends",
+        action="append",
+        metavar="KEY",
+        help=f"an artifact to evaluate, repeatable: {', '.join(BACKENDS)} (default onnx)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=d("out"),
+        metavar="DIR",
+        help="where evaluation.json, confusion_matrix.png and report.html go (default %(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=d("batch_size"), help="(default %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default=d("device"), help="(default %(default)s)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from modelship.serving.evaluate import EvaluateConfig, evaluate
+
+    backends = tuple(args.backends) if args.backends else default(EvaluateConfig, "backends")
+    result = evaluate(config_from(EvaluateConfig, args, backends=backends))
+    print(f"{'backend':<12} {'images':>7} {'accuracy':>9} {'delta':>8} {'ece':>7} {'images/s':>9}")
+    for r in result.results:
+        delta = f"{r['accuracy_delta']:+.4f}" if "accuracy_delta" in r else ""
+        speed = f"{r['images_per_s']:>9.1f}"
+        print(f"{r['backend']:<12} {r['n']:>7} {r['accuracy']:>9.4f} {delta:>8} {r['ece']:>7.4f} {speed}")
+    print(f"report: {result.out / 'report.html'}", file=sys.stderr)
     return 0

@@ -39,7 +39,7 @@ def test_ci_workflow_is_valid_and_runs_the_readme_main_job() -> None:
     assert any(r.startswith("make run") for r in runs)  # `make run` exits non-zero on a parity failure
     uploads = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
     paths = " ".join(s["with"]["path"] for s in uploads)
-    assert "runs/quickstart/bundle" in paths and "parity.json" in paths
+    assert "runs/quickstart/bundle" in paths and "parity.json" in paths and "runs/quickstart/report.html" in paths
     assert all(s.get("if") == "always()" for s in uploads)  # the report is kept when the gate fails
     assert any(s.get("run") == "make test" for s in flow["jobs"]["tests"]["steps"])
 

@@ -89,6 +89,8 @@ def test_accuracy_gate_fails_with_the_reason_last(tmp_path: Path, data_dir: Path
         "is under --min-accuracy 0.99"
     )
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["manifest.json", "model.onnx", "parity.json"]
+    page = (tmp_path / "report.html").read_text()  # the report is written when the gate refuses, too
+    assert '<span class="badge fail">FAIL</span>' in page and "is under --min-accuracy 0.99" in page
 
 
 def test_parity_gate_fails_naming_the_artifact(tmp_path: Path, data_dir: Path, cli) -> None:
@@ -126,3 +128,41 @@ def test_run_is_a_plain_function_whose_gates_raise_the_project_errors(tmp_path: 
     assert not isinstance(low.value, ParityError)
     assert str(low.value) == f"best val_acc {low.value.result.best_val_acc:.4f} is under --min-accuracy 0.999"
     assert low.value.result.bundle.passed and low.value.result.bundle.manifest["name"] == "shapes-cnn"
+
+
+def report_tables(page: str) -> list[list[list[str]]]:
+    """Every table of an HTML page as rows of cell texts (tags stripped)."""
+    tables = []
+    for body in re.findall(r"<table[^>]*>(.*?)</table>", page, re.S):
+        rows = []
+        for row in re.findall(r"<tr>(.*?)</tr>", body, re.S):
+            rows.append(
+                [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)]
+            )
+        tables.append(rows)
+    return tables
+
+
+def test_the_run_report_shows_the_numbers_of_its_files(quickstart: tuple[Result, Path]) -> None:
+    r, out = quickstart
+    assert re.search(r"^report\s+" + re.escape(str(out / "report.html")) + "$", r.out, re.M)
+    page = (out / "report.html").read_text()
+    assert '<span class="badge pass">PASS</span>' in page and "<svg" in page
+    ev = json.loads((out / "evaluation.json").read_text())
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tables = report_tables(page)
+    epochs = next(t for t in tables if t[0][:2] == ["epoch", "train loss"])
+    keys = ("train_loss", "val_loss", "train_acc", "val_acc")
+    assert [row[:5] for row in epochs[1:]] == [[str(h["epoch"]), *(f"{h[k]:.4f}" for k in keys)] for h in history]
+    confusion = next(t for t in tables if t[0][0] == "true \\ predicted")
+    assert [[int(v) for v in row[1:-1]] for row in confusion[1:]] == ev["confusion_matrix"]
+    per_class = next(t for t in tables if t[0] == ["class", "precision", "recall", "f1", "support"])
+    assert per_class[1:] == [[c, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"])]
+                             for c, m in ev["per_class"].items()]  # fmt: skip
+    # the ONNX file on the validation split scores what training measured on it
+    assert ev["backend"] == "onnx" and ev["n"] == 500
+    assert ev["accuracy"] == pytest.approx(max(h["val_acc"] for h in history), abs=1 / 500)
+    assert {c["backend"] for c in ev["comparisons"]} == {"onnx-fp16", "onnx-int8"}
+    for link in re.findall(r'href="(bundle/[^"]+)"', page):
+        assert (out / link).is_file(), link
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"

@@ -54,7 +54,7 @@ def test_serve_and_predict_an_onnx_bundle_without_torch(
     png = sorted(data_dir.glob("shapes-*/val/circle/*.png"))[0]
     assert run_modelship("--version", env=no_torch).out.startswith("modelship ")
     with running_server(tiny_bundle, "--workers-per-device", "1", env=no_torch, tmp=tmp_path) as s:
-        r = run_modelship("predict", "--url", s.url, str(png), "--json", env=no_torch)
+        r = run_modelship("predict", "--url", s.url, str(png), "--format", "jsonl", env=no_torch)
         assert r.code == 0, r.err
         answer = json.loads(r.out)
         assert answer["label"] in CLASSES and answer["top_k"][0]["label"] == answer["label"]
@@ -62,6 +62,9 @@ def test_serve_and_predict_an_onnx_bundle_without_torch(
         batch = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3, 32, 32], "data": [0.5] * 6144}]}
         assert httpx.post(s.url + "/v2/models/shapes-cnn/infer", json=batch).status_code == 200
     assert "No module named" not in s.output() and "Traceback" not in s.output()
+    offline = run_modelship("predict", "--bundle", str(tiny_bundle), str(png), "--format", "jsonl", env=no_torch)
+    assert offline.code == 0, offline.err
+    assert json.loads(offline.out)["label"] == answer["label"]  # offline, no server, still no torch
 
 
 def test_the_torchscript_backend_says_it_needs_torch(tiny_bundle: Path, no_torch: dict[str, str]) -> None:

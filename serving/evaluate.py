@@ -1,0 +1,241 @@
+"""`modelship evaluate`: a bundle's artifacts over a labelled ImageFolder, with serving's preprocessing, no server.
+
+Writes `evaluation.json` (accuracy, confusion matrix, per-class precision/recall/f1, expected calibration error,
+speed, per backend, and the accuracy deltas between them), `confusion_matrix.png` and `report.html`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelship.devices import DEVICES, cuda_device_count
+from modelship.errors import ConfigError, DataError
+from modelship.files import write_json
+from modelship.imagefolder import open_image, scan_folder, unreadable
+from modelship.manifest import check_bundle
+from modelship.preprocess import Preprocess, preprocess_image
+from modelship.serving.config import BACKENDS
+
+log = logging.getLogger(__name__)
+
+ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Options of `modelship evaluate`."""
+
+    bundle: Path
+    data: Path
+    backends: tuple[str, ...] = ("onnx",)
+    out: Path = Path("evaluation")
+    batch_size: int = 64
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if not self.backends or unknown or len(set(self.backends)) != len(self.backends):
+            raise ConfigError(
+                f"--backend must name one or more of {', '.join(BACKENDS)}, got {', '.join(self.backends)}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file; expected a folder for the evaluation")
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, the confusion matrix (rows = true class, columns = predicted, in `classes` order), per-class
+    precision/recall/f1/support, and the expected calibration error of the softmax confidence (15 equal bins)."""
+    k = len(classes)
+    pred = logits.argmax(1)
+    confusion = np.zeros((k, k), np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    per_class = {}
+    for i, name in enumerate(classes):
+        tp, predicted, support = confusion[i, i], confusion[:, i].sum(), confusion[i].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": round(float(precision), 6), "recall": round(float(recall), 6),
+                           "f1": round(float(f1), 6), "support": int(support)}  # fmt: skip
+    return {
+        "n": len(labels),
+        "accuracy": round(float((pred == labels).mean()), 6),
+        "confusion_matrix": confusion.tolist(),
+        "per_class": per_class,
+        "ece": round(expected_calibration_error(softmax(logits), labels), 6),
+    }
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Sum over confidence bins of |accuracy - mean confidence|, weighted by the bin's share of the images."""
+    confidence, pred = probs.max(1), probs.argmax(1)
+    correct = (pred == labels).astype(np.float64)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Labelled:
+    """Image files with labels in the manifest's class order, and the folder they came from."""
+
+    files: list[str]
+    labels: np.ndarray
+    root: Path
+
+
+def labelled_folder(data: Path, classes: list[str]) -> Labelled:
+    """PATH/val, else PATH/test, else PATH itself, as an ImageFolder of the manifest's classes; every file readable."""
+    root = next((data / s for s in ("val", "test") if (data / s).is_dir()), data)
+    found, samples = scan_folder(root, "--data")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(
+            f"--data {root} has class folders the bundle does not know: {', '.join(unknown)}; "
+            f"its classes are {', '.join(classes)}"
+        )
+    bad = unreadable([p for p, _ in samples])
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"--data {root}: {len(bad)} file(s) are not images PIL can read: {', '.join(bad[:5])}{more}")
+    labels = np.asarray([classes.index(found[label]) for _, label in samples], np.int64)
+    return Labelled([p for p, _ in samples], labels, root)
+
+
+def batches(files: list[str], pre: Preprocess, size: int) -> Iterator[np.ndarray]:
+    """The files decoded and preprocessed exactly as the server does, `size` at a time."""
+    for i in range(0, len(files), size):
+        yield np.stack([preprocess_image(open_image(p), pre) for p in files[i : i + size]])
+
+
+def progress(total: int, what: str) -> tuple[Any, Callable[[int], None]]:
+    """A rich bar on a terminal (when rich is installed); otherwise a log line every tenth of the way."""
+    if sys.stderr.isatty():
+        try:
+            from rich.progress import Progress
+
+            bar = Progress(transient=True)
+            task = bar.add_task(what, total=total)
+            return bar, lambda n: bar.advance(task, n)
+        except ImportError:
+            pass
+    done = [0]
+
+    def advance(n: int) -> None:
+        step = max(1, total // 10)
+        if (done[0] + n) // step > done[0] // step:
+            log.info("%s: %d/%d images", what, min(done[0] + n, total), total)
+        done[0] += n
+
+    return None, advance
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured: one block per backend (the first is the reference), and where it was written."""
+
+    results: list[dict[str, Any]]
+    classes: list[str]
+    data: str
+    out: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        """evaluation.json: the first backend's block at the top, the others with their accuracy delta."""
+        first, *others = self.results
+        return {"data": self.data, "classes": self.classes, **first, "comparisons": others}
+
+
+def measure(
+    bundle: Path,
+    manifest: dict[str, Any],
+    backends: tuple[str, ...],
+    device: str,
+    images: Iterator[np.ndarray],
+    labels: np.ndarray,
+) -> list[dict[str, Any]]:
+    """Every backend over every batch of preprocessed images: one metrics block each, with inference time (decoding
+    and preprocessing, shared by all, not counted) and the accuracy delta against the first backend."""
+    from modelship.serving.backends import load_backend
+
+    where = "cuda:0" if device != "cpu" and cuda_device_count() else "cpu"
+    if device == "cuda" and where == "cpu":
+        raise ConfigError("--device cuda but no CUDA device is usable here; use --device cpu or auto")
+    threads = os.cpu_count() or 1
+    runners = {b: load_backend(b, bundle / manifest["artifacts"][b]["path"], where, threads) for b in backends}
+    outputs: dict[str, list[np.ndarray]] = {b: [] for b in backends}
+    seconds = dict.fromkeys(backends, 0.0)
+    bar, advance = progress(len(labels), "evaluating")
+    with bar or contextlib.nullcontext():
+        for x in images:
+            for b, run in runners.items():
+                t0 = time.perf_counter()
+                outputs[b].append(run(x))
+                seconds[b] += time.perf_counter() - t0
+            advance(len(x))
+    blocks = []
+    for b in backends:
+        block = {"backend": b, **classification_metrics(np.concatenate(outputs[b]), labels, manifest["classes"])}
+        block["seconds"] = round(seconds[b], 6)
+        block["images_per_s"] = round(len(labels) / max(seconds[b], 1e-9), 1)
+        blocks.append(block)
+    for block in blocks[1:]:
+        block["accuracy_delta"] = round(block["accuracy"] - blocks[0]["accuracy"], 6)
+    return blocks
+
+
+def evaluate(cfg: EvaluateConfig) -> Evaluation:
+    """Run each backend over the labelled folder; write evaluation.json, confusion_matrix.png and report.html."""
+    from modelship import report
+
+    manifest = check_bundle(cfg.bundle)
+    missing = [b for b in cfg.backends if b not in manifest["artifacts"]]
+    if missing:
+        have = ", ".join(manifest["artifacts"])
+        raise ConfigError(f"--backend {', '.join(missing)}: bundle {cfg.bundle} has no such artifact (it has {have})")
+    data = labelled_folder(cfg.data, manifest["classes"])
+    log.info("evaluating %s on %s (%d images)", ", ".join(cfg.backends), data.root, len(data.files))
+    pre = Preprocess.from_dict(manifest["preprocess"])
+    images = batches(data.files, pre, cfg.batch_size)
+    blocks = measure(cfg.bundle, manifest, cfg.backends, cfg.device, images, data.labels)
+    result = Evaluation(blocks, list(manifest["classes"]), str(data.root), cfg.out)
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write the evaluation to {cfg.out}: {e.strerror or e}") from None
+    write_json(cfg.out / "evaluation.json", result.to_dict())
+    report.confusion_png(blocks[0]["confusion_matrix"], result.classes, cfg.out / "confusion_matrix.png")
+    report.write(cfg.out / "report.html", report.evaluation_page(manifest, result.to_dict(), cfg.bundle))
+    return result

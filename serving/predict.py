@@ -1,0 +1,158 @@
+"""`modelship predict`: classify image files and folders, three ways, with the same answers as the server.
+
+- `--url URL` alone: each image is sent to a modelship server's /predict (the server preprocesses).
+- `--bundle BUNDLE`: offline, no server: the bundle's preprocessing and artifact, batched.
+- `--bundle BUNDLE --url URL`: the bundle's preprocessing here, then KServe v2 inference on the server (modelship,
+  Triton or KServe: anything that speaks v2 and serves the bundle's model under its name).
+
+Rows are {path, label, index, score, top_k}, written as TSV (for people), CSV or JSON lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelship.errors import ConfigError, DataError
+from modelship.files import write_bytes
+from modelship.imagefolder import is_image_file, open_image, unreadable
+from modelship.manifest import check_bundle
+from modelship.preprocess import Preprocess, preprocess_image
+from modelship.serving.config import BACKENDS, CLIENT_TIMEOUT
+from modelship.serving.protocol import ServedModel, predict_response
+
+FORMATS = ("tsv", "csv", "jsonl")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Options of `modelship predict`."""
+
+    paths: tuple[Path, ...]
+    url: str | None = None
+    bundle: Path | None = None
+    backend: str = "onnx"
+    top_k: int | None = None
+    batch_size: int = 64
+    format: str = "tsv"
+    output: Path | None = None
+    device: str = "auto"
+    api_key: str | None = None
+    timeout: float = CLIENT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.url is None and self.bundle is None:
+            raise ConfigError("give --url (a running server), --bundle (offline), or both (v2 inference at --url)")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.output is not None and self.output.is_dir():
+            raise ConfigError(f"--output {self.output} is a folder; expected a file to write")
+
+
+def image_files(paths: tuple[Path, ...]) -> list[str]:
+    """The files given, and the images in the folders given (recursively); every one readable, or DataError."""
+    files: list[str] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if is_image_file(f))
+            if not found:
+                raise DataError(f"folder {p} has no images")
+            files += found
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise DataError(f"image {p} does not exist")
+    bad = unreadable(files)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} file(s) are not images PIL can read: {', '.join(bad[:5])}{more}")
+    return files
+
+
+def batch_runner(cfg: PredictConfig, manifest: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 [N, C, H, W] -> logits: the local artifact, or v2 inference at --url."""
+    assert cfg.bundle is not None
+    if cfg.url is not None:
+        from modelship.serving.client import Client
+
+        client = Client(cfg.url, cfg.api_key, cfg.timeout)
+        names = (manifest["input"]["name"], manifest["output"]["name"])
+        return lambda x: client.infer(manifest["name"], x, input_name=names[0], output_name=names[1])
+    if cfg.backend not in manifest["artifacts"]:
+        have = ", ".join(manifest["artifacts"])
+        raise ConfigError(f"--backend {cfg.backend}: bundle {cfg.bundle} has no {cfg.backend} artifact (it has {have})")
+    from modelship.devices import cuda_device_count
+    from modelship.serving.backends import load_backend
+
+    device = "cuda:0" if cfg.device != "cpu" and cuda_device_count() else "cpu"
+    backend = load_backend(
+        cfg.backend, cfg.bundle / manifest["artifacts"][cfg.backend]["path"], device, os.cpu_count() or 1
+    )
+    return backend.run
+
+
+def predictions(cfg: PredictConfig) -> Iterator[dict[str, Any]]:
+    """One row per image, in order."""
+    files = image_files(cfg.paths)
+    if cfg.bundle is None:
+        from modelship.serving.client import Client
+
+        assert cfg.url is not None
+        client = Client(cfg.url, cfg.api_key, cfg.timeout)
+        for f in files:
+            yield {"path": f, **client.predict_image(f, cfg.top_k)}
+        return
+    manifest = check_bundle(cfg.bundle)
+    model = ServedModel.from_manifest(manifest, max_batch=int(manifest["max_batch"]))
+    top_k = min(cfg.top_k, len(model.classes)) if cfg.top_k else model.default_top_k
+    run = batch_runner(cfg, manifest)
+    pre = Preprocess.from_dict(manifest["preprocess"])
+    size = min(cfg.batch_size, model.max_batch)
+    for i in range(0, len(files), size):
+        chunk = files[i : i + size]
+        logits = run(np.stack([preprocess_image(open_image(f), pre) for f in chunk]))
+        for f, row in zip(chunk, logits, strict=True):
+            yield {"path": f, **predict_response(row, model, top_k)}
+
+
+def format_row(row: dict[str, Any], fmt: str) -> str:
+    others = row["top_k"][1:]
+    if fmt == "jsonl":
+        return json.dumps(row) + "\n"
+    if fmt == "tsv":
+        rest = ", ".join(f"{t['label']} {t['score']:.3f}" for t in others)
+        return f"{row['path']}\t{row['label']}\t{row['score']:.4f}" + (f"\t({rest})" if rest else "") + "\n"
+    buf = io.StringIO()
+    top = "|".join(f"{t['label']}:{t['score']:.6f}" for t in row["top_k"])
+    csv.writer(buf, lineterminator="\n").writerow([row["path"], row["label"], row["index"], f"{row['score']:.6f}", top])
+    return buf.getvalue()
+
+
+def predict(cfg: PredictConfig, out: Any) -> int:
+    """Write every row to `out` as it comes, or, with --output, to that file whole once all are done; the count."""
+    header = "path,label,index,score,top_k\n" if cfg.format == "csv" else ""
+    if cfg.output is None:
+        out.write(header)
+        n = 0
+        for row in predictions(cfg):
+            out.write(format_row(row, cfg.format))
+            out.flush()
+            n += 1
+        return n
+    text = [header, *(format_row(row, cfg.format) for row in predictions(cfg))]
+    write_bytes(cfg.output, "".join(text).encode())
+    return len(text) - 1
