@@ -18,42 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from modelship.devices import DEVICES, cuda_device_count
+from modelship.devices import cuda_device_count
 from modelship.errors import ConfigError, DataError
 from modelship.files import write_json
 from modelship.imagefolder import open_image, scan_folder, unreadable
 from modelship.manifest import check_bundle
 from modelship.preprocess import Preprocess, preprocess_image
-from modelship.serving.config import BACKENDS
+from modelship.serving.config import EvaluateConfig
 
 log = logging.getLogger(__name__)
 
 ECE_BINS = 15
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Options of `modelship evaluate`."""
-
-    bundle: Path
-    data: Path
-    backends: tuple[str, ...] = ("onnx",)
-    out: Path = Path("evaluation")
-    batch_size: int = 64
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        unknown = [b for b in self.backends if b not in BACKENDS]
-        if not self.backends or unknown or len(set(self.backends)) != len(self.backends):
-            raise ConfigError(
-                f"--backend must name one or more of {', '.join(BACKENDS)}, got {', '.join(self.backends)}"
-            )
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out} is a file; expected a folder for the evaluation")
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -15,7 +15,6 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,41 +25,8 @@ from modelship.files import write_bytes
 from modelship.imagefolder import is_image_file, open_image, unreadable
 from modelship.manifest import check_bundle
 from modelship.preprocess import Preprocess, preprocess_image
-from modelship.serving.config import BACKENDS, CLIENT_TIMEOUT
+from modelship.serving.config import PredictConfig
 from modelship.serving.protocol import ServedModel, predict_response
-
-FORMATS = ("tsv", "csv", "jsonl")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Options of `modelship predict`."""
-
-    paths: tuple[Path, ...]
-    url: str | None = None
-    bundle: Path | None = None
-    backend: str = "onnx"
-    top_k: int | None = None
-    batch_size: int = 64
-    format: str = "tsv"
-    output: Path | None = None
-    device: str = "auto"
-    api_key: str | None = None
-    timeout: float = CLIENT_TIMEOUT
-
-    def __post_init__(self) -> None:
-        if self.url is None and self.bundle is None:
-            raise ConfigError("give --url (a running server), --bundle (offline), or both (v2 inference at --url)")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.output is not None and self.output.is_dir():
-            raise ConfigError(f"--output {self.output} is a folder; expected a file to write")
 
 
 def image_files(paths: tuple[Path, ...]) -> list[str]:

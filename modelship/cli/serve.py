@@ -16,6 +16,9 @@ from modelship.serving.config import (  # light: standard library only
     CLIENT_URL,
     HOSTS,
     LOG_LEVELS,
+    PREDICT_FORMATS,
+    EvaluateConfig,
+    PredictConfig,
     ServeConfig,
 )
 
@@ -98,8 +101,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
-    from modelship.serving.predict import FORMATS, PredictConfig
-
     def d(name: str) -> Any:
         return default(PredictConfig, name)
 
@@ -118,7 +119,10 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=d("batch_size"), help="images per batch with --bundle (default %(default)s)"
     )
     p.add_argument(
-        "--format", choices=FORMATS, default=d("format"), help="tsv for people, csv, or jsonl (default %(default)s)"
+        "--format",
+        choices=PREDICT_FORMATS,
+        default=d("format"),
+        help="tsv for people, csv, or jsonl (default %(default)s)",
     )
     p.add_argument("--output", type=Path, metavar="FILE", help="write there (whole, once done) instead of stdout")
     p.add_argument("--device", choices=DEVICES, default=d("device"), help="offline (default %(default)s)")
@@ -127,7 +131,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from modelship.serving.predict import PredictConfig, predict
+    from modelship.serving.predict import predict
 
     api_key = args.api_key or os.environ.get("MODELSHIP_API_KEY")
     n = predict(config_from(PredictConfig, args, paths=tuple(args.paths), api_key=api_key), sys.stdout)
@@ -137,8 +141,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
-    from modelship.serving.evaluate import EvaluateConfig
-
     def d(name: str) -> Any:
         return default(EvaluateConfig, name)
 
@@ -169,7 +171,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from modelship.serving.evaluate import EvaluateConfig, evaluate
+    from modelship.serving.evaluate import evaluate
 
     backends = tuple(args.backends) if args.backends else default(EvaluateConfig, "backends")
     result = evaluate(config_from(EvaluateConfig, args, backends=backends))

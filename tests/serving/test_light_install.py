@@ -65,6 +65,12 @@ def test_serve_and_predict_an_onnx_bundle_without_torch(
     offline = run_modelship("predict", "--bundle", str(tiny_bundle), str(png), "--format", "jsonl", env=no_torch)
     assert offline.code == 0, offline.err
     assert json.loads(offline.out)["label"] == answer["label"]  # offline, no server, still no torch
+    val = png.parents[1]
+    evaluated = run_modelship(
+        "evaluate", str(tiny_bundle), "--data", str(val), "--out", str(tmp_path / "ev"), env=no_torch
+    )
+    assert evaluated.code == 0, evaluated.err
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["n"] == len(list(val.rglob("*.png")))
 
 
 def test_the_torchscript_backend_says_it_needs_torch(tiny_bundle: Path, no_torch: dict[str, str]) -> None:
