@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--serve-args", action="append", help="`modelship serve` flags; repeat to compare settings")
     parser.add_argument("--sweep", action="store_true", help="also measure the settings the defaults were chosen from")
+    parser.add_argument("--payloads", default="json,v2-binary", help="which payloads to send modelship (default both)")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain FastAPI + eager endpoint")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -143,12 +145,15 @@ def main() -> None:
         bundle = args.bundle or default_bundle(Path(tmp))
         manifest = json.loads((bundle / "manifest.json").read_text())
         checkpoint = args.checkpoint or Path(manifest["source"]["checkpoint"])
-        loads = payloads(manifest)
+        loads = {k: v for k, v in payloads(manifest).items() if k in args.payloads.split(",")}
         configs = (args.serve_args or [""]) + (SWEEP if args.sweep else [])
         for _ in range(args.repeat):
-            port = free_port()
-            with started([sys.executable, "benchmarks/plain_server.py", str(checkpoint), "--port", str(port)], port):
-                runs.setdefault((PLAIN, "json"), []).append(measure(PLAIN, "json", port, loads["json"], args))
+            if not args.no_plain:
+                port = free_port()
+                plain = [sys.executable, "benchmarks/plain_server.py", str(checkpoint), "--port", str(port)]
+                with started(plain, port):
+                    json_load = payloads(manifest)["json"]
+                    runs.setdefault((PLAIN, "json"), []).append(measure(PLAIN, "json", port, json_load, args))
             for extra in configs:
                 name = "modelship serve" + (f" {extra}" if extra else "")
                 port = free_port()
@@ -159,18 +164,24 @@ def main() -> None:
 
     rows = [median_run(v) for v in runs.values()]
     base = rows[0]["req_per_s"]
+    first = {}  # the first modelship configuration's throughput per payload
+    for r in rows:
+        if r["server"] != PLAIN:
+            first.setdefault(r["payload"], r["req_per_s"])
     width = max(len(r["server"]) for r in rows)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
     print(
         f"{args.clients} concurrent clients, {args.seconds:g}s per measurement, median of {args.repeat} interleaved "
         f"rounds; model {manifest['model']['arch']} {manifest['input']['shape']}\n"
     )
-    print(f"{'server'.ljust(width)}  payload      req/s   p50 ms   p99 ms  errors  vs plain  (req/s per round)")
+    vs = "vs plain" if rows[0]["server"] == PLAIN else "vs first"
+    print(f"{'server'.ljust(width)}  payload      req/s   p50 ms   p99 ms  errors  {vs}  vs 1st cfg  (req/s per round)")
     for r in rows:
         each = ", ".join(f"{v:.0f}" for v in r["rounds"])
+        own = r["req_per_s"] / first[r["payload"]] if r["payload"] in first and r["server"] != PLAIN else float("nan")
         print(
             f"{r['server'].ljust(width)}  {r['payload']:<10} {r['req_per_s']:>7.1f}  {r['p50_ms']:>7.2f}  "
-            f"{r['p99_ms']:>7.2f}  {r['errors']:>6}  {r['req_per_s'] / base:>7.2f}x  ({each})"
+            f"{r['p99_ms']:>7.2f}  {r['errors']:>6}  {r['req_per_s'] / base:>7.2f}x  {own:>9.2f}x  ({each})"
         )
     if args.json_out:
         doc = {"clients": args.clients, "seconds": args.seconds, "repeat": args.repeat, "rows": rows}
