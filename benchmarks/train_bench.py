@@ -1,10 +1,13 @@
-"""`modelship train` against a plain PyTorch loop as the tutorials write it, on the same data, model and epochs.
+"""`modelship train` with its defaults against the tutorial loop, whole processes, side by side in one run.
 
-    python benchmarks/train_bench.py [--epochs 5] [--device cpu|cuda] [--repeat 1] [--amp bf16]
+    python benchmarks/train_bench.py [--epochs 5] [--rounds 3] [--device cpu|cuda] [--folders gray,photo]
 
-The plain loop: torchvision ImageFolder with ToTensor + Normalize(0.5, 0.5), a DataLoader with its defaults
-(shuffle, batch 64, no workers), Adam at 1e-3, cross-entropy, no schedule, no augmentation, no AMP. Both train the
-registry's `cnn` on the same `shapes` folder; the table gives training samples/s, wall time and final val accuracy.
+Two folders, written once (deterministic) under --work: `gray`, small grayscale PNGs (28x28, 3000 train / 600 val,
+MNIST-sized), and `photo`, RGB JPEG photographs of the shapes (64x64, 1500 / 300). On each, every round runs as
+separate processes, in turn: the tutorial loop (benchmarks/tutorial_train.py), `modelship train` with a fresh
+decoded-data cache (cold: it decodes and caches), and `modelship train` again (warm: the cache is there). The same
+model (the registry's `cnn`), the same epochs; wall time is the whole process, imports and start-up included.
+Medians over the rounds, ratios against the tutorial, best validation accuracy of each.
 """
 
 from __future__ import annotations
@@ -13,94 +16,103 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modelship.training.config import TrainConfig
-from modelship.training.data import default_data_dir
-from modelship.training.models import build_model, model_kwargs
-from modelship.training.shapes import ensure_shapes
-from modelship.training.train import train
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+FOLDERS = {"gray": (28, 3000, 600, "L", "png"), "photo": (64, 1500, 300, "RGB", "jpg")}
 
 
-def plain_loop(root: Path, epochs: int, device: torch.device) -> dict:
-    """The tutorial loop, timed the same way modelship times itself (training passes only for samples/s)."""
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
+def write_folder(root: Path, name: str) -> Path:
+    """The benchmark's folder `name`, drawn with the shapes generator (deterministic), unless it is there."""
 
-    start = time.perf_counter()
-    torch.manual_seed(0)
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    train_set = datasets.ImageFolder(str(root / "train"), transform=transform)
-    val_set = datasets.ImageFolder(str(root / "val"), transform=transform)
-    train_loader = DataLoader(train_set, batch_size=64, shuffle=True)
-    val_loader = DataLoader(val_set, batch_size=64)
-    model = build_model("cnn", model_kwargs("cnn", len(train_set.classes), [3, 32, 32], {})).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    criterion = nn.CrossEntropyLoss()
-    train_seconds, seen, acc = 0.0, 0, 0.0
-    for _ in range(epochs):
-        model.train()
-        t0 = time.perf_counter()
-        for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad()
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
-            seen += len(y)
-        train_seconds += time.perf_counter() - t0
-        model.eval()
-        correct = 0
-        with torch.no_grad():
-            for x, y in val_loader:
-                correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-        acc = correct / len(val_set)
-    return {"samples_per_s": seen / train_seconds, "wall_s": time.perf_counter() - start, "val_acc": acc}
+    from modelship.training.shapes import CLASSES, _draw
+
+    size, n_train, n_val, mode, ext = FOLDERS[name]
+    out = root / name
+    if (out / "DONE").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        rng = np.random.default_rng([7, split == "val"])
+        for c in CLASSES:
+            (out / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            kind = CLASSES[i % len(CLASSES)]
+            image = _draw(kind, rng, size).convert(mode)
+            image.save(out / split / kind / f"{i:05d}.{ext}", **({"quality": 90} if ext == "jpg" else {}))
+    (out / "DONE").write_text("ok\n")
+    return out
 
 
-def modelship_train(data_dir: Path, epochs: int, device: str, amp: str, out: Path) -> dict:
-    start = time.perf_counter()
-    train(TrainConfig(out=out, data="shapes", data_dir=data_dir, model="cnn", epochs=epochs, device=device, amp=amp))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_seconds = sum(r["seconds"] for r in rows)  # includes validation: a conservative samples/s
-    n = sum(r["samples_per_s"] * r["seconds"] for r in rows)
-    return {"samples_per_s": n / train_seconds, "wall_s": time.perf_counter() - start, "val_acc": rows[-1]["val_acc"]}
+def timed(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0, proc.stdout
+
+
+def tutorial(folder: Path, args: argparse.Namespace) -> dict:
+    wall, out = timed([sys.executable, "benchmarks/tutorial_train.py", str(folder), "--epochs", str(args.epochs),
+                       "--device", args.device])  # fmt: skip
+    return {"wall_s": wall, "best_val_acc": json.loads(out)["best_val_acc"]}
+
+
+def modelship(folder: Path, cache: Path, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as run:
+        wall, _ = timed([sys.executable, "-m", "modelship.cli", "train", "--data", str(folder), "--model", "cnn",
+                         "--epochs", str(args.epochs), "--device", args.device, "--cache-dir", str(cache),
+                         "--out", run])  # fmt: skip
+        rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return {"wall_s": wall, "best_val_acc": max(r["val_acc"] for r in rows)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="for modelship only")
-    parser.add_argument("--repeat", type=int, default=1, help="alternating rounds; medians are reported")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    parser.add_argument("--folders", default="gray,photo")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "modelship-train-bench")
+    parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    root = ensure_shapes(args.data_dir, seed=0, train=2000, val=500)
-    results: dict[str, list[dict]] = {"plain PyTorch loop": [], f"modelship train (amp {args.amp})": []}
-    for _ in range(args.repeat):
-        results["plain PyTorch loop"].append(plain_loop(root, args.epochs, torch.device(args.device)))
-        with tempfile.TemporaryDirectory() as tmp:
-            key = f"modelship train (amp {args.amp})"
-            results[key].append(modelship_train(args.data_dir, args.epochs, args.device, args.amp, Path(tmp)))
+    sys.path.insert(0, str(REPO))
+    results: dict[tuple[str, str], list[dict]] = {}
+    for name in args.folders.split(","):
+        folder = write_folder(args.work, name)
+        for _ in range(args.rounds):
+            cache = args.work / f"cache-{name}"
+            shutil.rmtree(cache, ignore_errors=True)
+            results.setdefault((name, "tutorial loop"), []).append(tutorial(folder, args))
+            results.setdefault((name, "modelship train, cold cache"), []).append(modelship(folder, cache, args))
+            results.setdefault((name, "modelship train, warm cache"), []).append(modelship(folder, cache, args))
+    report(results, args)
+
+
+def report(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace) -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, device {args.device}")
-    print(f"shapes 2000 train / 500 val, cnn, {args.epochs} epochs, batch 64; median of {args.repeat} round(s)\n")
-    print(f"{'trainer':<28} {'samples/s':>10} {'wall s':>8} {'val_acc':>8}")
-    base = None
-    for name, runs in results.items():
-        sps = statistics.median(r["samples_per_s"] for r in runs)
+    print(f"registry cnn, {args.epochs} epochs, whole-process wall time, median of {args.rounds} alternated rounds\n")
+    print(f"{'folder':<7} {'trainer':<29} {'wall s':>7} {'speed-up':>9} {'best val_acc':>13}  (wall s per round)")
+    rows = []
+    for (name, trainer), runs in results.items():
         wall = statistics.median(r["wall_s"] for r in runs)
-        acc = statistics.median(r["val_acc"] for r in runs)
-        base = base or sps
-        print(f"{name:<28} {sps:>10.1f} {wall:>8.1f} {acc:>8.4f}   {sps / base:.2f}x samples/s")
+        base = statistics.median(r["wall_s"] for r in results[(name, "tutorial loop")])
+        acc = statistics.median(r["best_val_acc"] for r in runs)
+        each = ", ".join(f"{r['wall_s']:.1f}" for r in runs)
+        print(f"{name:<7} {trainer:<29} {wall:>7.1f} {base / wall:>8.2f}x {acc:>13.4f}  ({each})")
+        rows.append({"folder": name, "trainer": trainer, "wall_s": wall, "speedup": base / wall, "best_val_acc": acc,
+                     "rounds": runs})  # fmt: skip
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from modelship.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "sgd", "adam")
 SCHEDULES = ("cosine", "step", "onecycle")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+DATA_CACHE_MODES = ("auto", "ram", "gpu", "off")
 DEFAULT_LR = {"adamw": 3e-3, "adam": 1e-3, "sgd": 0.05}
 
 
@@ -40,7 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     momentum: float = 0.9
     optimizer: str = "adamw"
-    schedule: str = "cosine"
+    schedule: str = "onecycle"  # short runs train best with it (BENCHMARKS.md, training)
     warmup_epochs: float = 0.0
     step_size: int | None = None
     gamma: float = 0.1
@@ -48,13 +49,15 @@ class TrainConfig:
     clip_grad: float | None = None
     label_smoothing: float = 0.0
     balanced_sampler: bool = False
-    amp: str = "none"
+    amp: str = "auto"  # bf16 where the hardware has it natively, fp32 elsewhere
     compile: str | None = None  # a torch.compile backend (inductor, aot_eager, ...) or None
     channels_last: bool | None = None
     device: str = "auto"
     seed: int = 0
     deterministic: bool = False
     workers: int | None = None
+    data_cache: str = "auto"
+    cache_dir: Path | None = None  # default: DATA_DIR/decoded
     resume: Path | None = None
 
     def __post_init__(self) -> None:
@@ -89,6 +92,10 @@ class TrainConfig:
         )
         need(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        need(
+            self.data_cache in DATA_CACHE_MODES,
+            f"--data-cache must be one of {', '.join(DATA_CACHE_MODES)}, got {self.data_cache!r}",
+        )
         need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(
             not (self.pretrained and self.init_from), "--pretrained and --init-from both set initial weights; pick one"

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from modelship.errors import DataError
 from modelship.imagefolder import GRAY_MODES, UNREADABLE, open_image, scan_folder
 from modelship.preprocess import Preprocess, normalize, preprocess_image, to_array
+from modelship.training import cache
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,9 @@ def inspect_images(train: Sequence[str], others: Sequence[str], seed: int) -> tu
     return channels, sizes.most_common(1)[0][0]
 
 
-def channel_stats(images: Sequence[Image.Image], pre: Preprocess) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of images in [0, 1] after resize and mode conversion."""
-    arrs = np.stack([to_array(im, pre) for im in images]).astype(np.float64) / 255.0
+def channel_stats(arrays: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] of uint8 images [N, H, W, C] (resized and converted as for training)."""
+    arrs = arrays.astype(np.float64) / 255.0
     mean = arrs.mean(axis=(0, 1, 2))
     std = np.maximum(arrs.std(axis=(0, 1, 2)), 1e-3)
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
@@ -217,10 +218,27 @@ class DataRequest:
     augment: bool | None = None
     download: bool = False
     imagenet_stats: bool = False
+    data_cache: str = "off"  # auto | ram | gpu | off: see modelship.training.cache
+    cache_dir: Path | None = None
+    device: str = "cpu"
 
 
-def load_data(req: DataRequest) -> tuple[LabelledDataset, LabelledDataset, DataInfo, bool]:
-    """Return (train set, val set, data info, augment) for a dataset name or folder path."""
+@dataclass
+class Loaded:
+    """The two splits (PIL datasets), what the checkpoint records about them, and, when --data-cache decodes them,
+    their uint8 arrays [N, H, W, C] and where they go ('ram' or 'gpu')."""
+
+    train: LabelledDataset
+    val: LabelledDataset
+    info: DataInfo
+    augment: bool
+    arrays: tuple[np.ndarray, np.ndarray] | None = None
+    place: str | None = None
+    note: str = "data read per sample with PIL"
+
+
+def load_data(req: DataRequest) -> Loaded:
+    """The splits of a dataset name or folder path, decoded once when --data-cache says so."""
     if req.name in TORCHVISION_DATASETS:
         return _load_torchvision(req)
     if req.name == "shapes":
@@ -238,12 +256,40 @@ def load_data(req: DataRequest) -> tuple[LabelledDataset, LabelledDataset, DataI
     if len(classes) < 2:
         raise DataError(f"{root} has a single class ({classes[0]}); a classifier needs at least 2 class folders")
     channels, size = inspect_images([p for p, _ in train], [p for p, _ in val], req.seed)
-    size = req.image_size or size
-    info, augment = _describe(
-        classes, channels, size, [open_image(p) for p, _ in _sample(train, req.seed)], source, req
-    )
+    probe = _probe(channels, req.image_size or size)
+    place, why = _place(req, len(train) + len(val), probe)
+    arrays: tuple[np.ndarray, np.ndarray] | None = None
+    if place is not None:
+        (a, how_a), (b, how_b) = (cache.decode_files([p for p, _ in s], probe, req.cache_dir) for s in (train, val))
+        arrays, why = (a, b), f"{how_a} / {how_b}" if how_a != how_b else how_a
+        sample = a[_sample(range(len(a)), req.seed)]
+    else:
+        sample = cache.decode_images((open_image(p) for p, _ in _sample(train, req.seed)), probe)
+    info, augment = _describe(classes, probe, sample, source, req)
     pre = info.preprocess
-    return ImageList(train, TrainTransform(pre, augment)), ImageList(val, EvalTransform(pre)), info, augment
+    sets = ImageList(train, TrainTransform(pre, augment)), ImageList(val, EvalTransform(pre))
+    return Loaded(*sets, info, augment, arrays, place, _note(place, arrays, why))
+
+
+def _probe(channels: int, size: tuple[int, int]) -> Preprocess:
+    """The resize and conversion of the eval preprocessing, before mean and std are known."""
+    return Preprocess(size=size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
+
+
+def _place(req: DataRequest, n: int, probe: Preprocess) -> tuple[str | None, str]:
+    nbytes = n * probe.channels * probe.size[0] * probe.size[1]
+    place = cache.choose_place(req.data_cache, nbytes, req.device)
+    if place is None and req.data_cache == "auto":
+        return None, f"{nbytes / 2**20:.0f} MiB decoded is over the memory budget"
+    return place, "--data-cache off"
+
+
+def _note(place: str | None, arrays: tuple[np.ndarray, np.ndarray] | None, why: str) -> str:
+    """How the data is read, for the run's first line."""
+    if place is None or arrays is None:
+        return f"data read per sample with PIL ({why})"
+    mib = sum(a.nbytes for a in arrays) / 2**20
+    return f"data decoded {'on the GPU' if place == 'gpu' else 'in RAM'} ({mib:.1f} MiB, {why})"
 
 
 def _sample(items: Sequence[Any], seed: int) -> list[Any]:
@@ -254,21 +300,21 @@ def _sample(items: Sequence[Any], seed: int) -> list[Any]:
 
 
 def _describe(
-    classes: list[str], channels: int, size: tuple[int, int], sample: list[Image.Image], source: dict, req: DataRequest
+    classes: list[str], probe: Preprocess, sample: np.ndarray, source: dict, req: DataRequest
 ) -> tuple[DataInfo, bool]:
-    probe = Preprocess(size=size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
+    channels, size = probe.channels, probe.size
     if req.imagenet_stats:
         if channels != 3:
             raise DataError("--pretrained weights expect RGB input; this dataset is grayscale")
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     else:
-        mean, std = channel_stats(sample, probe)
+        mean, std = channel_stats(sample)
     info = DataInfo(classes=classes, input_shape=[channels, size[0], size[1]], mean=mean, std=std, source=source)
     augment = req.augment if req.augment is not None else channels == 3
     return info, augment
 
 
-def _load_torchvision(req: DataRequest) -> tuple[LabelledDataset, LabelledDataset, DataInfo, bool]:
+def _load_torchvision(req: DataRequest) -> Loaded:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, TORCHVISION_DATASETS[req.name])
@@ -289,18 +335,19 @@ def _load_torchvision(req: DataRequest) -> tuple[LabelledDataset, LabelledDatase
         ) from None
     classes = [str(c) for c in train_base.classes]
     first = train_base[0][0]
-    channels = 1 if first.mode in GRAY_MODES else 3
-    size = req.image_size or (first.height, first.width)
-    sample = [train_base[i][0] for i in _sample(range(len(train_base)), req.seed)]
-    source = {"name": req.name, "root": str(root)}
-    info, augment = _describe(classes, channels, size, sample, source, req)
+    probe = _probe(1 if first.mode in GRAY_MODES else 3, req.image_size or (first.height, first.width))
+    place, why = _place(req, len(train_base) + len(val_base), probe)
+    arrays: tuple[np.ndarray, np.ndarray] | None = None
+    if place is not None:  # decoded in memory each run: the datasets' own files are already compact arrays
+        a, b = (cache.decode_images((base[i][0] for i in range(len(base))), probe) for base in (train_base, val_base))
+        arrays, why = (a, b), "decoded"
+        sample = a[_sample(range(len(a)), req.seed)]
+    else:
+        sample = cache.decode_images((train_base[i][0] for i in _sample(range(len(train_base)), req.seed)), probe)
+    info, augment = _describe(classes, probe, sample, {"name": req.name, "root": str(root)}, req)
     pre = info.preprocess
-    return (
-        Transformed(train_base, TrainTransform(pre, augment)),
-        Transformed(val_base, EvalTransform(pre)),
-        info,
-        augment,
-    )
+    sets = Transformed(train_base, TrainTransform(pre, augment)), Transformed(val_base, EvalTransform(pre))
+    return Loaded(*sets, info, augment, arrays, place, _note(place, arrays, why))
 
 
 def source_samples(data: dict[str, Any], split: str, limit: int, seed: int = 0) -> list[tuple[Image.Image, int]]:

@@ -69,15 +69,21 @@ def class_weights(targets: list[int]) -> torch.Tensor:
     return (1.0 / counts)[t]
 
 
+Loader = Any  # a DataLoader, or DeviceBatches over decoded data: both iterate (x, y) batches
+
+
 def make_loaders(
-    cfg: TrainConfig, train_ds: LabelledDataset, val_ds: LabelledDataset, dist: Dist, device: torch.device
-) -> tuple[DataLoader, DataLoader, EpochSampler]:
-    """The training loader (its sampler is set per epoch) and the validation loader, this rank's shard of each."""
-    workers = (
-        cfg.workers
-        if cfg.workers is not None
-        else (min(8, (os.cpu_count() or 1) // dist.world_size) if device.type == "cuda" else 0)
-    )
+    cfg: TrainConfig,
+    sets: tuple[LabelledDataset, LabelledDataset],
+    decoded: Any,
+    pre: Any,
+    augment: bool,
+    dist: Dist,
+    device: torch.device,
+) -> tuple[Loader, Loader, EpochSampler]:
+    """The training loader (its sampler is set per epoch) and the validation loader, this rank's shard of each:
+    batches of decoded data on its device when there is some, the PIL DataLoader otherwise."""
+    train_ds, val_ds = sets
     weights = class_weights(train_ds.targets) if cfg.balanced_sampler else None
     train_sampler = EpochSampler(
         len(train_ds), seed=cfg.seed, shuffle=True, weights=weights, rank=dist.rank, world_size=dist.world_size
@@ -85,6 +91,12 @@ def make_loaders(
     val_sampler = EpochSampler(
         len(val_ds), seed=cfg.seed, shuffle=False, rank=dist.rank, world_size=dist.world_size, pad=False
     )
+    if decoded is not None:
+        train = DeviceBatches(decoded[0], train_sampler, cfg.batch_size, augment, pre, device)
+        return train, DeviceBatches(decoded[1], val_sampler, cfg.batch_size * 2, False, pre, device), train_sampler
+    workers = cfg.workers
+    if workers is None:
+        workers = min(8, (os.cpu_count() or 1) // dist.world_size) if device.type == "cuda" else 0
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
     # The generator seeds worker RNGs (augmentation); it is reseeded from (seed, epoch) before every epoch.
     train_loader = DataLoader(
@@ -94,11 +106,12 @@ def make_loaders(
     return train_loader, val_loader, train_sampler
 
 
-def start_epoch(loader: DataLoader, sampler: EpochSampler, seed: int, epoch: int) -> None:
+def start_epoch(loader: Loader, sampler: EpochSampler, seed: int, epoch: int) -> None:
     """Data order and augmentation RNG for `epoch`: a function of (seed, epoch) only, so resume is exact."""
     sampler.set_epoch(epoch)
-    assert loader.generator is not None
-    loader.generator.manual_seed(seed * 7919 + epoch)
+    generator = loader.generator
+    assert generator is not None
+    generator.manual_seed(seed * 7919 + epoch)
 
 
 def batches(loader: DataLoader) -> Iterator[Any]:
@@ -107,3 +120,48 @@ def batches(loader: DataLoader) -> Iterator[Any]:
         yield from loader
     except DataError as e:
         raise DataError(str(e).strip().splitlines()[-1].split("DataError: ")[-1]) from None
+
+
+class DeviceBatches:
+    """Batches from decoded data on its device: gathered by index, augmented as a whole batch (random crop with
+    reflect padding and horizontal flip, as the PIL path does per image), normalised there.
+
+    Order and augmentation are functions of (seed, epoch): the sampler shuffles as the DataLoader path does, and the
+    augmentation generator is reseeded every epoch, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, data: Any, sampler: EpochSampler, batch_size: int, augment: bool, pre: Any,
+                 device: torch.device) -> None:  # fmt: skip
+        self.images, self.labels = data.images, data.labels
+        self.sampler, self.batch_size, self.augment, self.device = sampler, batch_size, augment, device
+        self.mean = torch.tensor(pre.mean, device=device).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(pre.std, device=device).view(1, -1, 1, 1) * 255.0
+        self.generator = torch.Generator(device=device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(list(self.sampler), dtype=torch.int64, device=self.images.device)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i : i + self.batch_size]
+            x = self.images[idx].to(self.device, non_blocking=True).float()
+            y = self.labels[idx].to(self.device, non_blocking=True)
+            if self.augment:
+                x = crop_and_flip(x, self.generator)
+            yield (x - self.mean) / self.std, y
+
+
+def crop_and_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Per image: a random HxW window of the image reflect-padded by min(H, W) // 8, then a flip with p = 0.5."""
+    n, c, h, w = x.shape
+    pad = max(1, min(h, w) // 8)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g, device=x.device)
+    rows = (offsets[:, :1] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[:, 1:] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    out = padded[batch, chans, rows, cols]
+    flip = torch.rand(n, generator=g, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)

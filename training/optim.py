@@ -32,10 +32,12 @@ def make_scheduler(
     """Per-step schedule over --epochs with linear warm-up."""
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total >= 4:  # OneCycleLR divides by zero on fewer steps: those run flat
         pct = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.25
-        pct = min(max(pct, 1.5 / total), 1 - 1.5 / total) if total >= 4 else 0.5  # torch divides by zero under 1 step
+        pct = min(max(pct, 1.5 / total), 1 - 1.5 / total)
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=total, pct_start=pct)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     step_size = (cfg.step_size or max(1, cfg.epochs // 3)) * steps_per_epoch
 
     def factor(step: int) -> float:

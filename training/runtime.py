@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 
 from modelship.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,3 +79,64 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+NATIVE_CPU = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+
+
+def native(dtype: str, device: torch.device) -> str | None:
+    """What runs `dtype` natively here (e.g. 'AVX512-BF16', 'CUDA sm_80'), or None when it would be emulated."""
+    if device.type == "cuda":
+        if dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            return None
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"CUDA sm_{major}{minor}"
+    found = [f for f in NATIVE_CPU[dtype] if f in cpu_flags()]
+    return found[0].upper().replace("_", "-") if found else None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype (None: fp32) and why it was chosen, for the run's first line."""
+
+    dtype: torch.dtype | None
+    note: str
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """auto: bf16 where it is native, fp32 elsewhere; bf16/fp16 as asked, with a warning where they are emulated."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if requested == "off":
+        return Precision(None, "fp32 (--amp off)")
+    if requested == "auto":
+        why = native("bf16", device)
+        if why is None:
+            return Precision(None, f"fp32 (no native bf16 on this {device.type}; --amp bf16 to force it)")
+        return Precision(torch.bfloat16, f"bf16 autocast ({why})")
+    why = native(requested, device)
+    if why is None:
+        log.warning(
+            "--amp %s: this %s has no native %s, so it is emulated and likely slower than --amp off", requested,
+            device.type, requested,
+        )  # fmt: skip
+        why = "emulated"
+    return Precision(dtypes[requested], f"{requested} autocast ({why})")
+
+
+def wants_channels_last(requested: bool | None, model: torch.nn.Module) -> bool:
+    """channels_last where it is faster: for convolutional models, on CPU and GPU alike (BENCHMARKS.md)."""
+    if requested is not None:
+        return requested
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())

@@ -21,8 +21,9 @@ from torch import nn
 from modelship.errors import CheckpointError, ConfigError
 from modelship.files import remove_stale_temps
 from modelship.training import checkpoint as ckpt_io
+from modelship.training.cache import Decoded, check_cache_dir, to_tensors
 from modelship.training.config import TrainConfig
-from modelship.training.data import DataInfo, DataRequest, LabelledDataset, default_data_dir, load_data
+from modelship.training.data import DataInfo, DataRequest, Loaded, default_data_dir, load_data
 from modelship.training.loaders import make_loaders, start_epoch
 from modelship.training.loop import StepContext, evaluate, reduce_means, train_one_epoch
 from modelship.training.models import (
@@ -36,7 +37,15 @@ from modelship.training.models import (
 )
 from modelship.training.optim import make_optimizer, make_scheduler
 from modelship.training.runlog import RunLog, progress_bar
-from modelship.training.runtime import Dist, close_distributed, init_distributed, resolve_device, seed_everything
+from modelship.training.runtime import (
+    Dist,
+    close_distributed,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    wants_channels_last,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +72,28 @@ class Progress:
 def _train(cfg: TrainConfig, dist: Dist) -> Path:
     device = resolve_device(cfg.device, dist.local_rank)
     seed_everything(cfg.seed, cfg.deterministic)
-    train_ds, val_ds, info, augment = prepare_data(cfg, dist)
+    precision = resolve_precision(cfg.amp, device)
+    data, decoded = prepare_data(cfg, dist, device)
     resume = ckpt_io.load_checkpoint(cfg.resume) if cfg.resume else None
-    model, kwargs = prepare_model(cfg, info, resume)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    model, kwargs = prepare_model(cfg, data.info, resume)
+    channels_last = wants_channels_last(cfg.channels_last, model)
     net = place_model(cfg, model, dist, device, channels_last)
 
-    train_loader, val_loader, train_sampler = make_loaders(cfg, train_ds, val_ds, dist, device)
+    sets, pre = (data.train, data.val), data.info.preprocess
+    train_loader, val_loader, train_sampler = make_loaders(cfg, sets, decoded, pre, data.augment, dist, device)
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    ctx = StepContext(device, amp_dtype, scaler, channels_last, cfg.clip_grad)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
+    ctx = StepContext(device, precision.dtype, scaler, channels_last, cfg.clip_grad)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     progress = Progress()
     if resume is not None:
         progress = restore(resume, opt, sched, scaler)
         log.info("resumed from %s at epoch %d", cfg.resume, progress.epoch)
 
-    run_log = start_run_log(cfg, dist, progress, train_ds, val_ds, info, augment, device)
+    notes = [precision.note, "channels_last" if channels_last else "contiguous", data.note]
+    run_log = start_run_log(cfg, dist, progress, data, device, notes)
+    info = data.info
     ckpt_dir = cfg.out / "checkpoints"
     saved: dict[str, Any] = {"optimizer": opt, "scheduler": sched, "scaler": scaler}
     try:
@@ -121,11 +133,15 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     return ckpt_dir / "best.pt"
 
 
-def prepare_data(cfg: TrainConfig, dist: Dist) -> tuple[LabelledDataset, LabelledDataset, DataInfo, bool]:
-    """The datasets; rank 0 first, so a dataset written on first use (shapes) is written once."""
+def prepare_data(cfg: TrainConfig, dist: Dist, device: torch.device) -> tuple[Loaded, tuple[Decoded, Decoded] | None]:
+    """The splits, and their decoded tensors on their device when --data-cache decodes them; rank 0 first, so what
+    is written on first use (shapes, the decoded cache) is written once."""
+    data_dir = cfg.data_dir or default_data_dir()
+    if cfg.cache_dir is not None:
+        check_cache_dir(cfg.cache_dir)
     req = DataRequest(
         name=cfg.data,
-        data_dir=cfg.data_dir or default_data_dir(),
+        data_dir=data_dir,
         val_split=cfg.val_split,
         seed=cfg.seed,
         shapes_train=cfg.shapes_train,
@@ -134,13 +150,21 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> tuple[LabelledDataset, Labelle
         augment=cfg.augment,
         download=cfg.download,
         imagenet_stats=cfg.pretrained,
+        data_cache=cfg.data_cache,
+        cache_dir=cfg.cache_dir or data_dir / "decoded",
+        device=str(device),
     )
     if not dist.is_main:
         dist.barrier()
-    loaded = load_data(req)
+    data = load_data(req)
     if dist.is_main:
         dist.barrier()
-    return loaded
+    if data.arrays is None:
+        return data, None
+    target = device if data.place == "gpu" else torch.device("cpu")
+    sets = (data.train, data.val)
+    train, val = (to_tensors(a, ds.targets, target) for a, ds in zip(data.arrays, sets, strict=True))
+    return data, (train, val)
 
 
 def prepare_model(cfg: TrainConfig, info: DataInfo, resume: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
@@ -217,14 +241,7 @@ def restore(state: dict[str, Any], opt: Any, sched: Any, scaler: torch.amp.GradS
 
 
 def start_run_log(
-    cfg: TrainConfig,
-    dist: Dist,
-    progress: Progress,
-    train_ds: LabelledDataset,
-    val_ds: LabelledDataset,
-    info: DataInfo,
-    augment: bool,
-    device: torch.device,
+    cfg: TrainConfig, dist: Dist, progress: Progress, data: Loaded, device: torch.device, notes: list[str]
 ) -> RunLog | None:
     """Rank 0: the run directory, config.json, metrics and the run's first line; None on other ranks."""
     if not dist.is_main:
@@ -234,10 +251,12 @@ def start_run_log(
     remove_stale_temps(ckpt_dir)
     (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     run_log = RunLog(cfg.out, progress.history, progress.global_step)
+    info = data.info
     log.info(
-        "training %s on %s (%d train / %d val, %d classes, input %s, augment %s) on %s%s",
-        cfg.model, cfg.data, len(train_ds), len(val_ds), len(info.classes), info.input_shape,
-        "on" if augment else "off", device, f" x{dist.world_size} ranks" if dist.enabled else "",
+        "training %s on %s (%d train / %d val, %d classes, input %s, augment %s) on %s%s: %s",
+        cfg.model, cfg.data, len(data.train), len(data.val), len(info.classes), info.input_shape,
+        "on" if data.augment else "off", device, f" x{dist.world_size} ranks" if dist.enabled else "",
+        ", ".join(notes),
     )  # fmt: skip
     return run_log
 

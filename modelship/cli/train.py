@@ -12,7 +12,13 @@ from modelship.cli.export import add_export_options, export_options
 from modelship.devices import DEVICES
 from modelship.errors import GateError
 from modelship.pipeline import RunConfig, RunResult, run
-from modelship.training.config import AMP_MODES, OPTIMIZERS, SCHEDULES, TrainConfig  # light: no torch import
+from modelship.training.config import (
+    AMP_MODES,
+    DATA_CACHE_MODES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainConfig,
+)  # light: no torch import
 
 
 def add_train_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
@@ -93,7 +99,8 @@ def add_train_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> 
         "--amp",
         choices=AMP_MODES,
         default=d("amp"),
-        help="mixed precision; fp16 uses a GradScaler (default %(default)s)",
+        help="mixed precision: auto = bf16 where the CPU/GPU has it natively, else fp32; fp16 uses a GradScaler "
+        "(default %(default)s)",
     )
     g.add_argument(
         "--compile",
@@ -106,12 +113,19 @@ def add_train_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> 
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=d("channels_last"),
-        help="default: on for CUDA",
+        help="default: on for convolutional models",
     )
     g.add_argument("--device", choices=DEVICES, default=d("device"), help="(default %(default)s)")
     g.add_argument("--seed", type=int, default=d("seed"), help="(default %(default)s)")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
-    g.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, up to 8 on CUDA)")
+    g.add_argument("--workers", type=int, help="DataLoader workers on the PIL path (default 0 on CPU, up to 8 on CUDA)")
+    g.add_argument(
+        "--data-cache", choices=DATA_CACHE_MODES, default=d("data_cache"),
+        help="decode images once into RAM or GPU memory, augment whole batches there: auto = when it fits "
+        "(default %(default)s)",
+    )  # fmt: skip
+    g.add_argument("--cache-dir", type=Path, default=d("cache_dir"), help="where decoded data is cached between runs "
+                   "(default DATA_DIR/decoded)")  # fmt: skip
     g.add_argument("--resume", type=Path, metavar="CKPT", help="continue from RUN_DIR/checkpoints/last.pt")
     if out_required:
         g.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")

@@ -13,9 +13,14 @@ from PIL import Image
 
 from modelship.errors import DataError
 from modelship.preprocess import Preprocess, preprocess_image
-from modelship.training.data import DataRequest, load_data, validation_images
+from modelship.training.data import DataRequest, Loaded, load_data, validation_images
 from modelship.training.shapes import CLASSES, ensure_shapes
 from tests.helpers import write_folder
+
+
+def splits(loaded: Loaded) -> tuple:
+    """(train, val, info, augment) of what load_data returns."""
+    return loaded.train, loaded.val, loaded.info, loaded.augment
 
 
 def req(name: str | Path, data_dir: Path, **kw) -> DataRequest:
@@ -42,7 +47,7 @@ def test_shapes_is_an_imagefolder_of_pngs_deterministic_from_the_seed(tmp_path: 
 
 
 def test_shapes_counts_are_configurable_and_read_through_the_folder_path(data_dir: Path) -> None:
-    train, val, info, augment = load_data(req("shapes", data_dir, shapes_train=50, shapes_val=15))
+    train, val, info, augment = splits(load_data(req("shapes", data_dir, shapes_train=50, shapes_val=15)))
     assert (len(train), len(val)) == (50, 15)
     assert info.classes == list(CLASSES) and info.input_shape == [3, 32, 32]
     assert info.source["name"] == "shapes" and Path(info.source["root"]).is_dir()
@@ -54,7 +59,7 @@ def test_shapes_counts_are_configurable_and_read_through_the_folder_path(data_di
 def test_train_and_val_folders_record_channels_size_classes_and_stats(tmp_path: Path) -> None:
     write_folder(tmp_path / "d" / "train", {"cat": 6, "dog": 4}, mode="L", size=(12, 10))
     write_folder(tmp_path / "d" / "val", {"cat": 2, "dog": 2}, mode="L", size=(12, 10), seed=1)
-    train, val, info, augment = load_data(req(tmp_path / "d", tmp_path))
+    train, val, info, augment = splits(load_data(req(tmp_path / "d", tmp_path)))
     assert (len(train), len(val)) == (10, 4)
     assert info.classes == ["cat", "dog"]
     assert info.input_shape == [1, 10, 12]  # C, H, W
@@ -66,9 +71,9 @@ def test_train_and_val_folders_record_channels_size_classes_and_stats(tmp_path: 
 
 def test_one_folder_is_split_stratified_and_deterministically(tmp_path: Path) -> None:
     write_folder(tmp_path / "d", {"a": 10, "b": 5, "c": 3})
-    _, val1, info, _ = load_data(req(tmp_path / "d", tmp_path, val_split=0.2, seed=1))
-    _, val2, _, _ = load_data(req(tmp_path / "d", tmp_path, val_split=0.2, seed=1))
-    _, val3, _, _ = load_data(req(tmp_path / "d", tmp_path, val_split=0.2, seed=2))
+    _, val1, info, _ = splits(load_data(req(tmp_path / "d", tmp_path, val_split=0.2, seed=1)))
+    _, val2, _, _ = splits(load_data(req(tmp_path / "d", tmp_path, val_split=0.2, seed=1)))
+    _, val3, _, _ = splits(load_data(req(tmp_path / "d", tmp_path, val_split=0.2, seed=2)))
     assert info.input_shape == [3, 10, 12]
     assert [y for _, y in val1.samples] == [0, 0, 1, 2]  # every class present in validation
     assert val1.samples == val2.samples
@@ -81,7 +86,7 @@ def test_mixed_sizes_and_modes_are_converted_and_resized(tmp_path: Path) -> None
     write_folder(tmp_path / "d", {"a": 3}, mode="RGB", size=(16, 16))
     write_folder(tmp_path / "d", {"b": 3}, mode="L", size=(20, 8))
     Image.new("RGBA", (16, 16), (255, 0, 0, 128)).save(tmp_path / "d" / "b" / "alpha.png")
-    train, _, info, _ = load_data(req(tmp_path / "d", tmp_path, image_size=(9, 7)))
+    train, _, info, _ = splits(load_data(req(tmp_path / "d", tmp_path, image_size=(9, 7))))
     assert info.input_shape == [3, 9, 7]
     assert all(tuple(train[i][0].shape) == (3, 9, 7) for i in range(len(train)))
 
@@ -139,7 +144,7 @@ def test_torchvision_datasets_read_local_files(tmp_path: Path, name: str, folder
     for prefix, n in (("train", 40), ("t10k", 12)):
         _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-    train, val, info, augment = load_data(req(name, tmp_path))
+    train, val, info, augment = splits(load_data(req(name, tmp_path)))
     assert (len(train), len(val)) == (40, 12)
     assert info.input_shape == [1, 28, 28] and len(info.classes) == 10
     assert augment is False
@@ -156,7 +161,7 @@ def test_missing_torchvision_dataset_says_where_the_files_go(tmp_path: Path) -> 
 
 
 def test_eval_transform_is_the_shared_preprocess_function(data_dir: Path) -> None:
-    _, val, info, _ = load_data(req("shapes", data_dir, shapes_train=50, shapes_val=15))
+    _, val, info, _ = splits(load_data(req("shapes", data_dir, shapes_train=50, shapes_val=15)))
     path, _ = val.samples[4]
     with Image.open(path) as im:
         expected = preprocess_image(im, Preprocess.from_dict(info.to_dict()))

@@ -1,0 +1,96 @@
+"""The fast training path: decoded data cached by content, whole-batch augmentation, and the precision chosen for the
+hardware — each with the guarantees of the per-sample path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modelship.preprocess import Preprocess
+from modelship.training import runtime
+from modelship.training.cache import cache_key, decode_files
+from modelship.training.loaders import crop_and_flip
+from modelship.training.runtime import resolve_precision
+from tests.helpers import pt_files, tiny_train_args, write_folder
+
+
+def test_batch_augmentation_is_a_reflect_padded_window_maybe_flipped_and_seeded() -> None:
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    g = torch.Generator().manual_seed(3)
+    out = crop_and_flip(x, g)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")  # pad = min(8, 8) // 8 = 1
+    for i in range(2):
+        windows = [padded[i, :, r : r + 8, c : c + 8] for r in range(3) for c in range(3)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+    again = crop_and_flip(x, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)  # a function of the generator's seed: resume sees the same batches
+    flips = [crop_and_flip(x[:1], torch.Generator().manual_seed(s)) for s in range(40)]
+    assert any(not torch.equal(f, flips[0]) for f in flips)
+
+
+def test_the_cache_is_keyed_by_content_and_rebuilt_when_corrupt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_folder(tmp_path / "d", {"a": 3, "b": 3}, size=(8, 6))
+    files = sorted(str(p) for p in (tmp_path / "d").rglob("*.png"))
+    pre = Preprocess(size=(6, 8), channels=3, mean=(0.0,) * 3, std=(1.0,) * 3)
+    first, how = decode_files(files, pre, tmp_path / "cache")
+    assert how == "decoded and cached" and first.shape == (6, 6, 8, 3) and first.dtype == np.uint8
+    again, how = decode_files(files, pre, tmp_path / "cache")
+    assert how == "cache hit" and np.array_equal(again, first)
+    key = cache_key(files, pre)
+    assert cache_key(files, Preprocess(size=(6, 6), channels=3, mean=(0,) * 3, std=(1,) * 3)) != key  # the size
+    write_folder(tmp_path / "d", {"a": 1}, size=(8, 6), seed=9)  # rewrites a/0.png with other pixels
+    assert cache_key(files, pre) != key  # changed data is never reused
+    changed, how = decode_files(files, pre, tmp_path / "cache")
+    assert how == "decoded and cached" and not np.array_equal(changed, first)
+    entry = tmp_path / "cache" / cache_key(files, pre)
+    (entry / "images.npy").write_bytes((entry / "images.npy").read_bytes()[:100])  # torn by a crash or a copy
+    rebuilt, how = decode_files(files, pre, tmp_path / "cache")
+    assert how == "decoded and cached" and np.array_equal(rebuilt, changed)
+    assert f"decoded cache {entry} is corrupt or from other data" in caplog.text
+
+
+def test_decoded_and_pil_paths_train_alike(tmp_path: Path, data_dir: Path, cli) -> None:
+    results = {}
+    for cache in ("auto", "off"):
+        out = tmp_path / cache
+        r = cli("train", "--out", out, "--epochs", "3", "--amp", "off", "--data-cache", cache,
+                *tiny_train_args(data_dir, "--shapes-train", "400", "--shapes-val", "100"))  # fmt: skip
+        assert r.code == 0, r.err
+        assert ("data decoded in RAM" in r.err) == (cache == "auto")
+        results[cache] = [json.loads(line)["val_acc"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the same data, model and augmentation family; the draws differ, so accuracy is close, not equal
+    assert abs(results["auto"][-1] - results["off"][-1]) <= 0.15, results
+
+
+def test_the_first_line_says_what_was_chosen(
+    tmp_path: Path, data_dir: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = cli("train", "--out", tmp_path / "a", "--epochs", "1", *tiny_train_args(data_dir))
+    expected = "bf16 autocast (AVX512-BF16)" if "avx512_bf16" in runtime.cpu_flags() else "fp32 (no native bf16"
+    assert r.code == 0 and expected in r.err and "channels_last" in r.err
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset())  # a CPU without native bf16
+    assert resolve_precision("auto", torch.device("cpu")).note.startswith("fp32 (no native bf16 on this cpu")
+    r = cli("train", "--out", tmp_path / "b", "--epochs", "1", "--amp", "bf16", *tiny_train_args(data_dir))
+    assert r.code == 0  # asked for explicitly: no silent fall-back, but a clear line
+    assert "--amp bf16: this cpu has no native bf16, so it is emulated and likely slower than --amp off" in r.err
+    assert "bf16 autocast (emulated)" in r.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bad_cache_flags_are_one_line_exit_2(tmp_path: Path, data_dir: Path, cli) -> None:
+    r = cli("train", "--out", tmp_path / "o", "--data-cache", "gpu", *tiny_train_args(data_dir))
+    assert r.code == 2 and r.last_line == (
+        "modelship train: error: --data-cache gpu needs a CUDA device (training runs on the CPU here); use ram or auto"
+    )
+    (tmp_path / "file").write_text("not a folder")  # unwritable below it, even for root
+    r = cli("train", "--out", tmp_path / "o", "--cache-dir", tmp_path / "file" / "cache", *tiny_train_args(data_dir))
+    assert r.code == 2 and r.last_line.startswith(
+        f"modelship train: error: --cache-dir {tmp_path / 'file' / 'cache'} is not writable ("
+    )
+    assert pt_files(tmp_path / "o") == []
