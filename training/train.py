@@ -70,6 +70,7 @@ class Progress:
 
 
 def _train(cfg: TrainConfig, dist: Dist) -> Path:
+    started = time.perf_counter()
     device = resolve_device(cfg.device, dist.local_rank)
     seed_everything(cfg.seed, cfg.deterministic)
     precision = resolve_precision(cfg.amp, device)
@@ -92,6 +93,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
         log.info("resumed from %s at epoch %d", cfg.resume, progress.epoch)
 
     notes = [precision.note, "channels_last" if channels_last else "contiguous", data.note]
+    notes.append(f"ready {time.perf_counter() - started:.1f}s after start")
     run_log = start_run_log(cfg, dist, progress, data, device, notes)
     info = data.info
     ckpt_dir = cfg.out / "checkpoints"
