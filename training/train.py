@@ -87,15 +87,11 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
     ctx = StepContext(device, precision.dtype, scaler, channels_last, cfg.clip_grad)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    progress = Progress()
-    if resume is not None:
-        progress = restore(resume, opt, sched, scaler)
-        log.info("resumed from %s at epoch %d", cfg.resume, progress.epoch)
+    progress = restore(resume, opt, sched, scaler, cfg.resume) if resume is not None else Progress()
 
     notes = [precision.note, "channels_last" if channels_last else "contiguous", data.note]
     notes.append(f"ready {time.perf_counter() - started:.1f}s after start")
     run_log = start_run_log(cfg, dist, progress, data, device, notes)
-    info = data.info
     ckpt_dir = cfg.out / "checkpoints"
     saved: dict[str, Any] = {"optimizer": opt, "scheduler": sched, "scaler": scaler}
     try:
@@ -114,14 +110,12 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
                 state = ckpt_io.build_checkpoint(
                     model={"arch": cfg.model, "kwargs": kwargs},
                     state_dict=clean_state_dict(model.state_dict()),
-                    data=info.to_dict(),
+                    data=data.info.to_dict(),
                     progress=progress_dict(progress, tr_mean, va),
                     resume={k: v.state_dict() for k, v in saved.items()},
                     config=cfg.to_dict(),
                 )
-                ckpt_io.atomic_torch_save(state, ckpt_dir / "last.pt")
-                if improved:
-                    ckpt_io.atomic_torch_save(state, ckpt_dir / "best.pt")
+                save_checkpoints(state, ckpt_dir, improved)
                 run_log.epoch(progress.history[-1], progress.global_step, cfg.epochs, improved)
             dist.barrier()
             if cfg.patience is not None and progress.early["bad_epochs"] >= cfg.patience:
@@ -133,6 +127,13 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     best = progress.early
     log.info("best val_acc %.4f at epoch %d: %s", best["best_val_acc"], best["best_epoch"], ckpt_dir / "best.pt")
     return ckpt_dir / "best.pt"
+
+
+def save_checkpoints(state: dict[str, Any], ckpt_dir: Path, improved: bool) -> None:
+    """last.pt every epoch, best.pt when validation accuracy improved; each written whole or not at all."""
+    ckpt_io.atomic_torch_save(state, ckpt_dir / "last.pt")
+    if improved:
+        ckpt_io.atomic_torch_save(state, ckpt_dir / "best.pt")
 
 
 def prepare_data(cfg: TrainConfig, dist: Dist, device: torch.device) -> tuple[Loaded, tuple[Decoded, Decoded] | None]:
@@ -231,14 +232,15 @@ def place_model(cfg: TrainConfig, model: nn.Module, dist: Dist, device: torch.de
     return net
 
 
-def restore(state: dict[str, Any], opt: Any, sched: Any, scaler: torch.amp.GradScaler) -> Progress:
-    """Optimizer, scheduler, scaler and RNG states and the run's progress, from a checkpoint."""
+def restore(state: dict[str, Any], opt: Any, sched: Any, scaler: torch.amp.GradScaler, path: Path | None) -> Progress:
+    """Optimizer, scheduler, scaler and RNG states and the run's progress, from the checkpoint at `path`."""
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     ckpt_io.restore_rng(state["rng"])
     progress = Progress(int(state["epoch"]), int(state["global_step"]), list(state.get("history", [])))
     progress.early = dict(state.get("early_stopping", progress.early))
+    log.info("resumed from %s at epoch %d", path, progress.epoch)
     return progress
 
 
