@@ -1,11 +1,19 @@
-"""Served throughput: `modelship serve` against a plain FastAPI + eager PyTorch endpoint, side by side in one run.
+"""Served throughput against its ceilings, side by side in one run.
 
-    python benchmarks/serve_bench.py [--bundle DIR] [--clients 64] [--seconds 10] [--repeat 3]
+    python benchmarks/serve_bench.py --bundle DIR [--clients 64] [--seconds 10] [--rounds 3]
+                                     [--serve-args "..."]... [--ceilings] [--plain] [--inprocess] [--soak 60]
 
-Without --bundle it trains and exports the default shapes cnn first. Each server runs alone while it is measured;
-the same load generator (benchmarks/loadgen.py) drives both with the same JSON tensor payload, then modelship again
-with the binary v2 payload. Rounds interleave the servers and the median round is reported, so drift in a shared
-(virtual) machine's speed hits every server alike. `--serve-args` (repeatable) and `--sweep` compare settings.
+Every contender runs alone while it is measured, with the same load generator (benchmarks/loadgen.py) and the same
+payloads: one image as JSON `{"inputs": [...]}` (64 KB for 3x32x32) and as a KServe v2 binary request. Rounds
+interleave the contenders and the median round is reported, so drift in a shared machine's speed hits all alike.
+
+- `--ceilings`: a bare uvicorn ASGI app that reads (and, for JSON, parses with pydantic-core, as modelship does)
+  each body and answers a fixed JSON, with as many processes as modelship's API servers: what no server can beat
+  (benchmarks/bare_server.py); and the same app parsing JSON with the standard library's json.loads.
+- `--plain`: a plain FastAPI endpoint with one eager PyTorch forward per request (benchmarks/plain_server.py).
+- `--inprocess`: ONNX Runtime in this process on batches of --max-batch (samples/s): the compute ceiling.
+- `--soak S`: modelship under the v2 load for S seconds; the server's memory (RSS of all its processes) is sampled
+  after warm-up and at the end, and every error is counted.
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -34,15 +44,6 @@ from benchmarks.loadgen import LoadResult, run_load
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-PLAIN = "plain FastAPI + eager"
-SWEEP = [
-    "--max-batch-size 1",
-    "--workers-per-device 1",
-    "--batch-timeout 0",
-    "--batch-timeout 0.01",
-    "--max-batch-size 8",
-    "--backend torchscript",
-]
 Payload = tuple[str, bytes, dict[str, str]]
 
 
@@ -66,31 +67,19 @@ def _wait_ready(proc: subprocess.Popen, log: IO[bytes], port: int) -> None:
 
 
 @contextlib.contextmanager
-def started(cmd: list[str], port: int) -> Iterator[None]:
+def started(cmd: list[str], port: int) -> Iterator[subprocess.Popen]:
     """Run a server for the duration of the block; its output is shown only if it dies."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_ready(proc, log, port)
-            yield
+            yield proc
         finally:
             proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=40)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-
-
-def default_bundle(workdir: Path) -> Path:
-    cli = [sys.executable, "-m", "modelship.cli"]
-    run = workdir / "run"
-    subprocess.run(
-        [*cli, "train", "--epochs", "1", "--out", str(run), "--device", "cpu"], check=True, env=ENV, cwd=REPO
-    )
-    bundle = workdir / "shapes-cnn"
-    export = [*cli, "export", str(run / "checkpoints" / "best.pt"), "--out", str(bundle)]
-    subprocess.run(export, check=True, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL)
-    return bundle
 
 
 def payloads(manifest: dict) -> dict[str, Payload]:
@@ -109,15 +98,100 @@ def payloads(manifest: dict) -> dict[str, Payload]:
 def measure(name: str, kind: str, port: int, payload: Payload, args: argparse.Namespace) -> dict:
     path, body, headers = payload
     r: LoadResult = run_load(f"http://127.0.0.1:{port}{path}", body, headers, args.clients, args.seconds)
-    return {
-        "server": name,
-        "payload": kind,
-        "req_per_s": round(r.throughput, 1),
-        "p50_ms": round(r.percentile(50) * 1000, 2),
-        "p99_ms": round(r.percentile(99) * 1000, 2),
-        "errors": r.errors,
-        "requests": r.requests,
-    }
+    return {"server": name, "payload": kind, "req_per_s": round(r.throughput, 1),
+            "p50_ms": round(r.percentile(50) * 1000, 2), "p99_ms": round(r.percentile(99) * 1000, 2),
+            "errors": r.errors, "requests": r.requests}  # fmt: skip
+
+
+def serve_cmd(bundle: Path, port: int, extra: str) -> list[str]:
+    serve = ["-m", "modelship.cli", "serve", str(bundle), "--port", str(port), "--log-level", "warning"]
+    return [sys.executable, *serve, *shlex.split(extra)]
+
+
+def inprocess(bundle: Path, manifest: dict, batch: int, seconds: float) -> dict:
+    """ONNX Runtime in this process, every core, on batches of `batch`: samples per second."""
+    from modelship.serving.backends import onnx_backend
+
+    backend = onnx_backend(bundle / manifest["artifacts"]["onnx"]["path"], "cpu", os.cpu_count() or 1)
+    x = np.random.default_rng(0).standard_normal((batch, *manifest["input"]["shape"][1:])).astype(np.float32)
+    for _ in range(3):
+        backend(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        backend(x)
+        n += batch
+    rate = n / (time.perf_counter() - t0)
+    return {"server": f"in-process ONNX Runtime, batch {batch}", "payload": "-", "req_per_s": round(rate, 1),
+            "p50_ms": float("nan"), "p99_ms": float("nan"), "errors": 0, "requests": n}  # fmt: skip
+
+
+def round_of(bundle: Path, manifest: dict, loads: dict[str, Payload], args: argparse.Namespace) -> list[dict]:
+    """One measurement of every contender, in turn."""
+    out = []
+    if args.ceilings:
+        for parser, kinds in (("pydantic", loads), ("json", {k: v for k, v in loads.items() if k == "json"})):
+            if not kinds:
+                continue
+            port = free_port()
+            cmd = [sys.executable, "benchmarks/bare_server.py", "--port", str(port), "--workers",
+                   str(args.bare_workers), "--parser", parser]  # fmt: skip
+            name = "bare ASGI ceiling" if parser == "pydantic" else "bare ASGI, json.loads"
+            with started(cmd, port):
+                out += [measure(name, kind, port, p, args) for kind, p in kinds.items()]
+    if args.plain:
+        port = free_port()
+        checkpoint = args.checkpoint or Path(manifest["source"]["checkpoint"])
+        with started([sys.executable, "benchmarks/plain_server.py", str(checkpoint), "--port", str(port)], port):
+            out.append(measure("plain FastAPI + eager", "json", port, payloads(manifest)["json"], args))
+    if args.inprocess:
+        out.append(inprocess(bundle, manifest, args.max_batch, args.seconds))
+    for extra in args.serve_args or [""]:
+        port = free_port()
+        name = "modelship serve" + (f" {extra}" if extra else "")
+        with started(serve_cmd(bundle, port, extra), port):
+            out += [measure(name, kind, port, p, args) for kind, p in loads.items()]
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        with contextlib.suppress(OSError, IndexError):
+            total += int((Path("/proc") / str(p) / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
+
+
+def soak(bundle: Path, manifest: dict, args: argparse.Namespace) -> dict:
+    """modelship under the v2 load for args.soak seconds: memory after warm-up and at the end, and errors."""
+    port = free_port()
+    path, body, headers = payloads(manifest)["v2-binary"]
+    samples: list[tuple[float, int]] = []
+    with started(serve_cmd(bundle, port, (args.serve_args or [""])[0]), port) as proc:
+        done = threading.Event()
+
+        def sample() -> None:
+            t0 = time.monotonic()
+            while not done.wait(5.0):
+                samples.append((time.monotonic() - t0, tree_rss(proc.pid)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        r = run_load(f"http://127.0.0.1:{port}{path}", body, headers, args.clients, args.soak, warmup=10.0)
+        done.set()
+        end = tree_rss(proc.pid)
+    start = next(rss for t, rss in samples if t >= 10.0)  # after the warm-up
+    return {"seconds": args.soak, "requests": r.requests, "errors": r.errors, "req_per_s": round(r.throughput, 1),
+            "rss_start_mb": round(start / 2**20, 1), "rss_end_mb": round(end / 2**20, 1),
+            "rss_growth": round(end / start - 1, 4)}  # fmt: skip
 
 
 def median_run(rounds: list[dict]) -> dict:
@@ -128,64 +202,58 @@ def median_run(rounds: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, help="default: train and export the shapes cnn")
-    parser.add_argument("--checkpoint", type=Path, help="for the plain endpoint (default: the bundle's source)")
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, help="for --plain (default: the bundle's source)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement, after 2s of warm-up")
-    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--serve-args", action="append", help="`modelship serve` flags; repeat to compare settings")
-    parser.add_argument("--sweep", action="store_true", help="also measure the settings the defaults were chosen from")
-    parser.add_argument("--payloads", default="json,v2-binary", help="which payloads to send modelship (default both)")
-    parser.add_argument("--no-plain", action="store_true", help="skip the plain FastAPI + eager endpoint")
+    parser.add_argument("--payloads", default="json,v2-binary", help="which payloads to send (default both)")
+    parser.add_argument("--ceilings", action="store_true", help="the bare ASGI app on the same payloads")
+    parser.add_argument("--bare-workers", type=int, default=2, help="processes of the bare app (default 2)")
+    parser.add_argument("--plain", action="store_true", help="the plain FastAPI + eager endpoint (JSON)")
+    parser.add_argument("--inprocess", action="store_true", help="in-process ONNX Runtime on batches")
+    parser.add_argument("--max-batch", type=int, default=32, help="batch for --inprocess (default 32)")
+    parser.add_argument("--soak", type=float, default=0.0, help="seconds of soak under load (default: none)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    loads = {k: v for k, v in payloads(manifest).items() if k in args.payloads.split(",")}
     runs: dict[tuple[str, str], list[dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle or default_bundle(Path(tmp))
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        checkpoint = args.checkpoint or Path(manifest["source"]["checkpoint"])
-        loads = {k: v for k, v in payloads(manifest).items() if k in args.payloads.split(",")}
-        configs = (args.serve_args or [""]) + (SWEEP if args.sweep else [])
-        for _ in range(args.repeat):
-            if not args.no_plain:
-                port = free_port()
-                plain = [sys.executable, "benchmarks/plain_server.py", str(checkpoint), "--port", str(port)]
-                with started(plain, port):
-                    json_load = payloads(manifest)["json"]
-                    runs.setdefault((PLAIN, "json"), []).append(measure(PLAIN, "json", port, json_load, args))
-            for extra in configs:
-                name = "modelship serve" + (f" {extra}" if extra else "")
-                port = free_port()
-                serve = ["-m", "modelship.cli", "serve", str(bundle), "--port", str(port), "--log-level", "warning"]
-                with started([sys.executable, *serve, *extra.split()], port):
-                    for kind, payload in loads.items():
-                        runs.setdefault((name, kind), []).append(measure(name, kind, port, payload, args))
-
+    for _ in range(args.rounds):
+        for row in round_of(args.bundle, manifest, loads, args):
+            runs.setdefault((row["server"], row["payload"]), []).append(row)
     rows = [median_run(v) for v in runs.values()]
-    base = rows[0]["req_per_s"]
-    first = {}  # the first modelship configuration's throughput per payload
-    for r in rows:
-        if r["server"] != PLAIN:
-            first.setdefault(r["payload"], r["req_per_s"])
-    width = max(len(r["server"]) for r in rows)
+    soaked = soak(args.bundle, manifest, args) if args.soak else None
+    report(rows, soaked, manifest, args)
+
+
+def report(rows: list[dict], soaked: dict | None, manifest: dict, args: argparse.Namespace) -> None:
+    ceiling = {r["payload"]: r["req_per_s"] for r in rows if r["server"] == "bare ASGI ceiling"}
+    compute = next((r["req_per_s"] for r in rows if r["server"].startswith("in-process")), None)
+    plain = next((r["req_per_s"] for r in rows if r["server"].startswith("plain")), None)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
-    print(
-        f"{args.clients} concurrent clients, {args.seconds:g}s per measurement, median of {args.repeat} interleaved "
-        f"rounds; model {manifest['model']['arch']} {manifest['input']['shape']}\n"
-    )
-    vs = "vs plain" if rows[0]["server"] == PLAIN else "vs first"
-    print(f"{'server'.ljust(width)}  payload      req/s   p50 ms   p99 ms  errors  {vs}  vs 1st cfg  (req/s per round)")
+    print(f"{args.clients} concurrent clients, {args.seconds:g}s per measurement, median of {args.rounds} interleaved "
+          f"rounds; model {manifest['model']['arch']} {manifest['input']['shape']}\n")  # fmt: skip
+    width = max(len(r["server"]) for r in rows)
+    print(f"{'server'.ljust(width)}  payload      req/s   p50 ms   p99 ms  errors  of ceiling  of in-proc  vs plain"
+          "  (req/s per round)")  # fmt: skip
     for r in rows:
+        served = r["server"].startswith("modelship")
+        of_ceiling = r["req_per_s"] / ceiling[r["payload"]] if served and r["payload"] in ceiling else float("nan")
+        of_compute = r["req_per_s"] / compute if served and compute else float("nan")
+        vs_plain = r["req_per_s"] / plain if served and plain and r["payload"] == "json" else float("nan")
         each = ", ".join(f"{v:.0f}" for v in r["rounds"])
-        own = r["req_per_s"] / first[r["payload"]] if r["payload"] in first and r["server"] != PLAIN else float("nan")
-        print(
-            f"{r['server'].ljust(width)}  {r['payload']:<10} {r['req_per_s']:>7.1f}  {r['p50_ms']:>7.2f}  "
-            f"{r['p99_ms']:>7.2f}  {r['errors']:>6}  {r['req_per_s'] / base:>7.2f}x  {own:>9.2f}x  ({each})"
-        )
+        print(f"{r['server'].ljust(width)}  {r['payload']:<10} {r['req_per_s']:>7.1f}  {r['p50_ms']:>7.2f}  "
+              f"{r['p99_ms']:>7.2f}  {r['errors']:>6}  {of_ceiling:>10.3f}  {of_compute:>10.3f}  {vs_plain:>7.2f}x"
+              f"  ({each})")  # fmt: skip
+    if soaked:
+        print(f"\nsoak {soaked['seconds']:g}s: {soaked['requests']} requests ({soaked['req_per_s']:.0f}/s), "
+              f"{soaked['errors']} errors, RSS {soaked['rss_start_mb']:.0f} -> {soaked['rss_end_mb']:.0f} MB "
+              f"({soaked['rss_growth']:+.1%})")  # fmt: skip
     if args.json_out:
-        doc = {"clients": args.clients, "seconds": args.seconds, "repeat": args.repeat, "rows": rows}
-        args.json_out.write_text(json.dumps(doc, indent=2) + "\n")
+        args.json_out.write_text(json.dumps({"rows": rows, "soak": soaked, "clients": args.clients}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

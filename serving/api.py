@@ -25,13 +25,11 @@ from starlette.requests import ClientDisconnect
 
 import modelship
 from modelship.manifest import read_manifest
-from modelship.serving import compat, protocol
+from modelship.serving import compat, protocol, transport
 from modelship.serving.backends import PLATFORMS, Backend, load_backend
 from modelship.serving.metrics import exposition, metrics
 
 log = logging.getLogger(__name__)
-
-Job = tuple[np.ndarray, float]  # (float32 [n, C, H, W], monotonic time the API server queued it)
 
 
 @dataclass(frozen=True)
@@ -91,6 +89,8 @@ class HTTPSpec(compat.LitSpec):
         super().__init__()
         self.api_path = "/predict"
         self.settings = settings
+        self.addresses: transport.Addresses | None = None  # set by the server before the API servers fork
+        self._client: transport.Client | None = None
         self.model = model
         self.manifest = public_manifest(manifest)
         c, h, w = model.shape
@@ -115,7 +115,7 @@ class HTTPSpec(compat.LitSpec):
             self.add_endpoint(prefix + "/ready", self.v2_model_ready, ["GET"])
             self.add_endpoint(prefix + "/infer", self.v2_infer, ["POST"])
 
-    # LitSpec asks for these; requests arrive already decoded (a Job) and leave as arrays
+    # LitSpec asks for these; modelship's endpoints talk to the workers through `infer`
     def decode_request(self, request: Any, context_kwargs: dict | None = None) -> Any:
         return request
 
@@ -128,22 +128,20 @@ class HTTPSpec(compat.LitSpec):
         return compat.workers_ready(self)
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
-        """Queue one validated array and wait for its logits."""
+        """Send one validated array to the inference workers and wait for its logits."""
+        if self._client is None:  # made in the API server process, inside its event loop
+            assert self.addresses is not None
+            self._client = transport.Client(self.addresses, self.response_queue_id)
         try:
-            return await compat.submit(self, (x, time.monotonic()), self.settings.timeout)
-        except compat.WorkerTimeout:
+            return await self._client.call(x, self.settings.timeout)
+        except asyncio.TimeoutError:
             raise protocol.RequestError(
                 f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
             ) from None
-        except compat.WorkerDied:
-            raise protocol.RequestError(
-                "the inference worker stopped while handling this request and is being replaced; retry", 503
-            ) from None
-        except compat.WorkerFailed as e:
-            if e.status is not None:
-                raise protocol.RequestError(str(e), e.status) from None
-            log.error("inference failed: %s", e)
-            raise protocol.RequestError("inference failed; see the server log", 500) from None
+        except transport.WorkerError as e:
+            if e.status >= 500:
+                log.error("inference failed: %s", e.detail)
+            raise protocol.RequestError(e.detail, e.status) from None
 
     # ------------------------------------------------------------------------------------------ endpoints
 
@@ -260,17 +258,17 @@ class InferenceAPI(ls.LitAPI):
     """The inference worker side: loads the backend, warms it up, and runs dynamic batches."""
 
     def __init__(self, settings: Settings, spec: HTTPSpec) -> None:
-        # always the batched loop, so a batch of one takes the same path as a batch of many
         super().__init__(
             max_batch_size=settings.max_batch_size,
             batch_timeout=settings.batch_timeout,
             spec=spec,
-            loop=compat.GatherLoop(),
+            loop=compat.ZMQLoop(),
         )
         self.settings = settings
         self.chunk = spec.model.max_batch
         self.shape = spec.model.shape
         self.backend: Backend | None = None
+        self.addresses: transport.Addresses | None = None  # set by the server before the workers start
 
     def setup(self, device: str) -> None:
         # a spawned worker starts with no logging configuration
@@ -283,32 +281,32 @@ class InferenceAPI(ls.LitAPI):
             self.backend(np.zeros((n, *self.shape), np.float32))
         log.info("worker on %s ready: %s via %s", device, self.settings.backend, ", ".join(self.backend.providers))
 
-    def decode_request(self, request: Job, **kwargs: Any) -> Job:
-        return request
-
-    def batch(self, inputs: list[Job]) -> list[Job]:
-        return inputs
-
-    def predict(self, jobs: list[Job], **kwargs: Any) -> list[np.ndarray]:
+    def run(self, requests: list[transport.Request]) -> list[np.ndarray]:
+        """One dynamic batch: every request's rows through the model in chunks of at most the bundle's max batch,
+        each request's logits back in order."""
         assert self.backend is not None
         m = metrics()
         start = time.monotonic()
-        for _, queued in jobs:
-            m.queue.observe(start - queued)
-        sizes = [len(x) for x, _ in jobs]
-        x = np.concatenate([x for x, _ in jobs]) if len(jobs) > 1 else jobs[0][0]
+        for r in requests:
+            m.queue.observe(start - r.queued_at)
+        sizes = [len(r.x) for r in requests]
+        x = np.concatenate([r.x for r in requests]) if len(requests) > 1 else requests[0].x
         outs = []
         for i in range(0, len(x), self.chunk):
             part = x[i : i + self.chunk]
             outs.append(self.backend(part))
             m.batch_size.observe(len(part))
-        m.batch_requests.observe(len(jobs))
+        m.batch_requests.observe(len(requests))
         m.inference.observe(time.monotonic() - start)
         logits = np.concatenate(outs) if len(outs) > 1 else outs[0]
         return np.split(logits, np.cumsum(sizes)[:-1])
 
-    def unbatch(self, output: list[np.ndarray]) -> list[np.ndarray]:
-        return output
+    # LitAPI asks for these; modelship's loop (compat.ZMQLoop) calls `run` instead
+    def decode_request(self, request: Any, **kwargs: Any) -> Any:
+        return request
 
-    def encode_response(self, output: np.ndarray, **kwargs: Any) -> np.ndarray:
+    def predict(self, x: Any, **kwargs: Any) -> Any:
+        raise AssertionError("modelship's workers run batches through InferenceAPI.run")
+
+    def encode_response(self, output: Any, **kwargs: Any) -> Any:
         return output

@@ -1,44 +1,46 @@
 """Every use of LitServe's internals, in one module, with the reason for each.
 
-modelship uses LitServe's public API (LitAPI, LitServer, LitSpec endpoints) for what it offers, and reaches past it
-only where listed here. These names are private and may change in any release, so `check_version` refuses to start
-a server on a LitServe outside the range these overrides were written and tested against.
+modelship uses LitServe's public API (LitAPI, LitServer, LitSpec endpoints) for what it offers — the FastAPI app,
+the uvicorn API server processes, the inference worker processes and their replacement when one dies, readiness —
+and reaches past it only where listed here. These names are private and may change in any release, so
+`check_version` refuses to start a server on a LitServe outside the range these overrides were written and tested
+against.
 
-1. Responses travel over LitServe's ZeroMQ transport (`ZMQResponses`): one IPC round trip less per message than its
-   Manager queues. LitServe's own `fast_queue=True` is silently ignored in 0.2.19 and would swap the broker's
-   addresses if it were not (Lightning-AI/LitServe#751), so the server wires the transport in `_init_manager`.
+1. Requests and answers travel over modelship's own ZeroMQ transport (`modelship.serving.transport`), not over
+   LitServe's Manager request queue and response transport: the Manager round trips took a third of the API
+   servers' and half of the workers' time, and a worker killed while reading could strand a request. `Server`
+   starts the broker in `_init_manager`, gives LitServe an idle response transport, and tells the broker when
+   LitServe's monitor replaces a dead worker (`launch_single_inference_worker`), so what it held is not lost.
+   `ZMQLoop` is the worker loop that serves those batches.
 2. `verify_worker_status` is replaced: LitServe waits for a ready worker before it starts HTTP; modelship starts
    HTTP at once so `/health` answers 503 while the workers warm up, and watches for a worker that fails to load.
-3. `GatherLoop` replaces the batched loop's request collector, which makes an IPC round trip every millisecond even
-   when idle (see its docstring).
-4. The spec queues requests and reads answers through LitServe's response buffer and request queue (`submit`,
-   `workers_ready`): a custom LitSpec has no public way to do either.
-5. LitServe's own `/` ("litserve running") and info routes are removed from the app: modelship answers `/` itself
-   and has its own `/info`.
+3. LitServe's own `/` ("litserve running") and info routes are removed from the app: modelship answers `/` itself
+   and has its own `/info`. Its GZip middleware is removed (answers here are a few hundred bytes, and the layer
+   costs every request), and the spec's routes are registered again without LitServe's per-route auth dependency,
+   a synchronous function FastAPI runs in a thread pool on every request: modelship checks the API key in its own
+   middleware.
+4. `workers_ready` reads LitServe's record of which workers finished setup: a custom LitSpec has no public way to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from queue import Empty
 from typing import Any
 
 import litserve as ls
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
-from litserve.loops.simple_loops import BatchedLoop
+from fastapi.routing import APIRoute
+from litserve.loops.base import LitLoop
 from litserve.specs.base import LitSpec
-from litserve.transport.zmq_queue import Broker
-from litserve.transport.zmq_transport import ZMQTransport
-from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
+from litserve.utils import WorkerSetupStatus
+from starlette.middleware.gzip import GZipMiddleware
 
 from modelship.errors import ConfigError
+from modelship.serving import transport
 
 log = logging.getLogger(__name__)
 
@@ -65,39 +67,65 @@ def check_version(version: str | None = None) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------------ 1. responses
+# ------------------------------------------------------------------------------------------------ 1. transport
 
 
-class ZMQResponses(ZMQTransport):
-    """LitServe's ZeroMQ response transport, with a close() that does not fail in the process that never used it."""
+class IdleTransport:
+    """What LitServe's response reader in each API server waits on: nothing ever arrives (answers come over
+    modelship's transport instead), and waiting costs nothing."""
+
+    def send(self, item: Any, consumer_id: int) -> None:
+        raise AssertionError("modelship's workers answer over modelship.serving.transport")
+
+    async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> Any:
+        await asyncio.Event().wait()
 
     def close(self, **kwargs: Any) -> None:
-        if self._zmq is not None:
-            self._zmq.close()
-
-    def __reduce__(self) -> tuple:
-        return ZMQResponses, (self.backend_address, self.frontend_address)
+        pass
 
 
-# ------------------------------------------------------------------------------------------------ 2 and 5. server
+class ZMQLoop(LitLoop):
+    """The inference worker's loop: batches from the broker, answers straight to the API servers."""
+
+    def __call__(self, lit_api: Any, device: str, worker_id: int, *unused: Any) -> None:
+        worker = transport.Worker(lit_api.addresses, worker_id)
+        transport.serve_batches(worker, lit_api.run, lit_api.max_batch_size, lit_api.batch_timeout,
+                                lit_api.request_timeout)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ 2 and 3. server
 
 
 class Server(ls.LitServer):
-    """LitServer with ZeroMQ responses, HTTP up before the workers are warm, and modelship's own `/`."""
+    """LitServer on modelship's transport, with HTTP up before the workers are warm, and modelship's own `/`."""
 
     def __init__(self, *args: Any, on_worker_failure: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
         self._on_worker_failure = on_worker_failure
-        self.app.router.routes[:] = [
-            r for r in self.app.router.routes if not _litserve_own(r, ("/", LITSERVE_INFO_PATH))
-        ]
+        self._broker: transport.Broker | None = None
+        routes = self.app.router.routes
+        routes[:] = [r for r in routes if not _litserve_own(r, ("/", LITSERVE_INFO_PATH))]
+        for i, route in enumerate(routes):
+            if isinstance(route, APIRoute) and route.dependencies:  # the spec's routes, with LitServe's auth
+                routes[i] = APIRoute(route.path, route.endpoint, methods=list(route.methods or ()), name=route.name)
+        self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
 
     def _init_manager(self, num_api_servers: int) -> Any:
         manager = super()._init_manager(num_api_servers)
-        broker = Broker()
-        broker.start()
-        self._transport = ZMQResponses(backend_address=broker.backend_address, frontend_address=broker.frontend_address)
+        addresses = transport.Addresses.fresh(num_api_servers)
+        for lit_api in self.litapi_connector:
+            lit_api.addresses = addresses  # pickled into the workers, inherited by the forked API servers
+            lit_api.spec.addresses = addresses
+        self._broker = transport.Broker(addresses)
+        self._broker.start()
+        self._transport = IdleTransport()
         return manager
+
+    def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
+        # LitServe's monitor calls this to replace a dead worker: what the dead one held goes to the next worker
+        if self._broker is not None:
+            self._broker.worker_died(transport.identity(worker_id))
+        return super().launch_single_inference_worker(lit_api, worker_id)
 
     def verify_worker_status(self) -> None:
         threading.Thread(target=self._watch_setup, name="modelship-setup-watch", daemon=True).start()
@@ -122,89 +150,7 @@ def _litserve_own(route: Any, paths: tuple[str, ...]) -> bool:
     return getattr(route, "path", None) in paths and qualname.startswith("LitServer.")
 
 
-# ------------------------------------------------------------------------------------------------ 3. batches
-
-
-class GatherLoop(BatchedLoop):
-    """LitServe's batched loop, gathering differently: wait for a first request in 10 ms slices (LitServe's own
-    collector makes an IPC round trip every millisecond, even when idle), then take whatever else arrives within
-    batch_timeout, up to max_batch_size.
-
-    Why 10 ms and not longer: a worker killed while its get() is pending in the Manager process leaves that get
-    behind, and the next request handed to it is lost (answered 504 at --timeout). The slice bounds that window.
-    """
-
-    FIRST_WAIT = 0.01
-
-    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
-        payloads: list = []
-        timed_out: list = []
-        try:
-            item = request_queue.get(timeout=self.FIRST_WAIT)
-        except Empty:
-            return payloads, timed_out
-        deadline = time.monotonic() + lit_api.batch_timeout
-        while True:
-            if item == _SENTINEL_VALUE:
-                raise _StopLoopError()
-            response_queue_id, uid, queued_at, x = item
-            # tells the server which worker holds the request, so a crash answers it instead of hanging
-            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR)
-            if time.monotonic() - queued_at > lit_api.request_timeout:
-                timed_out.append((response_queue_id, uid))
-            else:
-                payloads.append((response_queue_id, uid, x))
-            if len(payloads) >= lit_api.max_batch_size:
-                return payloads, timed_out
-            remaining = deadline - time.monotonic()
-            try:
-                item = request_queue.get(timeout=remaining) if remaining > 0 else request_queue.get_nowait()
-            except Empty:
-                return payloads, timed_out
-
-
-# ------------------------------------------------------------------------------------------------ 4. the spec side
-
-
-class WorkerTimeout(Exception):
-    """No answer within the request timeout."""
-
-
-class WorkerDied(Exception):
-    """The worker holding the request died; LitServe's monitor is already replacing it."""
-
-
-class WorkerFailed(Exception):
-    """The worker answered with an error: `status` is an HTTP status when the worker chose one, else None."""
-
-    def __init__(self, detail: str, status: int | None = None):
-        super().__init__(detail)
-        self.status = status
-
-
-async def submit(spec: LitSpec, payload: Any, timeout: float) -> Any:
-    """Queue `payload` for the inference workers and wait for its answer; raise one of the Worker* errors."""
-    uid = uuid.uuid4().hex
-    event = asyncio.Event()
-    spec.response_buffer[uid] = ResponseBufferItem(event=event)
-    spec.request_queue.put((spec.response_queue_id, uid, time.monotonic(), payload))
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except asyncio.TimeoutError:
-        spec.response_buffer.pop(uid, None)
-        raise WorkerTimeout() from None
-    response, status = spec.response_buffer.pop(uid).response
-    if status != LitAPIStatus.ERROR:
-        return response
-    if isinstance(response, bytes):
-        try:
-            response = pickle.loads(response)
-        except Exception:
-            response = None
-    if response is None:
-        raise WorkerDied()
-    status_code = getattr(response, "status_code", None)
-    raise WorkerFailed(str(getattr(response, "detail", response)), status_code)
+# ------------------------------------------------------------------------------------------------ 4. readiness
 
 
 def workers_ready(spec: LitSpec) -> bool:

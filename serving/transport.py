@@ -1,0 +1,293 @@
+"""How requests reach the inference workers and answers come back: ZeroMQ, with tensors as zero-copy frames.
+
+    API server --PUSH--> broker (a thread of the main process) --ROUTER/DEALER--> inference worker
+    inference worker --PUSH--> the API server the request came from (one socket per API server)
+
+The broker hands requests out on credit: a worker asks for up to its batch size, gets what is waiting (at once, or as
+it arrives), and asks again when it has answered them. So requests wait in the broker, never in a busy worker, and
+the broker always knows what each worker holds: when a worker dies, what it held goes back to the front of the queue
+for the next worker (a request that a worker died on twice is answered 503 instead), and nothing is lost.
+
+Replaces LitServe's request queue, a multiprocessing Manager queue whose round trips (one per request on each side)
+took a third of the API servers' and half of the workers' time, and whose reads a killed worker could strand
+(BENCHMARKS.md, serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import queue
+import secrets
+import struct
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger(__name__)
+
+OK, ERROR = 0, 1
+MAX_ATTEMPTS = 2  # a request is handed to at most this many workers that then die
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """The IPC endpoints of one server, made before any process starts and pickled into every one."""
+
+    requests_in: str  # API servers push here
+    requests_out: str  # workers connect here
+    answers: tuple[str, ...]  # one per API server, which binds it
+
+    @classmethod
+    def fresh(cls, api_servers: int) -> Addresses:
+        base = os.path.join(tempfile.gettempdir(), f"modelship-{os.getpid()}-{secrets.token_hex(4)}")
+        answers = tuple(f"ipc://{base}-answers-{i}" for i in range(api_servers))
+        return cls(f"ipc://{base}-in", f"ipc://{base}-out", answers)
+
+
+@dataclass
+class Request:
+    """What a worker receives: who asked, when, and the float32 array [n, C, H, W]."""
+
+    uid: bytes
+    consumer: int
+    queued_at: float
+    x: np.ndarray
+
+
+def encode_request(uid: bytes, consumer: int, x: np.ndarray) -> list[Any]:
+    meta = pickle.dumps((uid, consumer, time.monotonic(), x.shape, x.dtype.str))
+    return [meta, np.ascontiguousarray(x).data]
+
+
+def decode_request(frames: list[Any]) -> Request:
+    uid, consumer, queued_at, shape, dtype = pickle.loads(frames[0])
+    x = np.frombuffer(frames[1], dtype=np.dtype(dtype)).reshape(shape)
+    return Request(uid, consumer, queued_at, x)
+
+
+def encode_answers(items: list[tuple[bytes, int, Any]]) -> list[Any]:
+    """One message for one API server: (uid, status, array or error detail) per request; arrays as one frame."""
+    arrays = [a for _, status, a in items if status == OK]
+    meta = [(uid, status, len(a) if status == OK else 0, None if status == OK else a) for uid, status, a in items]
+    body = np.concatenate(arrays) if arrays else np.zeros((0, 0), np.float32)
+    return [pickle.dumps((meta, body.shape[1:], body.dtype.str)), np.ascontiguousarray(body).data]
+
+
+# ------------------------------------------------------------------------------------------------ the broker
+
+
+class Broker:
+    """The main process's thread that holds waiting requests and hands them to workers on credit."""
+
+    def __init__(self, addresses: Addresses):
+        self.addresses = addresses
+        self.control: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="modelship-request-broker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+
+    def worker_died(self, identity: bytes) -> None:
+        """Called by the process that noticed: what the worker held goes back to the front of the queue."""
+        self.control.put(("dead", identity))
+
+    def _run(self) -> None:
+        ctx: zmq.Context = zmq.Context.instance()
+        front = ctx.socket(zmq.PULL)
+        front.bind(self.addresses.requests_in)
+        back = ctx.socket(zmq.ROUTER)
+        back.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a replacement worker takes over its predecessor's identity
+        back.bind(self.addresses.requests_out)
+        answers = [ctx.socket(zmq.PUSH) for _ in self.addresses.answers]
+        for sock, address in zip(answers, self.addresses.answers, strict=True):
+            sock.connect(address)
+        self._ready.set()
+        state = _BrokerState(back, answers)
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(back, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(100))
+            if front in events:
+                for _ in range(1000):  # drain what is there without polling again for each message
+                    try:
+                        state.waiting.append(front.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+            if back in events:
+                identity, *message = back.recv_multipart()
+                state.ready(identity, struct.unpack("!I", message[1])[0])
+            while not self.control.empty():
+                _, identity = self.control.get()
+                state.dead(identity)
+            state.dispatch()
+
+
+class _BrokerState:
+    """Waiting requests, each worker's credit and what it holds."""
+
+    def __init__(self, back: zmq.Socket, answers: list[zmq.Socket]):
+        self.back, self.answers = back, answers
+        self.waiting: deque[list[Any]] = deque()
+        self.credit: dict[bytes, int] = {}
+        self.held: dict[bytes, list[list[Any]]] = {}
+        self.attempts: dict[bytes, int] = {}
+
+    def ready(self, identity: bytes, n: int) -> None:
+        if self.attempts:  # asking again means the last batch is answered
+            for frames in self.held.get(identity, []):
+                self.attempts.pop(pickle.loads(frames[0].bytes)[0], None)
+        self.credit[identity] = n
+        self.held[identity] = []
+
+    def dead(self, identity: bytes) -> None:
+        held = self.held.pop(identity, [])
+        self.credit.pop(identity, None)
+        for frames in reversed(held):
+            uid, consumer, *_ = pickle.loads(frames[0].bytes)
+            self.attempts[uid] = self.attempts.get(uid, 0) + 1
+            if self.attempts[uid] >= MAX_ATTEMPTS:
+                self.attempts.pop(uid)
+                detail = "two inference workers died on this request; it is not retried again"
+                self.answers[consumer].send_multipart(encode_answers([(uid, ERROR, (503, detail))]))
+            else:
+                self.waiting.appendleft(frames)
+        if held:
+            log.warning("an inference worker died holding %d request(s); they go to the next worker", len(held))
+
+    def dispatch(self) -> None:
+        while self.waiting:
+            identity = max(self.credit, key=self.credit.__getitem__, default=None)
+            if identity is None or self.credit[identity] == 0:
+                return
+            frames = self.waiting.popleft()
+            self.back.send_multipart([identity, *frames], copy=False)
+            self.credit[identity] -= 1
+            self.held[identity].append(frames)
+
+
+# ------------------------------------------------------------------------------------------------ API server side
+
+
+class Client:
+    """In an API server process: send requests, await answers (created lazily, in that process's event loop)."""
+
+    def __init__(self, addresses: Addresses, consumer: int):
+        self.consumer = consumer
+        self.ctx = zmq.asyncio.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.connect(addresses.requests_in)
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.bind(addresses.answers[consumer])
+        self.pending: dict[bytes, asyncio.Future] = {}
+        self.reader = asyncio.get_running_loop().create_task(self._read(), name="modelship-answers")
+
+    async def call(self, x: np.ndarray, timeout: float) -> np.ndarray:
+        """Send one array, wait for its answer: the array, or WorkerError / asyncio.TimeoutError."""
+        uid = secrets.token_bytes(12)
+        future = asyncio.get_running_loop().create_future()
+        self.pending[uid] = future
+        try:
+            await self.push.send_multipart(encode_request(uid, self.consumer, x), copy=False)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self.pending.pop(uid, None)
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.pull.recv_multipart(copy=False)
+            meta, row_shape, dtype = pickle.loads(frames[0].bytes)
+            body = np.frombuffer(frames[1].buffer, dtype=np.dtype(dtype)).reshape(-1, *row_shape)
+            start = 0
+            for uid, status, rows, detail in meta:
+                future = self.pending.get(uid)
+                if status == OK:
+                    part, start = body[start : start + rows], start + rows
+                    if future is not None and not future.done():
+                        future.set_result(part.copy())
+                elif future is not None and not future.done():
+                    future.set_exception(WorkerError(*detail))
+
+
+class WorkerError(Exception):
+    """An inference worker answered with an error: an HTTP status and a message."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+
+
+class Worker:
+    """In an inference worker process: take batches on credit, send each API server its answers."""
+
+    def __init__(self, addresses: Addresses, worker_id: int):
+        self.ctx = zmq.Context()
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.IDENTITY, identity(worker_id))
+        self.dealer.connect(addresses.requests_out)
+        self.answers = [self.ctx.socket(zmq.PUSH) for _ in addresses.answers]
+        for sock, address in zip(self.answers, addresses.answers, strict=True):
+            sock.connect(address)
+
+    def next_batch(self, max_batch: int, window: float) -> list[Request]:
+        """Ask for up to `max_batch` requests; wait for the first, then take what arrives within `window` seconds."""
+        self.dealer.send_multipart([b"ready", struct.pack("!I", max_batch)])
+        while not self.dealer.poll(1000):
+            pass
+        batch = [decode_request(self.dealer.recv_multipart(copy=False))]
+        deadline = time.monotonic() + window
+        while len(batch) < max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and not self.dealer.poll(0):
+                break
+            if remaining > 0 and not self.dealer.poll(max(1, int(remaining * 1000))):
+                break
+            batch.append(decode_request(self.dealer.recv_multipart(copy=False)))
+        return batch
+
+    def answer(self, items: list[tuple[Request, int, Any]]) -> None:
+        """(request, status, array or (http status, detail)) per request, one message per API server."""
+        by_consumer: dict[int, list[tuple[bytes, int, Any]]] = {}
+        for req, status, value in items:
+            by_consumer.setdefault(req.consumer, []).append((req.uid, status, value))
+        for consumer, answers in by_consumer.items():
+            self.answers[consumer].send_multipart(encode_answers(answers), copy=False)
+
+
+def identity(worker_id: int) -> bytes:
+    return f"worker-{worker_id}".encode()
+
+
+def serve_batches(worker: Worker, run: Callable[[list[Request]], list[np.ndarray]], max_batch: int, window: float,
+                  timeout: float) -> None:  # fmt: skip
+    """The worker's loop: batches in, answers out, forever; a request older than `timeout` is answered 504."""
+    while True:
+        batch = worker.next_batch(max_batch, window)
+        now = time.monotonic()
+        late = [r for r in batch if now - r.queued_at > timeout]
+        fresh = [r for r in batch if now - r.queued_at <= timeout]
+        items: list[tuple[Request, int, Any]] = [(r, ERROR, (504, "timed out in the queue")) for r in late]
+        if fresh:
+            try:
+                items += [(r, OK, y) for r, y in zip(fresh, run(fresh), strict=True)]
+            except Exception as e:  # requests are validated before they are queued: this is the model's failure
+                log.exception("inference failed")
+                items += [(r, ERROR, (500, f"inference failed: {type(e).__name__}")) for r in fresh]
+        worker.answer(items)
