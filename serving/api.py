@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import litserve as ls
 import numpy as np
+import pydantic_core
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
@@ -28,6 +30,7 @@ from modelship.manifest import read_manifest
 from modelship.serving import compat, protocol, transport
 from modelship.serving.backends import PLATFORMS, Backend, load_backend
 from modelship.serving.metrics import exposition, metrics
+from modelship.serving.middleware import CLIENT_CLOSED
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ class Settings:
     api_key_required: bool
     log_level: str = "info"
 
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_payload_mb * (1 << 20))
+
 
 def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest without this machine's paths."""
@@ -55,11 +62,20 @@ def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "source": source}
 
 
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
+JSON_HEADERS = [(b"content-type", b"application/json")]
+V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+
+
 def json_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer; never sent, only counted
+def raw(status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> Response:
+    """An Answer as a Starlette response (the routes FastAPI serves)."""
+    response = Response(content, status_code=status)
+    response.raw_headers = [(b"content-length", str(len(content)).encode()), *headers]
+    return response
 
 
 def handled(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
@@ -185,18 +201,27 @@ class HTTPSpec(compat.LitSpec):
             top_k = protocol.parse_top_k(form.get("top_k"), self.model)
             what = f"uploaded file {upload.filename or ''}".strip()
             req = protocol.PredictRequest(top_k, image=await upload.read(), what=what)
-        elif ctype == "application/json":
-            req = protocol.parse_predict_json(await request.body(), self.model)
+            return raw(*await self.answer_predict(req))
+        status, headers, content = await self.predict_body(ctype, await request.body())
+        return raw(status, headers, content)
+
+    async def predict_body(self, ctype: str, body: bytes) -> Answer:
+        """/predict with a JSON or a raw image/* body: the hot path, shared with the guard's fast path."""
+        if ctype == "application/json":
+            req = protocol.parse_predict_json(body, self.model)
         elif ctype.startswith("image/"):
-            req = protocol.PredictRequest(self.model.default_top_k, image=await request.body())
+            req = protocol.PredictRequest(self.model.default_top_k, image=body)
         else:
             raise protocol.RequestError(
                 f"Content-Type {ctype} is not supported; send application/json, multipart/form-data or image/*", 415
             )
+        return await self.answer_predict(req)
+
+    async def answer_predict(self, req: protocol.PredictRequest) -> Answer:
         # decoding a large image takes long enough to stall every other request on this event loop
         x = req.tensor if req.tensor is not None else await asyncio.to_thread(req.to_tensor, self.model)
         logits = await self.infer(x)
-        return JSONResponse(protocol.predict_response(logits[0], self.model, req.top_k))
+        return 200, JSON_HEADERS, pydantic_core.to_json(protocol.predict_response(logits[0], self.model, req.top_k))
 
     @handled
     async def info(self, request: Request) -> Response:
@@ -245,13 +270,34 @@ class HTTPSpec(compat.LitSpec):
     @handled
     async def v2_infer(self, request: Request, name: str, version: str | None = None) -> Response:
         """A batch [N, C, H, W] as JSON data or with the binary tensor extension."""
+        headers = {k.encode(): v.encode() for k, v in request.headers.items()}
+        return raw(*await self.v2_body(name, version, headers, await request.body()))
+
+    async def v2_body(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """A v2 inference request's body to its answer: the hot path, shared with the guard's fast path."""
         self._model(name, version)
-        limit = int(self.settings.max_payload_mb * (1 << 20))
-        body = protocol.decompress(await request.body(), request.headers.get("content-encoding"), limit)
-        req = protocol.parse_v2_infer(body, request.headers.get("inference-header-content-length"), self.model)
+        encoding = headers.get(b"content-encoding")
+        body = protocol.decompress(body, encoding.decode() if encoding else None, self.settings.max_bytes)
+        length = headers.get(b"inference-header-content-length")
+        req = protocol.parse_v2_infer(body, length.decode() if length is not None else None, self.model)
         logits = await self.infer(req.tensor)
-        content, headers = protocol.v2_response(logits, req, self.model)
-        return Response(content, headers=headers)
+        content, extra = protocol.v2_response(logits, req, self.model)
+        return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
+
+    def fast_route(self, scope: dict[str, Any]) -> Callable[[dict[bytes, bytes], bytes], Awaitable[Answer]] | None:
+        """The hot routes the guard answers itself, without FastAPI's routing (BENCHMARKS.md, serving): POST
+        /predict with a JSON or image body, and POST to a model's v2 infer route. None for everything else."""
+        if scope["method"] != "POST":
+            return None
+        if scope["path"] == "/predict":
+            ctype = dict(scope["headers"]).get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+            if ctype == b"application/json" or ctype.startswith(b"image/"):
+                return lambda headers, body: self.predict_body(ctype.decode(), body)
+            return None
+        m = V2_INFER.match(scope["path"])
+        if m is None:
+            return None
+        return lambda headers, body: self.v2_body(m.group(1), m.group(2), headers, body)
 
 
 class InferenceAPI(ls.LitAPI):

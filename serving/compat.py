@@ -20,21 +20,32 @@ against.
    a synchronous function FastAPI runs in a thread pool on every request: modelship checks the API key in its own
    middleware.
 4. `workers_ready` reads LitServe's record of which workers finished setup: a custom LitSpec has no public way to.
+5. `_start_server` gives each API server process its own listening socket with SO_REUSEPORT, so the kernel spreads
+   new connections over them: with LitServe's one shared socket, a burst of connections often all went to one
+   process while the other idled (BENCHMARKS.md, serving).
+6. No worker is replaced once shutdown has begun (`_perform_graceful_shutdown` sets a flag that
+   `launch_single_inference_worker` reads): LitServe's monitor would otherwise restart the workers shutdown just
+   stopped, and those would fail on the Manager being shut down, with a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import multiprocessing as mp
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import litserve as ls
+import uvicorn
 from fastapi.routing import APIRoute
 from litserve.loops.base import LitLoop
+from litserve.server import _Server
 from litserve.specs.base import LitSpec
 from litserve.utils import WorkerSetupStatus
 from starlette.middleware.gzip import GZipMiddleware
@@ -103,6 +114,7 @@ class Server(ls.LitServer):
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
         self._on_worker_failure = on_worker_failure
         self._broker: transport.Broker | None = None
+        self._stopping = False
         routes = self.app.router.routes
         routes[:] = [r for r in routes if not _litserve_own(r, ("/", LITSERVE_INFO_PATH))]
         for i, route in enumerate(routes):
@@ -123,9 +135,49 @@ class Server(ls.LitServer):
 
     def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
         # LitServe's monitor calls this to replace a dead worker: what the dead one held goes to the next worker
+        if self._stopping:
+            return self.inference_workers[self._worker_index(lit_api, worker_id)]
         if self._broker is not None:
             self._broker.worker_died(transport.identity(worker_id))
         return super().launch_single_inference_worker(lit_api, worker_id)
+
+    def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
+        self._stopping = True
+        super()._perform_graceful_shutdown(*args, **kwargs)
+
+    def _worker_index(self, lit_api: ls.LitAPI, worker_id: int) -> int:
+        before = 0
+        for api in self.litapi_connector:
+            if api is lit_api:
+                return before + worker_id
+            before += len(self._inference_workers_config_for_api(api.api_path))
+        raise AssertionError("unknown LitAPI")
+
+    def _start_server(self, port: int, num_uvicorn_servers: int, log_level: str, sockets: list[socket.socket],
+                      uvicorn_worker_type: str, **kwargs: Any) -> dict[int, Any]:  # fmt: skip
+        shared = sockets[0]
+        family, address = shared.family, shared.getsockname()[:2]
+        for sock in sockets:
+            sock.close()
+        workers = {}
+        for consumer in range(num_uvicorn_servers):
+            self.app.response_queue_id = consumer
+            for lit_api in self.litapi_connector:
+                lit_api.spec.response_queue_id = consumer
+            app = copy.copy(self.app)
+            self._prepare_app_run(app)
+            config = uvicorn.Config(app=app, host=address[0], port=port, log_level=log_level,
+                                    timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)  # fmt: skip
+            server = _Server(config=config)
+            own = [reuseport_socket(family, address)]
+            process = mp.get_context("fork").Process(
+                target=server.run, args=(consumer, own), name=f"LitServer-{consumer}"
+            )
+            process.start()
+            for sock in own:
+                sock.close()  # the child has it
+            workers[consumer] = process
+        return workers
 
     def verify_worker_status(self) -> None:
         threading.Thread(target=self._watch_setup, name="modelship-setup-watch", daemon=True).start()
@@ -142,6 +194,17 @@ class Server(ls.LitServer):
                 log.info("ready: %d worker(s) warmed up; /health is 200", len(states))
                 return
             time.sleep(0.05)
+
+
+def reuseport_socket(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
+    """A listening socket on `address` that other processes may bind too; the kernel balances connections."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def _litserve_own(route: Any, paths: tuple[str, ...]) -> bool:

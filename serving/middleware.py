@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -11,6 +12,8 @@ from typing import Any
 
 from modelship.serving.metrics import metrics
 from modelship.serving.protocol import RequestError
+
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,13 +55,23 @@ async def send_error(send: Send, status: int, message: str, close: bool = False)
     await send({"type": "http.response.body", "body": body})
 
 
-class Guard:
-    """Counts and times every request; checks the API key; refuses bodies over the limit without reading them."""
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+Handler = Callable[[dict[bytes, bytes], bytes], Awaitable[Answer]]
+CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer; never sent, only counted
 
-    def __init__(self, app: Callable[..., Awaitable[None]], *, api_key: str | None, max_bytes: int) -> None:
+
+class Guard:
+    """Counts and times every request; checks the API key; refuses bodies over the limit without reading them; and
+    answers the hot routes itself (`fast`: the spec's `fast_route`), without FastAPI's per-request routing."""
+
+    def __init__(
+        self, app: Callable[..., Awaitable[None]], *, api_key: str | None, max_bytes: int,
+        fast: Callable[[Scope], Handler | None] | None = None,
+    ) -> None:  # fmt: skip
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_bytes = max_bytes
+        self.fast = fast
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         assert self.api_key is not None
@@ -104,8 +117,12 @@ class Guard:
                     raise PayloadTooLarge(self._too_large(received))
                 return message
 
+            handler = self.fast(scope) if self.fast is not None else None
             try:
-                await self.app(scope, receive_limited, send_tracked)
+                if handler is not None:
+                    status = await answer(handler, headers, receive_limited, send_tracked) or status
+                else:
+                    await self.app(scope, receive_limited, send_tracked)
             except PayloadTooLarge as e:  # from a route that did not answer it itself
                 if not started:
                     await send_error(send_tracked, 413, e.message, close=True)
@@ -119,3 +136,29 @@ class Guard:
             f"the request body ({size} bytes or more) is over the {self.max_bytes} byte payload limit "
             "(--max-payload-mb)"
         )
+
+
+async def answer(handler: Handler, headers: dict[bytes, bytes], receive: Receive, send: Send) -> int | None:
+    """Read the whole body, run `handler`, send its answer; 499 (nothing sent) when the client hung up first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            log.debug("the client disconnected before its request arrived")
+            return CLIENT_CLOSED
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    try:
+        status, extra, body = await handler(headers, b"".join(chunks))
+    except RequestError as e:
+        await send_error(send, e.status, e.message)
+        return None
+    except Exception:
+        log.exception("unhandled error answering a request")
+        await send_error(send, 500, "internal server error; see the server log")
+        return None
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", str(len(body)).encode()), *extra]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+    return None

@@ -146,7 +146,7 @@ def build_server(
     )
     model = ServedModel.from_manifest(manifest, max_batch=int(manifest.get("max_batch", 64)))
     spec = HTTPSpec(manifest, settings, model)
-    middlewares: list[Any] = [(Guard, {"api_key": cfg.api_key, "max_bytes": cfg.max_bytes})]
+    middlewares: list[Any] = [(Guard, {"api_key": cfg.api_key, "max_bytes": cfg.max_bytes, "fast": spec.fast_route})]
     if cfg.cors_origins:
         # added after the guard, so it wraps it: a browser's preflight is answered before the API key is asked for
         middlewares.append((CORSMiddleware, cors_options(cfg.cors_origins)))

@@ -162,3 +162,19 @@ def test_missing_bundle(tmp_path: Path, cli) -> None:
         f"modelship serve: error: bundle {tmp_path / 'nope'} is not a directory; "
         "expected the folder `modelship export --out` wrote"
     )
+
+
+def test_a_request_a_dying_worker_held_is_answered_by_its_replacement(tiny_bundle: Path, tmp_path: Path) -> None:
+    # one worker that holds requests for 1.5 s while it gathers a batch: kill it while it holds them
+    args = ("--workers-per-device", "1", "--batch-timeout", "1.5", "--max-batch-size", "64")
+    with running_server(tiny_bundle, *args, tmp=tmp_path) as s:
+        (worker,) = s.children()
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(predict, s.url) for _ in range(4)]
+            time.sleep(0.5)
+            os.kill(worker, signal.SIGKILL)
+            answers = [f.result() for f in futures]
+        assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+        assert "died holding 4 request(s); they go to the next worker" in s.output()
+        (replacement,) = s.children()
+        assert replacement != worker
