@@ -277,9 +277,10 @@ def parse_v2_infer(body: bytes, header_length: str | None, model: ServedModel) -
     return V2Request(tensor, request_id, binary_out, names)
 
 
-def _split_binary(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
-    """The JSON header (parsed) and the binary tensor bytes after it (the binary tensor extension)."""
-    binary = b""
+def _split_binary(body: bytes, header_length: str | None) -> tuple[Any, bytes | memoryview]:
+    """The JSON header (parsed) and the binary tensor bytes after it (the binary tensor extension), as a view of the
+    body: slicing bytes would copy the tensor."""
+    binary: bytes | memoryview = b""
     if header_length is not None:
         try:
             n = int(header_length)
@@ -287,7 +288,7 @@ def _split_binary(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
             raise RequestError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
         if not 0 < n <= len(body):
             raise RequestError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
-        body, binary = body[:n], body[n:]
+        body, binary = body[:n], memoryview(body)[n:]
     return parse_json(body), binary
 
 
@@ -299,7 +300,7 @@ def _v2_binary_flag(params: dict[str, Any], where: str) -> bool:
     return bool(params[key])
 
 
-def _v2_input(t: Any, binary: bytes, model: ServedModel) -> np.ndarray:
+def _v2_input(t: Any, binary: bytes | memoryview, model: ServedModel) -> np.ndarray:
     """The one input tensor object -> float32 [N, C, H, W]."""
     _v2_type(t, dict, "inputs[0]", "an object")
     _v2_fields(t, V2_INPUT_FIELDS, "inputs[0]")
@@ -331,7 +332,8 @@ def _v2_input(t: Any, binary: bytes, model: ServedModel) -> np.ndarray:
         )
     if "data" in t:
         raise RequestError("input has both binary data and a data field; send one")
-    return check_finite(np.frombuffer(binary, dtype=V2_DTYPES["FP32"]).reshape(shape).astype(np.float32), "input")
+    # little-endian float32 already: a view of the body, not a copy
+    return check_finite(np.frombuffer(binary, dtype=V2_DTYPES["FP32"]).reshape(shape), "input")
 
 
 def v2_response(logits: np.ndarray, req: V2Request, model: ServedModel) -> tuple[bytes, dict[str, str]]:

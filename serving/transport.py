@@ -16,6 +16,7 @@ took a third of the API servers' and half of the workers' time, and whose reads 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import pickle
@@ -193,11 +194,13 @@ class Client:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(addresses.answers[consumer])
         self.pending: dict[bytes, asyncio.Future] = {}
+        self.prefix = secrets.token_bytes(8)  # unique to this process; a counter makes each request's id
+        self.count = itertools.count()
         self.reader = asyncio.get_running_loop().create_task(self._read(), name="modelship-answers")
 
     async def call(self, x: np.ndarray, timeout: float) -> np.ndarray:
         """Send one array, wait for its answer: the array, or WorkerError / asyncio.TimeoutError."""
-        uid = secrets.token_bytes(12)
+        uid = self.prefix + struct.pack("!Q", next(self.count))
         future = asyncio.get_running_loop().create_future()
         self.pending[uid] = future
         try:
