@@ -236,7 +236,7 @@ def report(rows: list[dict], soaked: dict | None, manifest: dict, args: argparse
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
     print(f"{args.clients} concurrent clients, {args.seconds:g}s per measurement, median of {args.rounds} interleaved "
           f"rounds; model {manifest['model']['arch']} {manifest['input']['shape']}\n")  # fmt: skip
-    width = max(len(r["server"]) for r in rows)
+    width = max((len(r["server"]) for r in rows), default=6)
     print(f"{'server'.ljust(width)}  payload      req/s   p50 ms   p99 ms  errors  of ceiling  of in-proc  vs plain"
           "  (req/s per round)")  # fmt: skip
     for r in rows:
