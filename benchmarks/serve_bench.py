@@ -12,6 +12,8 @@ interleave the contenders and the median round is reported, so drift in a shared
   (benchmarks/bare_server.py); and the same app parsing JSON with the standard library's json.loads.
 - `--plain`: a plain FastAPI endpoint with one eager PyTorch forward per request (benchmarks/plain_server.py).
 - `--inprocess`: ONNX Runtime in this process on batches of --max-batch (samples/s): the compute ceiling.
+- `--compare-checkout DIR`: modelship served from another checkout (a git worktree of an earlier commit), with this
+  run's Python and dependencies: before against after in one run.
 - `--soak S`: modelship under the v2 load for S seconds; the server's memory (RSS of all its processes) is sampled
   after warm-up and at the end, and every error is counted.
 """
@@ -67,10 +69,14 @@ def _wait_ready(proc: subprocess.Popen, log: IO[bytes], port: int) -> None:
 
 
 @contextlib.contextmanager
-def started(cmd: list[str], port: int) -> Iterator[subprocess.Popen]:
-    """Run a server for the duration of the block; its output is shown only if it dies."""
+def started(cmd: list[str], port: int, checkout: Path = REPO) -> Iterator[subprocess.Popen]:
+    """Run a server (from `checkout`: another one measures an earlier commit side by side) for the duration of the
+    block; its output is shown only if it dies."""
+    env = {**ENV, "PYTHONPATH": str(checkout)}
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             _wait_ready(proc, log, port)
             yield proc
@@ -145,6 +151,10 @@ def round_of(bundle: Path, manifest: dict, loads: dict[str, Payload], args: argp
             out.append(measure("plain FastAPI + eager", "json", port, payloads(manifest)["json"], args))
     if args.inprocess:
         out.append(inprocess(bundle, manifest, args.max_batch, args.seconds))
+    if args.compare_checkout:
+        port = free_port()
+        with started(serve_cmd(bundle, port, ""), port, args.compare_checkout):
+            out += [measure("modelship serve (the other checkout)", kind, port, p, args) for kind, p in loads.items()]
     for extra in args.serve_args or [""]:
         port = free_port()
         name = "modelship serve" + (f" {extra}" if extra else "")
@@ -214,6 +224,12 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="the plain FastAPI + eager endpoint (JSON)")
     parser.add_argument("--inprocess", action="store_true", help="in-process ONNX Runtime on batches")
     parser.add_argument("--max-batch", type=int, default=32, help="batch for --inprocess (default 32)")
+    parser.add_argument(
+        "--compare-checkout",
+        type=Path,
+        metavar="DIR",
+        help="also serve with the modelship of this checkout (e.g. a git worktree of an earlier commit)",
+    )
     parser.add_argument("--soak", type=float, default=0.0, help="seconds of soak under load (default: none)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -230,23 +246,28 @@ def main() -> None:
 
 
 def report(rows: list[dict], soaked: dict | None, manifest: dict, args: argparse.Namespace) -> None:
-    ceiling = {r["payload"]: r["req_per_s"] for r in rows if r["server"] == "bare ASGI ceiling"}
-    compute = next((r["req_per_s"] for r in rows if r["server"].startswith("in-process")), None)
-    plain = next((r["req_per_s"] for r in rows if r["server"].startswith("plain")), None)
+    def find(prefix: str, payload: str | None = None) -> float | None:
+        hits = [r["req_per_s"] for r in rows if r["server"].startswith(prefix) and payload in (None, r["payload"])]
+        return hits[0] if hits else None
+
+    def ratio(r: dict, of: float | None, suffix: str = "") -> str:
+        return f"{r['req_per_s'] / of:.3f}{suffix}" if of and r["server"].startswith("modelship") else "-"
+
+    compute, plain, loads = find("in-process"), find("plain"), find("bare ASGI, json.loads", "json")
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
     print(f"{args.clients} concurrent clients, {args.seconds:g}s per measurement, median of {args.rounds} interleaved "
           f"rounds; model {manifest['model']['arch']} {manifest['input']['shape']}\n")  # fmt: skip
     width = max((len(r["server"]) for r in rows), default=6)
-    print(f"{'server'.ljust(width)}  payload      req/s   p50 ms   p99 ms  errors  of ceiling  of in-proc  vs plain"
-          "  (req/s per round)")  # fmt: skip
+    print(f"{'server'.ljust(width)}  payload      req/s   p50 ms   p99 ms  errors  of bare  of json.loads  of in-proc"
+          "  vs plain  (req/s per round)")  # fmt: skip
     for r in rows:
-        served = r["server"].startswith("modelship")
-        of_ceiling = r["req_per_s"] / ceiling[r["payload"]] if served and r["payload"] in ceiling else float("nan")
-        of_compute = r["req_per_s"] / compute if served and compute else float("nan")
-        vs_plain = r["req_per_s"] / plain if served and plain and r["payload"] == "json" else float("nan")
+        bare = find("bare ASGI ceiling", r["payload"])
+        json_loads = ratio(r, loads) if r["payload"] == "json" else "-"
+        vs_plain = ratio(r, plain, "x") if r["payload"] == "json" else "-"
+        p50, p99 = (f"{r[k]:.2f}" if r[k] == r[k] else "-" for k in ("p50_ms", "p99_ms"))
         each = ", ".join(f"{v:.0f}" for v in r["rounds"])
-        print(f"{r['server'].ljust(width)}  {r['payload']:<10} {r['req_per_s']:>7.1f}  {r['p50_ms']:>7.2f}  "
-              f"{r['p99_ms']:>7.2f}  {r['errors']:>6}  {of_ceiling:>10.3f}  {of_compute:>10.3f}  {vs_plain:>7.2f}x"
+        print(f"{r['server'].ljust(width)}  {r['payload']:<10} {r['req_per_s']:>7.1f}  {p50:>7}  {p99:>7}  "
+              f"{r['errors']:>6}  {ratio(r, bare):>7}  {json_loads:>13}  {ratio(r, compute):>10}  {vs_plain:>8}"
               f"  ({each})")  # fmt: skip
     if soaked:
         print(f"\nsoak {soaked['seconds']:g}s: {soaked['requests']} requests ({soaked['req_per_s']:.0f}/s), "
