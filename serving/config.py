@@ -29,7 +29,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 32
-    batch_timeout: float = 0.002
+    batch_timeout: float = 0.0  # take what is waiting: under load batches fill while the model runs (BENCHMARKS.md)
     workers_per_device: int = 2
     api_servers: int | None = None
     threads: int | None = None

@@ -46,7 +46,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--batch-timeout",
         type=float,
         default=d("batch_timeout"),
-        help="seconds to wait for a batch to fill (default %(default)s)",
+        help="seconds a worker waits for more requests to fill a batch (default %(default)s: it takes what is waiting)",
     )
     p.add_argument(
         "--workers-per-device",

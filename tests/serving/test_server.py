@@ -48,7 +48,7 @@ def test_health_info_and_v2_metadata(server: Server, tiny_bundle: Path) -> None:
     expected = {
         "backend": "onnx",
         "max_batch_size": 32,
-        "batch_timeout": 0.002,
+        "batch_timeout": 0.0,
         "workers_per_device": 2,
         "threads": threads,
     }
