@@ -51,3 +51,18 @@ def test_a_backend_the_bundle_lacks_is_refused(tiny_bundle: Path, cli) -> None:
         f"modelship serve: error: --backend onnx-int8: bundle {tiny_bundle} has no onnx-int8 artifact "
         "(it has onnx, torchscript, pt2)"
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["onnx", "onnx-fp16", "onnx-int8"])
+def test_onnx_artifacts_run_on_a_gpu_provider(variant_bundle: Path, kind: str) -> None:
+    from modelship.serving.backends import load_backend
+
+    path = variant_bundle / json.loads((variant_bundle / "manifest.json").read_text())["artifacts"][kind]["path"]
+    backend = load_backend(kind, path, "cuda:0", 1)
+    assert backend.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider"), backend.providers
+    x = np.random.default_rng(2).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    got, ref = backend(x), direct(variant_bundle, "onnx", x)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    tolerance = {"onnx": 1e-3, "onnx-fp16": 0.05, "onnx-int8": 0.25}[kind] * max(1.0, float(np.abs(ref).max()))
+    assert float(np.abs(got - ref).max()) <= tolerance

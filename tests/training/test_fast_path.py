@@ -94,3 +94,16 @@ def test_bad_cache_flags_are_one_line_exit_2(tmp_path: Path, data_dir: Path, cli
         f"modelship train: error: --cache-dir {tmp_path / 'file' / 'cache'} is not writable ("
     )
     assert pt_files(tmp_path / "o") == []
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_data_lives_on_the_gpu_and_checkpoints_stay_portable(tmp_path: Path, data_dir: Path, cli) -> None:
+    r = cli("train", "--out", tmp_path / "g", "--epochs", "2", "--data-cache", "gpu",
+            *tiny_train_args(data_dir, "--device", "cuda"))  # fmt: skip
+    assert r.code == 0, r.err
+    assert "data decoded on the GPU" in r.err
+    assert "bf16 autocast (CUDA sm_" in r.err or "fp32 (no native bf16 on this cuda" in r.err
+    ckpt = torch.load(tmp_path / "g" / "checkpoints" / "last.pt", weights_only=True)
+    assert {t.device.type for t in ckpt["state_dict"].values()} == {"cpu"}
+    rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(row["train_loss"]) for row in rows)
