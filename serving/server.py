@@ -98,11 +98,12 @@ def serve(cfg: ServeConfig) -> None:
         on_sigterm_drain()
         workers = n_devices * cfg.workers_per_device
         url_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        wait = f"waiting up to {cfg.batch_timeout:g}s for more" if cfg.batch_timeout else "of what is waiting"
         log.info(
-            "serving %s (%s on %s, %d worker(s), batches of up to %d within %gs) at http://%s:%d — POST /predict, "
+            "serving %s (%s on %s, %d worker(s), batches of up to %d %s) at http://%s:%d — POST /predict, "
             "POST /v2/models/%s/infer, docs at /docs; /health turns 200 once warmed up",
-            manifest["name"], cfg.backend, accelerator, workers, cfg.max_batch_size, cfg.batch_timeout,
-            url_host, cfg.port, manifest["name"],
+            manifest["name"], cfg.backend, accelerator, workers, cfg.max_batch_size, wait, url_host, cfg.port,
+            manifest["name"],
         )  # fmt: skip
         server.run(
             host=cfg.host,
