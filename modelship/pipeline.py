@@ -189,7 +189,8 @@ def write_report(cfg: RunConfig, result: RunResult, refusal: GateError | None) -
     ckpt = result.ckpt
     page = report.run_page({
         "manifest": result.bundle.manifest, "history": ckpt["history"], "evaluation": evaluation,
-        "data": ckpt["data"], "model": ckpt["model"], "config": ckpt["config"],
+        "data": ckpt["data"], "model": ckpt["model"],
+        "config": {**ckpt["config"], "learning_rate": cfg.train.learning_rate},  # the optimiser's default when no --lr
         "bundle_link": os.path.relpath(result.bundle.path, out), "passed": refusal is None,
         "reason": str(refusal) if refusal else "", "seconds": result.seconds,
         "train_seconds": result.train_seconds, "export_seconds": result.export_seconds,

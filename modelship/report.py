@@ -306,13 +306,14 @@ def artifacts_section(manifest: dict[str, Any], bundle_link: str) -> str:
 
 def model_section(data: dict[str, Any], model: dict[str, Any], config: dict[str, Any]) -> str:
     source = data.get("source", {})
+    lr = config.get("learning_rate") or config.get("lr") or "default"
     rows = [
         ["data", f"{source.get('name', '?')} {source.get('root', '')}".strip()],
         ["classes", ", ".join(data["classes"])],
         ["input", f"{data['input_shape']}, mean {data['mean']}, std {data['std']}"],
         ["model", f"{model['arch']} {json.dumps(model['kwargs'])}"],
-        ["optimiser", f"{config.get('optimizer')} lr {config.get('lr') or 'default'}, {config.get('schedule')} "
-                      f"schedule, batch {config.get('batch_size')}, {config.get('epochs')} epochs"],
+        ["optimiser", f"{config.get('optimizer')} lr {lr}, {config.get('schedule')} schedule, "
+                      f"batch {config.get('batch_size')}, {config.get('epochs')} epochs"],
         ["runtime", f"device {config.get('device')}, amp {config.get('amp')}, seed {config.get('seed')}"],
     ]  # fmt: skip
     return f"<section><h2>Data and model</h2>{table(['', ''], rows, 'left')}{config_block(config)}</section>"

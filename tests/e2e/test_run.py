@@ -166,3 +166,4 @@ def test_the_run_report_shows_the_numbers_of_its_files(quickstart: tuple[Result,
     for link in re.findall(r'href="(bundle/[^"]+)"', page):
         assert (out / link).is_file(), link
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "adamw lr 0.003, onecycle schedule" in page  # the optimiser's default lr as a number, not "default"
