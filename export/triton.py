@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelship.errors import ConfigError
-from modelship.manifest import check_bundle
+from modelship.manifest import check_bundle, require_artifact
 
 # artifact kind -> (Triton platform, file name in the version folder, input name, output name); None: the manifest's
 TRITON = {
@@ -114,9 +114,7 @@ spec:
 def write_repository(cfg: TritonConfig) -> Path:
     """Write the Triton repository for `cfg.bundle`'s artifact into `cfg.out`; return the model's folder."""
     manifest = check_bundle(cfg.bundle)
-    if cfg.backend not in manifest["artifacts"]:
-        have = ", ".join(manifest["artifacts"])
-        raise ConfigError(f"--backend {cfg.backend}: bundle {cfg.bundle} has no {cfg.backend} artifact (it has {have})")
+    require_artifact(manifest, cfg.bundle, cfg.backend)
     if not manifest["parity"].get("passed"):
         raise ConfigError(f"bundle {cfg.bundle} failed its checks at export; it must not be deployed")
     checked = int(manifest["max_batch"])

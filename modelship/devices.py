@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
+from modelship.errors import ConfigError
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -19,6 +21,15 @@ def cuda_device_count() -> int:
     if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return 0
     return int(count.value)
+
+
+def usable_gpus(requested: str) -> int:
+    """How many GPUs to run on for --device `requested` (auto|cpu|cuda): all usable ones unless cpu; ConfigError for
+    cuda on a machine without a usable one."""
+    gpus = cuda_device_count()
+    if requested == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda but no CUDA device is usable here; use --device cpu or auto")
+    return 0 if requested == "cpu" else gpus
 
 
 def tensorrt_loadable() -> bool:

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from modelship.errors import BundleError
+from modelship.errors import BundleError, ConfigError
 from modelship.files import sha256_file
 
 FORMAT = "modelship.bundle"
@@ -85,3 +85,11 @@ def check_bundle(bundle: Path) -> dict[str, Any]:
     if bad:
         raise BundleError(f"bundle {bundle} does not match its manifest: " + "; ".join(bad))
     return manifest
+
+
+def require_artifact(manifest: dict[str, Any], bundle: Path, kind: str) -> dict[str, Any]:
+    """The manifest's entry for artifact `kind` (a --backend), or ConfigError naming what the bundle has."""
+    if kind not in manifest["artifacts"]:
+        have = ", ".join(manifest["artifacts"])
+        raise ConfigError(f"--backend {kind}: bundle {bundle} has no {kind} artifact (it has {have})")
+    return manifest["artifacts"][kind]

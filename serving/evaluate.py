@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from modelship.devices import cuda_device_count
+from modelship.devices import usable_gpus
 from modelship.errors import ConfigError, DataError
 from modelship.files import write_json
 from modelship.imagefolder import open_image, scan_folder, unreadable
-from modelship.manifest import check_bundle
+from modelship.manifest import check_bundle, require_artifact
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.serving.config import EvaluateConfig
 
@@ -165,9 +165,7 @@ def measure(
     and preprocessing, shared by all, not counted) and the accuracy delta against the first backend."""
     from modelship.serving.backends import load_backend
 
-    where = "cuda:0" if device != "cpu" and cuda_device_count() else "cpu"
-    if device == "cuda" and where == "cpu":
-        raise ConfigError("--device cuda but no CUDA device is usable here; use --device cpu or auto")
+    where = "cuda:0" if usable_gpus(device) else "cpu"
     threads = os.cpu_count() or 1
     runners = {b: load_backend(b, bundle / manifest["artifacts"][b]["path"], where, threads) for b in backends}
     outputs: dict[str, list[np.ndarray]] = {b: [] for b in backends}
@@ -196,10 +194,8 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     from modelship import report
 
     manifest = check_bundle(cfg.bundle)
-    missing = [b for b in cfg.backends if b not in manifest["artifacts"]]
-    if missing:
-        have = ", ".join(manifest["artifacts"])
-        raise ConfigError(f"--backend {', '.join(missing)}: bundle {cfg.bundle} has no such artifact (it has {have})")
+    for backend in cfg.backends:
+        require_artifact(manifest, cfg.bundle, backend)
     data = labelled_folder(cfg.data, manifest["classes"])
     log.info("evaluating %s on %s (%d images)", ", ".join(cfg.backends), data.root, len(data.files))
     pre = Preprocess.from_dict(manifest["preprocess"])

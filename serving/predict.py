@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from modelship.errors import ConfigError, DataError
+from modelship.errors import DataError
 from modelship.files import write_bytes
 from modelship.imagefolder import is_image_file, open_image, unreadable
-from modelship.manifest import check_bundle
+from modelship.manifest import check_bundle, require_artifact
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.serving.config import PredictConfig
 from modelship.serving.protocol import ServedModel, predict_response
@@ -58,17 +58,12 @@ def batch_runner(cfg: PredictConfig, manifest: dict[str, Any]) -> Callable[[np.n
         client = Client(cfg.url, cfg.api_key, cfg.timeout)
         names = (manifest["input"]["name"], manifest["output"]["name"])
         return lambda x: client.infer(manifest["name"], x, input_name=names[0], output_name=names[1])
-    if cfg.backend not in manifest["artifacts"]:
-        have = ", ".join(manifest["artifacts"])
-        raise ConfigError(f"--backend {cfg.backend}: bundle {cfg.bundle} has no {cfg.backend} artifact (it has {have})")
-    from modelship.devices import cuda_device_count
+    artifact = require_artifact(manifest, cfg.bundle, cfg.backend)
+    from modelship.devices import usable_gpus
     from modelship.serving.backends import load_backend
 
-    device = "cuda:0" if cfg.device != "cpu" and cuda_device_count() else "cpu"
-    backend = load_backend(
-        cfg.backend, cfg.bundle / manifest["artifacts"][cfg.backend]["path"], device, os.cpu_count() or 1
-    )
-    return backend.run
+    device = "cuda:0" if usable_gpus(cfg.device) else "cpu"
+    return load_backend(cfg.backend, cfg.bundle / artifact["path"], device, os.cpu_count() or 1).run
 
 
 def predictions(cfg: PredictConfig) -> Iterator[dict[str, Any]]:

@@ -16,9 +16,9 @@ import socket
 import threading
 from typing import Any
 
-from modelship.devices import cuda_device_count
+from modelship.devices import usable_gpus
 from modelship.errors import BundleError, ConfigError, ModelshipError
-from modelship.manifest import check_bundle
+from modelship.manifest import check_bundle, require_artifact
 from modelship.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,7 @@ def load_bundle(cfg: ServeConfig) -> dict[str, Any]:
     if not manifest["parity"].get("passed"):
         failed = "; ".join(manifest["parity"].get("failed", [])[:3])
         raise BundleError(f"bundle {cfg.bundle} failed its parity check at export ({failed}); it must not be served")
-    if cfg.backend not in manifest["artifacts"]:
-        have = ", ".join(manifest["artifacts"])
-        raise ConfigError(f"--backend {cfg.backend}: bundle {cfg.bundle} has no {cfg.backend} artifact (it has {have})")
+    require_artifact(manifest, cfg.bundle, cfg.backend)
     needs = TORCH_BACKENDS.get(cfg.backend)
     if needs and not importable(needs):
         raise ConfigError(
@@ -60,12 +58,8 @@ def importable(module: str) -> bool:
 
 def resolve_devices(cfg: ServeConfig) -> tuple[str, int]:
     """(accelerator, device count) for LitServe; a GPU is used only when one is really usable."""
-    gpus = cuda_device_count()
-    if cfg.device == "cuda" and gpus == 0:
-        raise ConfigError("--device cuda but no CUDA device is usable here; use --device cpu or auto")
-    if cfg.device == "cpu" or gpus == 0:
-        return "cpu", 1
-    return "cuda", gpus
+    gpus = usable_gpus(cfg.device)
+    return ("cuda", gpus) if gpus else ("cpu", 1)
 
 
 def check_port(host: str, port: int) -> None:

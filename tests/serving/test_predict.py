@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from modelship.devices import cuda_device_count
 from modelship.training.checkpoint import load_checkpoint
 from tests.helpers import Server, run_modelship
 
@@ -64,6 +65,8 @@ def test_folders_batches_csv_and_an_output_file(tiny_bundle: Path, tiny_ckpt: Pa
     (["{bundle}", "{bad}"], "1 file(s) are not images PIL can read: {bad}"),
     (["{bundle}", "{empty}"], "folder {empty} has no images"),
     (["{bundle}", "{val}", "--backend", "onnx-int8"], "has no onnx-int8 artifact"),
+    pytest.param(["{bundle}", "{val}", "--device", "cuda"], "--device cuda but no CUDA device is usable here",
+                 marks=pytest.mark.skipif(cuda_device_count() > 0, reason="checks the message without a GPU")),
 ])  # fmt: skip
 def test_bad_predict_input_is_one_line_exit_2_and_no_output(
     tiny_bundle: Path, tiny_ckpt: Path, tmp_path: Path, args: list[str], message: str
