@@ -284,13 +284,16 @@ class HTTPSpec(compat.LitSpec):
         content, extra = protocol.v2_response(logits, req, self.model)
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
 
-    def fast_route(self, scope: dict[str, Any]) -> Callable[[dict[bytes, bytes], bytes], Awaitable[Answer]] | None:
+    def fast_route(
+        self, scope: dict[str, Any], headers: dict[bytes, bytes]
+    ) -> Callable[[dict[bytes, bytes], bytes], Awaitable[Answer]] | None:
         """The hot routes the guard answers itself, without FastAPI's routing (BENCHMARKS.md, serving): POST
-        /predict with a JSON or image body, and POST to a model's v2 infer route. None for everything else."""
+        /predict with a JSON or image body, and POST to a model's v2 infer route. None for everything else.
+        `headers` is the guard's dict of the request's headers."""
         if scope["method"] != "POST":
             return None
         if scope["path"] == "/predict":
-            ctype = dict(scope["headers"]).get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+            ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
             if ctype == b"application/json" or ctype.startswith(b"image/"):
                 return lambda headers, body: self.predict_body(ctype.decode(), body)
             return None

@@ -66,7 +66,7 @@ class Guard:
 
     def __init__(
         self, app: Callable[..., Awaitable[None]], *, api_key: str | None, max_bytes: int,
-        fast: Callable[[Scope], Handler | None] | None = None,
+        fast: Callable[[Scope, dict[bytes, bytes]], Handler | None] | None = None,
     ) -> None:  # fmt: skip
         self.app = app
         self.api_key = api_key.encode() if api_key else None
@@ -117,7 +117,7 @@ class Guard:
                     raise PayloadTooLarge(self._too_large(received))
                 return message
 
-            handler = self.fast(scope) if self.fast is not None else None
+            handler = self.fast(scope, headers) if self.fast is not None else None
             try:
                 if handler is not None:
                     status = await answer(handler, headers, receive_limited, send_tracked) or status
