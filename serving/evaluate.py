@@ -25,6 +25,7 @@ from modelship.imagefolder import open_image, scan_folder, unreadable
 from modelship.manifest import check_bundle, require_artifact
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.serving.config import EvaluateConfig
+from modelship.serving.protocol import softmax
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,6 @@ ECE_BINS = 15
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:

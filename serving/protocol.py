@@ -168,11 +168,16 @@ def parse_predict_json(body: bytes, model: ServedModel) -> PredictRequest:
     return PredictRequest(top_k, tensor=tensor_from_json(doc["inputs"], "inputs", model.shape)[None])
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, in float64."""
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def predict_response(logits: np.ndarray, model: ServedModel, top_k: int) -> dict[str, Any]:
     """{"label", "index", "score", "top_k": [...]} with softmax probabilities as scores."""
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    p = softmax(logits)
     order = np.argsort(-p, kind="stable")[:top_k]
     ranked = [{"label": model.classes[i], "index": int(i), "score": float(p[i])} for i in order]
     return {**ranked[0], "top_k": ranked}
