@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from modelship.devices import cpu_flags
 from modelship.errors import ConfigError, DataError, ExportError
 from modelship.export.config import ExportOptions
 from modelship.export.formats import quiet
@@ -236,11 +237,8 @@ def make_int8(src_path: Path, out_path: Path, calibration: np.ndarray, method: s
 
 
 def cpu_int8_features() -> dict[str, bool]:
-    """The x86 instructions that make int8 fast on a CPU (Linux /proc/cpuinfo; all False elsewhere)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
+    """The x86 instructions that make int8 fast on a CPU (all False where the flags cannot be read)."""
+    flags = cpu_flags()
     return {f: f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")}
 
 
