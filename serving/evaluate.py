@@ -201,7 +201,8 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
         cfg.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot write the evaluation to {cfg.out}: {e.strerror or e}") from None
-    write_json(cfg.out / "evaluation.json", result.to_dict())
+    doc = result.to_dict()
+    write_json(cfg.out / "evaluation.json", doc)
     report.confusion_png(blocks[0]["confusion_matrix"], result.classes, cfg.out / "confusion_matrix.png")
-    report.write(cfg.out / "report.html", report.evaluation_page(manifest, result.to_dict(), cfg.bundle))
+    report.write(cfg.out / "report.html", report.evaluation_page(manifest, doc, cfg.bundle))
     return result
