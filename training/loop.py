@@ -77,15 +77,18 @@ def train_one_epoch(
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, ctx: StepContext) -> dict[str, float]:
     """One pass over this rank's validation shard; returns the summed loss, the correct count and the sample count."""
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    correct = torch.zeros((), device=ctx.device, dtype=torch.int64)
+    seen = 0
     for x, y in batches(loader):
         x, y = ctx.to_device(x, y)
         with ctx.autocast():
             logits = model(x)
-        total_loss += loss_fn(logits.float(), y).item() * y.numel()
-        correct += int((logits.argmax(1) == y).sum().item())
+        # sums stay on the device, as in training: no wait for the GPU per batch
+        total_loss += loss_fn(logits.float(), y).double() * y.numel()
+        correct += (logits.argmax(1) == y).sum()
         seen += y.numel()
-    return {"loss": total_loss, "correct": float(correct), "n": float(seen)}
+    return {"loss": total_loss.item(), "correct": float(correct.item()), "n": float(seen)}
 
 
 def reduce_means(sums: dict[str, float], dist: Dist, device: torch.device) -> dict[str, float]:
