@@ -54,14 +54,24 @@ class Bundle:
     def passed(self) -> bool:
         return all(c.passed for c in self.checks) and all(c.passed for c in self.variant_checks)
 
+    @property
+    def failures(self) -> list[str]:
+        """One line per failed check, exact formats first, then variants; [] when the bundle may ship."""
+        return failed_checks(self.checks, self.variant_checks)
+
     def raise_if_failed(self) -> None:
         """ParityError naming every failed check: the bundle is written, but it must not ship."""
         raise_for(self.checks, self.variant_checks, [], f"bundle {self.path} written, but it must not ship")
 
 
+def failed_checks(checks: list[Any], variant_checks: list[Any]) -> list[str]:
+    """describe() of every check that failed, in order."""
+    return [c.describe() for c in [*checks, *variant_checks] if not c.passed]
+
+
 def raise_for(checks: list[Any], variant_checks: list[Any], problems: list[str], what: str) -> None:
     """One ParityError listing every failed check and every other problem (hash mismatches), if there are any."""
-    problems = problems + [c.describe() for c in [*checks, *variant_checks] if not c.passed]
+    problems = problems + failed_checks(checks, variant_checks)
     if problems:
         raise ParityError(f"{what}: {len(problems)} check(s) failed: " + "; ".join(problems))
 
@@ -98,7 +108,7 @@ def build_manifest(
     opts = cfg.options
     checks, gated = gates
     every: list[parity.Check | variants.VariantCheck] = [*checks, *gated]
-    failed = [x.describe() for x in every if not x.passed]
+    failed = failed_checks(checks, gated)
     for kind, art in artifacts.items():
         art["checked_on"] = sorted({x.runtime for x in every if x.artifact == kind})
     return {

@@ -143,9 +143,7 @@ def run(cfg: RunConfig) -> RunResult | None:
 def gate(cfg: RunConfig, result: RunResult) -> GateError | None:
     """Why the model must not ship, if it must not: ParityError on any failed parity check or variant gate,
     GateError on accuracy under --min-accuracy."""
-    bundle = result.bundle
-    problems = [c.describe() for c in bundle.checks if not c.passed]
-    problems += [v.describe() for v in bundle.variant_checks if not v.passed]
+    problems = result.bundle.failures
     if problems:
         return ParityError(f"parity failed, the model must not ship: {'; '.join(problems)}", result=result)
     acc = result.best_val_acc
