@@ -2,6 +2,10 @@
 
 Written on raw asyncio streams with the request bytes built once, so it costs far less CPU per request than an HTTP
 client library would; on a 2-core machine the load generator shares the cores with the server it measures.
+
+Throughput is the answers that arrive within the measured window, whenever they were sent: counting only requests
+both sent and answered inside it drops about one per connection, which understates a server whose answers take
+0.5 s by 5% in a 10 s window (and one whose answers take 20 ms by 0.2%).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ async def _run(
                     reader, writer = await asyncio.open_connection(host, port)
                     continue
                 t1 = time.perf_counter()
-                if t0 >= measure_from and t1 <= stop:
+                if measure_from <= t1 <= stop:  # every answer the window saw, whenever it was asked
                     latencies.append(t1 - t0)
                     statuses[status] = statuses.get(status, 0) + 1
                     if status != 200:
