@@ -3,10 +3,13 @@
     API server --PUSH--> broker (a thread of the main process) --ROUTER/DEALER--> inference worker
     inference worker --PUSH--> the API server the request came from (one socket per API server)
 
-The broker hands requests out on credit: a worker asks for up to its batch size, gets what is waiting (at once, or as
-it arrives), and asks again when it has answered them. So requests wait in the broker, never in a busy worker, and
-the broker always knows what each worker holds: when a worker dies, what it held goes back to the front of the queue
-for the next worker (a request that a worker died on twice is answered 503 instead), and nothing is lost.
+An API server sends the requests its event loop took in during one turn as one message: one ZeroMQ send, one broker
+hop and one worker receive for all of them (under load a turn holds several; 8-10 on the benchmark's small model).
+The broker hands messages out on credit: a worker asks for up to its batch size, gets what is waiting (at once, or as
+it arrives), and asks again when it has answered all of it (a message holding more than its batch size is run in
+several batches). So requests wait in the broker, never in a busy worker, and the broker always knows what each
+worker holds: when a worker dies, what it held goes back to the front of the queue for the next worker (a message
+two workers died holding is answered 503 instead), and nothing is lost.
 
 Replaces LitServe's request queue, a multiprocessing Manager queue whose round trips (one per request on each side)
 took a third of the API servers' and half of the workers' time, and whose reads a killed worker could strand
@@ -66,15 +69,23 @@ class Request:
     x: np.ndarray
 
 
-def encode_request(uid: bytes, consumer: int, x: np.ndarray) -> list[Any]:
-    meta = pickle.dumps((uid, consumer, time.monotonic(), x.shape, x.dtype.str))
-    return [meta, np.ascontiguousarray(x).data]
+def encode_requests(consumer: int, items: list[tuple[bytes, np.ndarray]]) -> list[Any]:
+    """One message for requests of one API server: (uid, array) each; the arrays as frames of their own."""
+    meta = pickle.dumps((consumer, time.monotonic(), [(uid, x.shape, x.dtype.str) for uid, x in items]))
+    return [meta, *(np.ascontiguousarray(x).data for _, x in items)]
 
 
-def decode_request(frames: list[Any]) -> Request:
-    uid, consumer, queued_at, shape, dtype = pickle.loads(frames[0])
-    x = np.frombuffer(frames[1], dtype=np.dtype(dtype)).reshape(shape)
-    return Request(uid, consumer, queued_at, x)
+def decode_requests(frames: list[Any]) -> list[Request]:
+    consumer, queued_at, meta = pickle.loads(frames[0])
+    return [
+        Request(uid, consumer, queued_at, np.frombuffer(frame, dtype=np.dtype(dtype)).reshape(shape))
+        for (uid, shape, dtype), frame in zip(meta, frames[1:], strict=True)
+    ]
+
+
+def uids(frames: list[Any]) -> list[bytes]:
+    """The requests in a message, by id."""
+    return [uid for uid, *_ in pickle.loads(frames[0].bytes)[2]]
 
 
 def encode_answers(items: list[tuple[bytes, int, Any]]) -> list[Any]:
@@ -138,7 +149,8 @@ class Broker:
 
 
 class _BrokerState:
-    """Waiting requests, each worker's credit and what it holds."""
+    """Waiting messages, each worker's credit (in requests) and the messages it holds; a message is handed out, held,
+    requeued and retried whole, under the id of its first request."""
 
     def __init__(self, back: zmq.Socket, answers: list[zmq.Socket]):
         self.back, self.answers = back, answers
@@ -150,7 +162,7 @@ class _BrokerState:
     def ready(self, identity: bytes, n: int) -> None:
         if self.attempts:  # asking again means the last batch is answered
             for frames in self.held.get(identity, []):
-                self.attempts.pop(pickle.loads(frames[0].bytes)[0], None)
+                self.attempts.pop(uids(frames)[0], None)
         self.credit[identity] = n
         self.held[identity] = []
 
@@ -158,16 +170,17 @@ class _BrokerState:
         held = self.held.pop(identity, [])
         self.credit.pop(identity, None)
         for frames in reversed(held):
-            uid, consumer, *_ = pickle.loads(frames[0].bytes)
-            self.attempts[uid] = self.attempts.get(uid, 0) + 1
-            if self.attempts[uid] >= MAX_ATTEMPTS:
-                self.attempts.pop(uid)
+            ids, consumer = uids(frames), pickle.loads(frames[0].bytes)[0]
+            self.attempts[ids[0]] = self.attempts.get(ids[0], 0) + 1
+            if self.attempts[ids[0]] >= MAX_ATTEMPTS:
+                self.attempts.pop(ids[0])
                 detail = "two inference workers died on this request; it is not retried again"
-                self.answers[consumer].send_multipart(encode_answers([(uid, ERROR, (503, detail))]))
+                self.answers[consumer].send_multipart(encode_answers([(uid, ERROR, (503, detail)) for uid in ids]))
             else:
                 self.waiting.appendleft(frames)
         if held:
-            log.warning("an inference worker died holding %d request(s); they go to the next worker", len(held))
+            n = sum(len(frames) - 1 for frames in held)
+            log.warning("an inference worker died holding %d request(s); they go to the next worker", n)
 
     def dispatch(self) -> None:
         while self.waiting:
@@ -176,7 +189,7 @@ class _BrokerState:
                 return
             frames = self.waiting.popleft()
             self.back.send_multipart([identity, *frames], copy=False)
-            self.credit[identity] -= 1
+            self.credit[identity] = max(0, self.credit[identity] - (len(frames) - 1))  # a message is not split
             self.held[identity].append(frames)
 
 
@@ -194,6 +207,7 @@ class Client:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(addresses.answers[consumer])
         self.pending: dict[bytes, asyncio.Future] = {}
+        self.outbox: list[tuple[bytes, np.ndarray]] = []  # this turn of the event loop's requests
         self.prefix = secrets.token_bytes(8)  # unique to this process; a counter makes each request's id
         self.count = itertools.count()
         self.reader = asyncio.get_running_loop().create_task(self._read(), name="modelship-answers")
@@ -201,13 +215,20 @@ class Client:
     async def call(self, x: np.ndarray, timeout: float) -> np.ndarray:
         """Send one array, wait for its answer: the array, or WorkerError / asyncio.TimeoutError."""
         uid = self.prefix + struct.pack("!Q", next(self.count))
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self.pending[uid] = future
+        if not self.outbox:
+            loop.call_soon(self._send)  # after every request this turn of the loop has taken in
+        self.outbox.append((uid, x))
         try:
-            await self.push.send_multipart(encode_request(uid, self.consumer, x), copy=False)
             return await asyncio.wait_for(future, timeout)
         finally:
             self.pending.pop(uid, None)
+
+    def _send(self) -> None:
+        items, self.outbox = self.outbox, []
+        self.push.send_multipart(encode_requests(self.consumer, items), copy=False)
 
     async def _read(self) -> None:
         while True:
@@ -248,13 +269,21 @@ class Worker:
         self.answers = [self.ctx.socket(zmq.PUSH) for _ in addresses.answers]
         for sock, address in zip(self.answers, addresses.answers, strict=True):
             sock.connect(address)
+        self.taken: list[Request] = []  # received and not yet run: the rest of a message larger than a batch
 
     def next_batch(self, max_batch: int, window: float) -> list[Request]:
-        """Ask for up to `max_batch` requests; wait for the first, then take what arrives within `window` seconds."""
+        """Up to `max_batch` requests: what is left of those taken, or else ask for more (which tells the broker that
+        everything taken before is answered), wait for the first, and take what arrives within `window` seconds."""
+        if not self.taken:
+            self.taken = self._take(max_batch, window)
+        batch, self.taken = self.taken[:max_batch], self.taken[max_batch:]
+        return batch
+
+    def _take(self, max_batch: int, window: float) -> list[Request]:
         self.dealer.send_multipart([b"ready", struct.pack("!I", max_batch)])
         while not self.dealer.poll(1000):
             pass
-        batch = [decode_request(self.dealer.recv_multipart(copy=False))]
+        batch = decode_requests(self.dealer.recv_multipart(copy=False))
         deadline = time.monotonic() + window
         while len(batch) < max_batch:
             remaining = deadline - time.monotonic()
@@ -262,7 +291,7 @@ class Worker:
                 break
             if remaining > 0 and not self.dealer.poll(max(1, int(remaining * 1000))):
                 break
-            batch.append(decode_request(self.dealer.recv_multipart(copy=False)))
+            batch += decode_requests(self.dealer.recv_multipart(copy=False))
         return batch
 
     def answer(self, items: list[tuple[Request, int, Any]]) -> None:

@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import pickle
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zmq
 
-from modelship.serving.transport import ERROR, OK, _BrokerState, decode_request, encode_answers, encode_request
+from modelship.serving.transport import (
+    ERROR,
+    OK,
+    Addresses,
+    Worker,
+    _BrokerState,
+    decode_requests,
+    encode_answers,
+    encode_requests,
+    identity,
+    uids,
+)
 
 
 def sockets(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, zmq.Socket]:
@@ -26,8 +38,17 @@ def sockets(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket, zmq.So
     return router, dealer, push, pull
 
 
+def message(*ids: bytes) -> list[zmq.Frame]:
+    """One API server's message holding a request per id, each one row of its id's last byte."""
+    return [zmq.Frame(f) for f in encode_requests(0, [(i, np.full((1, 2), float(i[-1]), np.float32)) for i in ids])]
+
+
 def request(uid: bytes) -> list[zmq.Frame]:
-    return [zmq.Frame(f) for f in encode_request(uid, 0, np.full((1, 2), float(uid[-1]), np.float32))]
+    return message(uid)
+
+
+def received(dealer: zmq.Socket) -> list[bytes]:
+    return [r.uid for r in decode_requests(dealer.recv_multipart())]
 
 
 def test_credit_holding_and_requeue_on_death() -> None:
@@ -41,21 +62,66 @@ def test_credit_holding_and_requeue_on_death() -> None:
     assert state.credit == {} and len(state.waiting) == 3  # no credit yet: nothing sent
     state.ready(identity, 2)
     state.dispatch()
-    got = [decode_request(dealer.recv_multipart()) for _ in range(2)]
+    got = [r for _ in range(2) for r in decode_requests(dealer.recv_multipart())]
     assert [r.uid for r in got] == [b"\x00", b"\x01"] and got[1].x.tolist() == [[1.0, 1.0]]
     assert len(state.held[identity]) == 2 and len(state.waiting) == 1 and state.credit[identity] == 0
     state.dead(identity)  # what it held goes back to the front, in order
-    assert [pickle.loads(f[0].bytes)[0] for f in state.waiting] == [b"\x00", b"\x01", b"\x02"]
+    assert [uids(f)[0] for f in state.waiting] == [b"\x00", b"\x01", b"\x02"]
     state.ready(identity, 3)  # a replacement with the same identity
     state.dispatch()
-    assert [decode_request(dealer.recv_multipart()).uid for _ in range(3)] == [b"\x00", b"\x01", b"\x02"]
+    assert [received(dealer) for _ in range(3)] == [[b"\x00"], [b"\x01"], [b"\x02"]]
     state.dead(identity)  # and it dies too: the two it held twice are answered 503, not retried again
     assert pull.poll(2000)
     answered = [pickle.loads(pull.recv_multipart()[0])[0][0] for _ in range(2)]
     assert sorted(uid for uid, *_ in answered) == [b"\x00", b"\x01"]
     assert all(status == ERROR and detail[0] == 503 for _, status, _, detail in answered)
-    assert [pickle.loads(f[0].bytes)[0] for f in state.waiting] == [b"\x02"]  # its first death: requeued
+    assert [uids(f) for f in state.waiting] == [[b"\x02"]]  # its first death: requeued
     assert state.attempts == {b"\x02": 1}
+
+
+def test_a_message_of_several_requests_is_handed_out_held_and_requeued_whole() -> None:
+    ctx = zmq.Context()
+    router, dealer, push, pull = sockets(ctx, "b")
+    dealer.send_multipart([b"ready", struct.pack("!I", 2)])
+    identity, *_ = router.recv_multipart()
+    state = _BrokerState(router, [push])
+    state.waiting.extend([message(b"a0", b"a1", b"a2"), message(b"b0")])
+    state.ready(identity, 2)
+    state.dispatch()  # a message is not split: all three go, and the credit of two is spent
+    got = decode_requests(dealer.recv_multipart())
+    assert [(r.uid, r.x.tolist()) for r in got] == [(b"a0", [[48.0] * 2]), (b"a1", [[49.0] * 2]), (b"a2", [[50.0] * 2])]
+    assert state.credit[identity] == 0 and [uids(f) for f in state.waiting] == [[b"b0"]]
+    state.dead(identity)
+    assert [uids(f) for f in state.waiting] == [[b"a0", b"a1", b"a2"], [b"b0"]]
+    state.ready(identity, 8)
+    state.dispatch()
+    assert [received(dealer) for _ in range(2)] == [[b"a0", b"a1", b"a2"], [b"b0"]]
+    state.dead(identity)  # the message's second death: each of its requests is answered 503
+    assert pull.poll(2000)
+    meta = pickle.loads(pull.recv_multipart()[0])[0]
+    assert [(uid, status, detail[0]) for uid, status, _, detail in meta] == [(b"a0", ERROR, 503), (b"a1", ERROR, 503),
+                                                                            (b"a2", ERROR, 503)]  # fmt: skip
+    assert [uids(f) for f in state.waiting] == [[b"b0"]]
+
+
+def test_a_worker_runs_a_message_larger_than_its_batch_in_batches_and_asks_again_only_after() -> None:
+    addresses = Addresses.fresh(1)
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.bind(addresses.requests_out)
+    worker = Worker(addresses, 0)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(worker.next_batch, 1, 0.0)
+        assert router.poll(5000)
+        who, ready, size = router.recv_multipart()
+        assert (who, ready, struct.unpack("!I", size)) == (identity(0), b"ready", (1,))
+        router.send_multipart([who, *message(b"r0", b"r1", b"r2")])
+        assert [r.uid for r in first.result(5)] == [b"r0"]
+        assert [r.uid for r in worker.next_batch(1, 0.0)] == [b"r1"]
+        assert [r.uid for r in worker.next_batch(1, 0.0)] == [b"r2"]
+        assert not router.poll(200)  # it held the message until every request in it ran: no "ready" before
+        pool.submit(worker.next_batch, 1, 0.0)
+        assert router.poll(5000) and router.recv_multipart()[1] == b"ready"
+        router.send_multipart([who, *message(b"r3")])  # lets the waiting call return
 
 
 def test_answers_carry_rows_and_errors_in_order() -> None:
