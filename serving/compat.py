@@ -22,7 +22,10 @@ against.
 4. `workers_ready` reads LitServe's record of which workers finished setup: a custom LitSpec has no public way to.
 5. `_start_server` gives each API server process its own listening socket with SO_REUSEPORT, so the kernel spreads
    new connections over them: with LitServe's one shared socket, a burst of connections often all went to one
-   process while the other idled (BENCHMARKS.md, serving).
+   process while the other idled (BENCHMARKS.md, serving). It also serves the app wrapped in modelship's front
+   door (`front`: the guard, and CORS when asked) rather than passing those to LitServe as middlewares, which
+   FastAPI would put inside its own layers (server errors, telemetry, body limit) that then cost every request
+   the guard answers itself.
 6. No worker is replaced once shutdown has begun (`_perform_graceful_shutdown` sets a flag that
    `launch_single_inference_worker` reads): LitServe's monitor would otherwise restart the workers shutdown just
    stopped, and those would fail on the Manager being shut down, with a traceback.
@@ -110,8 +113,10 @@ class ZMQLoop(LitLoop):
 class Server(ls.LitServer):
     """LitServer on modelship's transport, with HTTP up before the workers are warm, and modelship's own `/`."""
 
-    def __init__(self, *args: Any, on_worker_failure: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, front: Callable[[Any], Any], on_worker_failure: Callable[[], None],
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
+        self._front = front  # wraps the FastAPI app as each API server serves it
         self._on_worker_failure = on_worker_failure
         self._broker: transport.Broker | None = None
         self._stopping = False
@@ -166,7 +171,7 @@ class Server(ls.LitServer):
                 lit_api.spec.response_queue_id = consumer
             app = copy.copy(self.app)
             self._prepare_app_run(app)
-            config = uvicorn.Config(app=app, host=address[0], port=port, log_level=log_level,
+            config = uvicorn.Config(app=self._front(app), host=address[0], port=port, log_level=log_level,
                                     timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)  # fmt: skip
             server = _Server(config=config)
             own = [reuseport_socket(family, address)]

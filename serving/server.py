@@ -141,10 +141,13 @@ def build_server(
     )
     model = ServedModel.from_manifest(manifest, max_batch=int(manifest.get("max_batch", 64)))
     spec = HTTPSpec(manifest, settings, model)
-    middlewares: list[Any] = [(Guard, {"api_key": cfg.api_key, "max_bytes": cfg.max_bytes, "fast": spec.fast_route})]
-    if cfg.cors_origins:
-        # added after the guard, so it wraps it: a browser's preflight is answered before the API key is asked for
-        middlewares.append((CORSMiddleware, cors_options(cfg.cors_origins)))
+
+    def front(app: Any) -> Any:
+        """The guard in front of the FastAPI app, and CORS in front of the guard (a browser's preflight is answered
+        before the API key is asked for)."""
+        guarded = Guard(app, api_key=cfg.api_key, max_bytes=cfg.max_bytes, fast=spec.fast_route)
+        return CORSMiddleware(guarded, **cors_options(cfg.cors_origins)) if cfg.cors_origins else guarded
+
     server = compat.Server(
         InferenceAPI(settings, spec),
         accelerator=accelerator,
@@ -152,7 +155,7 @@ def build_server(
         workers_per_device=cfg.workers_per_device,
         timeout=cfg.timeout,
         restart_workers=True,
-        middlewares=middlewares,
+        front=front,
         on_worker_failure=failed.set,
     )
     install_openapi(server.app, spec)
