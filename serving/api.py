@@ -30,7 +30,7 @@ from modelship.manifest import read_manifest
 from modelship.serving import compat, protocol, transport
 from modelship.serving.backends import PLATFORMS, Backend, load_backend
 from modelship.serving.metrics import exposition, metrics
-from modelship.serving.middleware import CLIENT_CLOSED
+from modelship.serving.middleware import CLIENT_CLOSED, Scope
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class HTTPSpec(compat.LitSpec):
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
 
     def fast_route(
-        self, scope: dict[str, Any], headers: dict[bytes, bytes]
+        self, scope: Scope, headers: dict[bytes, bytes]
     ) -> Callable[[dict[bytes, bytes], bytes], Awaitable[Answer]] | None:
         """The hot routes the guard answers itself, without FastAPI's routing (BENCHMARKS.md, serving): POST
         /predict with a JSON or image body, and POST to a model's v2 infer route. None for everything else.
