@@ -1,7 +1,8 @@
 """Served throughput against its ceilings, side by side in one run.
 
     python benchmarks/serve_bench.py --bundle DIR [--clients 64] [--seconds 10] [--rounds 3]
-                                     [--serve-args "..."]... [--ceilings] [--plain] [--inprocess] [--soak 60]
+                                     [--serve-args "..."]... [--ceilings] [--plain] [--inprocess] [--cpu]
+                                     [--soak 60]
 
 Every contender runs alone while it is measured, with the same load generator (benchmarks/loadgen.py) and the same
 payloads: one image as JSON `{"inputs": [...]}` (64 KB for 3x32x32) and as a KServe v2 binary request. Rounds
@@ -14,6 +15,10 @@ interleave the contenders and the median round is reported, so drift in a shared
 - `--inprocess`: ONNX Runtime in this process on batches of --max-batch (samples/s): the compute ceiling.
 - `--compare-checkout DIR`: modelship served from another checkout (a git worktree of an earlier commit), with this
   run's Python and dependencies: before against after in one run.
+- `--cpu`: for each modelship server, the CPU time per answered request of its inference workers, its API servers,
+  its main process (the request broker) and of this process (the load generator), from /proc over the measured
+  window. On a saturated machine this is where the cores go; a sampling profiler would also count the time a
+  runnable process waits for a core.
 - `--soak S`: modelship under the v2 load for S seconds; the server's memory (RSS of all its processes) is sampled
   after warm-up and at the end, and every error is counted.
 """
@@ -101,12 +106,58 @@ def payloads(manifest: dict) -> dict[str, Payload]:
     }
 
 
-def measure(name: str, kind: str, port: int, payload: Payload, args: argparse.Namespace) -> dict:
+def measure(name: str, kind: str, port: int, payload: Payload, args: argparse.Namespace,
+            server: int | None = None) -> dict:  # fmt: skip
+    """One contender under load; with --cpu and the `server`'s pid, the CPU per request of each of its roles."""
     path, body, headers = payload
-    r: LoadResult = run_load(f"http://127.0.0.1:{port}{path}", body, headers, args.clients, args.seconds)
-    return {"server": name, "payload": kind, "req_per_s": round(r.throughput, 1),
-            "p50_ms": round(r.percentile(50) * 1000, 2), "p99_ms": round(r.percentile(99) * 1000, 2),
-            "errors": r.errors, "requests": r.requests}  # fmt: skip
+    marks: list[dict[str, float]] = []  # at the start and the end of the measured window
+    timers = [threading.Timer(at, lambda pid=server: marks.append(cpu_by_role(pid)))
+              for at in (WARMUP, WARMUP + args.seconds) if args.cpu and server is not None]  # fmt: skip
+    for timer in timers:
+        timer.start()
+    r: LoadResult = run_load(f"http://127.0.0.1:{port}{path}", body, headers, args.clients, args.seconds, WARMUP)
+    for timer in timers:
+        timer.join()
+    row = {"server": name, "payload": kind, "req_per_s": round(r.throughput, 1),
+           "p50_ms": round(r.percentile(50) * 1000, 2), "p99_ms": round(r.percentile(99) * 1000, 2),
+           "errors": r.errors, "requests": r.requests}  # fmt: skip
+    if len(marks) == 2 and r.requests:
+        row["cpu_us"] = {k: round((marks[1][k] - marks[0][k]) / r.requests * 1e6, 1) for k in ROLES}
+    return row
+
+
+WARMUP = 2.0
+ROLES = ("inference workers", "API servers", "main (broker)", "load generator")
+
+
+def descendants(pid: int) -> list[int]:
+    """A process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_by_role(server: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of a modelship server's processes by role, and of this process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(ROLES, 0.0)
+    for pid in [*descendants(server), os.getpid()]:
+        with contextlib.suppress(OSError, IndexError):
+            fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+            role = ("load generator" if pid == os.getpid() else "main (broker)" if pid == server
+                    else "inference workers" if b"multiprocessing.spawn" in cmdline else "API servers")  # fmt: skip
+            out[role] += (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def serve_cmd(bundle: Path, port: int, extra: str) -> list[str]:
@@ -153,28 +204,21 @@ def round_of(bundle: Path, manifest: dict, loads: dict[str, Payload], args: argp
         out.append(inprocess(bundle, manifest, args.max_batch, args.seconds))
     if args.compare_checkout:
         port = free_port()
-        with started(serve_cmd(bundle, port, ""), port, args.compare_checkout):
-            out += [measure("modelship serve (the other checkout)", kind, port, p, args) for kind, p in loads.items()]
+        with started(serve_cmd(bundle, port, ""), port, args.compare_checkout) as proc:
+            name = "modelship serve (the other checkout)"
+            out += [measure(name, kind, port, p, args, proc.pid) for kind, p in loads.items()]
     for extra in args.serve_args or [""]:
         port = free_port()
         name = "modelship serve" + (f" {extra}" if extra else "")
-        with started(serve_cmd(bundle, port, extra), port):
-            out += [measure(name, kind, port, p, args) for kind, p in loads.items()]
+        with started(serve_cmd(bundle, port, extra), port) as proc:
+            out += [measure(name, kind, port, p, args, proc.pid) for kind, p in loads.items()]
     return out
 
 
 def tree_rss(pid: int) -> int:
     """Resident memory of a process and all its descendants, in bytes (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
+    total = 0
+    for p in descendants(pid):
         with contextlib.suppress(OSError, IndexError):
             total += int((Path("/proc") / str(p) / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return total
@@ -224,6 +268,7 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="the plain FastAPI + eager endpoint (JSON)")
     parser.add_argument("--inprocess", action="store_true", help="in-process ONNX Runtime on batches")
     parser.add_argument("--max-batch", type=int, default=32, help="batch for --inprocess (default 32)")
+    parser.add_argument("--cpu", action="store_true", help="CPU per request of each modelship process role")
     parser.add_argument(
         "--compare-checkout",
         type=Path,
@@ -269,6 +314,12 @@ def report(rows: list[dict], soaked: dict | None, manifest: dict, args: argparse
         print(f"{r['server'].ljust(width)}  {r['payload']:<10} {r['req_per_s']:>7.1f}  {p50:>7}  {p99:>7}  "
               f"{r['errors']:>6}  {ratio(r, bare):>7}  {json_loads:>13}  {ratio(r, compute):>10}  {vs_plain:>8}"
               f"  ({each})")  # fmt: skip
+    with_cpu = [r for r in rows if "cpu_us" in r]
+    if with_cpu:
+        print(f"\nCPU per answered request, microseconds (the median round's): {', '.join(ROLES)}")
+        for r in with_cpu:
+            each = "  ".join(f"{r['cpu_us'][k]:>8.1f}" for k in ROLES)
+            print(f"{r['server'].ljust(width)}  {r['payload']:<10} {each}")
     if soaked:
         print(f"\nsoak {soaked['seconds']:g}s: {soaked['requests']} requests ({soaked['req_per_s']:.0f}/s), "
               f"{soaked['errors']} errors, RSS {soaked['rss_start_mb']:.0f} -> {soaked['rss_end_mb']:.0f} MB "
