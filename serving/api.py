@@ -30,7 +30,7 @@ from modelship.manifest import read_manifest
 from modelship.serving import compat, protocol, transport
 from modelship.serving.backends import PLATFORMS, Backend, load_backend
 from modelship.serving.metrics import exposition, metrics
-from modelship.serving.middleware import CLIENT_CLOSED, Scope
+from modelship.serving.middleware import CLIENT_CLOSED, Answer, Handler, Scope
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "source": source}
 
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 JSON_HEADERS = [(b"content-type", b"application/json")]
 V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
@@ -284,9 +283,7 @@ class HTTPSpec(compat.LitSpec):
         content, extra = protocol.v2_response(logits, req, self.model)
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
 
-    def fast_route(
-        self, scope: Scope, headers: dict[bytes, bytes]
-    ) -> Callable[[dict[bytes, bytes], bytes], Awaitable[Answer]] | None:
+    def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Handler | None:
         """The hot routes the guard answers itself, without FastAPI's routing (BENCHMARKS.md, serving): POST
         /predict with a JSON or image body, and POST to a model's v2 infer route. None for everything else.
         `headers` is the guard's dict of the request's headers."""

@@ -55,7 +55,7 @@ async def send_error(send: Send, status: int, message: str, close: bool = False)
     await send({"type": "http.response.body", "body": body})
 
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 Handler = Callable[[dict[bytes, bytes], bytes], Awaitable[Answer]]
 CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer; never sent, only counted
 

@@ -43,21 +43,22 @@ def message(*ids: bytes) -> list[zmq.Frame]:
     return [zmq.Frame(f) for f in encode_requests(0, [(i, np.full((1, 2), float(i[-1]), np.float32)) for i in ids])]
 
 
-def request(uid: bytes) -> list[zmq.Frame]:
-    return message(uid)
-
-
 def received(dealer: zmq.Socket) -> list[bytes]:
     return [r.uid for r in decode_requests(dealer.recv_multipart())]
 
 
-def test_credit_holding_and_requeue_on_death() -> None:
-    ctx = zmq.Context()
-    router, dealer, push, pull = sockets(ctx, "a")
+def broker_with_worker(name: str) -> tuple[_BrokerState, bytes, zmq.Socket, zmq.Socket]:
+    """(the broker's state, its worker's identity as the broker saw it in a ready message, the worker's DEALER, the
+    API server's answer PULL)."""
+    router, dealer, push, pull = sockets(zmq.Context.instance(), name)
     dealer.send_multipart([b"ready", struct.pack("!I", 2)])
     identity, *_ = router.recv_multipart()
-    state = _BrokerState(router, [push])
-    state.waiting.extend(request(bytes([i])) for i in range(3))
+    return _BrokerState(router, [push]), identity, dealer, pull
+
+
+def test_credit_holding_and_requeue_on_death() -> None:
+    state, identity, dealer, pull = broker_with_worker("a")
+    state.waiting.extend(message(bytes([i])) for i in range(3))
     state.dispatch()
     assert state.credit == {} and len(state.waiting) == 3  # no credit yet: nothing sent
     state.ready(identity, 2)
@@ -80,11 +81,7 @@ def test_credit_holding_and_requeue_on_death() -> None:
 
 
 def test_a_message_of_several_requests_is_handed_out_held_and_requeued_whole() -> None:
-    ctx = zmq.Context()
-    router, dealer, push, pull = sockets(ctx, "b")
-    dealer.send_multipart([b"ready", struct.pack("!I", 2)])
-    identity, *_ = router.recv_multipart()
-    state = _BrokerState(router, [push])
+    state, identity, dealer, pull = broker_with_worker("b")
     state.waiting.extend([message(b"a0", b"a1", b"a2"), message(b"b0")])
     state.ready(identity, 2)
     state.dispatch()  # a message is not split: all three go, and the credit of two is spent
