@@ -234,7 +234,9 @@ class Client:
         while True:
             frames = await self.pull.recv_multipart(copy=False)
             meta, row_shape, dtype = pickle.loads(frames[0].bytes)
-            body = np.frombuffer(frames[1].buffer, dtype=np.dtype(dtype)).reshape(-1, *row_shape)
+            # the row count, not -1: a message of errors only has no rows, and reshape cannot infer from nothing
+            total = sum(rows for _, _, rows, _ in meta)
+            body = np.frombuffer(frames[1].buffer, dtype=np.dtype(dtype)).reshape(total, *row_shape)
             start = 0
             for uid, status, rows, detail in meta:
                 future = self.pending.get(uid)

@@ -3,18 +3,24 @@ when the worker dies."""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
+import pytest
 import zmq
 
 from modelship.serving.transport import (
     ERROR,
     OK,
     Addresses,
+    Client,
     Worker,
+    WorkerError,
     _BrokerState,
     decode_requests,
     encode_answers,
@@ -128,3 +134,29 @@ def test_answers_carry_rows_and_errors_in_order() -> None:
     assert meta == [(b"a", OK, 2, None), (b"b", ERROR, 0, (504, "late")), (b"c", OK, 1, None)]
     body = np.frombuffer(bytes(frames[1]), dtype=dtype).reshape(-1, *row_shape)
     assert body.tolist() == [[1.0] * 3, [1.0] * 3, [0.0] * 3]
+
+
+def test_an_api_server_keeps_reading_answers_after_a_message_that_holds_only_errors() -> None:
+    addresses = Addresses.fresh(1)
+    ctx = zmq.Context.instance()
+    requests = ctx.socket(zmq.PULL)  # stands in for the broker: sees each request, answers as a worker would
+    requests.bind(addresses.requests_in)
+
+    async def scenario() -> None:
+        client = Client(addresses, 0)
+        answers = ctx.socket(zmq.PUSH)
+        answers.connect(addresses.answers[0])
+
+        async def ask_and_answer(answer: Callable[[bytes], tuple[int, Any]]) -> np.ndarray:
+            call = asyncio.ensure_future(client.call(np.zeros((1, 2), np.float32), 5.0))
+            [uid] = uids(await asyncio.to_thread(requests.recv_multipart, copy=False))
+            answers.send_multipart(encode_answers([(uid, *answer(uid))]))
+            return await call
+
+        with pytest.raises(WorkerError) as died:  # e.g. the broker's 503 after two deaths: no rows at all
+            await ask_and_answer(lambda uid: (ERROR, (503, "two inference workers died on this request")))
+        assert died.value.status == 503
+        logits = await ask_and_answer(lambda uid: (OK, np.ones((1, 5), np.float32)))
+        assert logits.tolist() == [[1.0] * 5]
+
+    asyncio.run(scenario())
