@@ -9,7 +9,8 @@ The broker hands messages out on credit: a worker asks for up to its batch size,
 it arrives), and asks again when it has answered all of it (a message holding more than its batch size is run in
 several batches). So requests wait in the broker, never in a busy worker, and the broker always knows what each
 worker holds: when a worker dies, what it held goes back to the front of the queue for the next worker (a message
-two workers died holding is answered 503 instead), and nothing is lost.
+two workers died holding is answered 503 instead), and nothing is lost. A worker whose connection is gone gets
+nothing more, even before LitServe's monitor reports it dead.
 
 Replaces LitServe's request queue, a multiprocessing Manager queue whose round trips (one per request on each side)
 took a third of the API servers' and half of the workers' time, and whose reads a killed worker could strand
@@ -154,6 +155,9 @@ class _BrokerState:
 
     def __init__(self, back: zmq.Socket, answers: list[zmq.Socket]):
         self.back, self.answers = back, answers
+        # a send to a worker whose connection is gone fails instead of vanishing: LitServe's monitor notices a dead
+        # worker up to seconds later, and a request handed to it meanwhile would count as one of its two attempts
+        back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.waiting: deque[list[Any]] = deque()
         self.credit: dict[bytes, int] = {}
         self.held: dict[bytes, list[list[Any]]] = {}
@@ -188,7 +192,14 @@ class _BrokerState:
             if identity is None or self.credit[identity] == 0:
                 return
             frames = self.waiting.popleft()
-            self.back.send_multipart([identity, *frames], copy=False)
+            try:
+                self.back.send_multipart([identity, *frames], copy=False)
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                self.waiting.appendleft(frames)  # never reached it: not an attempt, and first in line still
+                del self.credit[identity]  # until its replacement asks
+                continue
             self.credit[identity] = max(0, self.credit[identity] - (len(frames) - 1))  # a message is not split
             self.held[identity].append(frames)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -105,6 +106,19 @@ def test_a_message_of_several_requests_is_handed_out_held_and_requeued_whole() -
     assert [(uid, status, detail[0]) for uid, status, _, detail in meta] == [(b"a0", ERROR, 503), (b"a1", ERROR, 503),
                                                                             (b"a2", ERROR, 503)]  # fmt: skip
     assert [uids(f) for f in state.waiting] == [[b"b0"]]
+
+
+def test_a_request_is_not_handed_to_a_worker_already_gone_and_counts_no_attempt() -> None:
+    state, identity, dealer, _ = broker_with_worker("c")
+    dealer.close(linger=0)  # the worker's process is gone; nobody has said so yet
+    time.sleep(0.2)
+    state.ready(identity, 2)  # the credit it had asked for before it went
+    state.waiting.append(message(b"r0"))
+    state.dispatch()
+    assert [uids(f) for f in state.waiting] == [[b"r0"]] and identity not in state.credit
+    assert state.held[identity] == [] and state.attempts == {}
+    state.dead(identity)  # when the monitor reports it, nothing is counted against the request either
+    assert [uids(f) for f in state.waiting] == [[b"r0"]] and state.attempts == {}
 
 
 def test_a_worker_runs_a_message_larger_than_its_batch_in_batches_and_asks_again_only_after() -> None:
