@@ -139,6 +139,7 @@ def test_a_worker_runs_a_message_larger_than_its_batch_in_batches_and_asks_again
         pool.submit(worker.next_batch, 1, 0.0)
         assert router.poll(5000) and router.recv_multipart()[1] == b"ready"
         router.send_multipart([who, *message(b"r3")])  # lets the waiting call return
+    worker.ctx.destroy(linger=0)
 
 
 def test_answers_carry_rows_and_errors_in_order() -> None:
@@ -172,5 +173,7 @@ def test_an_api_server_keeps_reading_answers_after_a_message_that_holds_only_err
         assert died.value.status == 503
         logits = await ask_and_answer(lambda uid: (OK, np.ones((1, 5), np.float32)))
         assert logits.tolist() == [[1.0] * 5]
+        client.reader.cancel()  # an API server's client lives as long as its process; this one ends here
+        client.ctx.destroy(linger=0)
 
     asyncio.run(scenario())
