@@ -149,7 +149,7 @@ class HTTPSpec(compat.LitSpec):
             self._client = transport.Client(self.addresses, self.response_queue_id)
         try:
             return await self._client.call(x, self.settings.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise protocol.RequestError(
                 f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
             ) from None

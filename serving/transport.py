@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +207,18 @@ class _BrokerState:
 
 
 class Client:
-    """In an API server process: send requests, await answers (created lazily, in that process's event loop)."""
+    """In an API server process: send requests, await answers. Made in that process, inside its event loop.
+
+    Plain ZeroMQ sockets driven by the event loop: the answers socket's descriptor is watched with `add_reader`
+    and drained without blocking, and a send never blocks (no high-water mark: the broker takes messages as they
+    arrive). zmq.asyncio's future per send and per receive cost more than the work they wrap (BENCHMARKS.md)."""
 
     def __init__(self, addresses: Addresses, consumer: int):
         self.consumer = consumer
-        self.ctx = zmq.asyncio.Context()
+        self.loop = asyncio.get_running_loop()
+        self.ctx = zmq.Context()
         self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.SNDHWM, 0)
         self.push.connect(addresses.requests_in)
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(addresses.answers[consumer])
@@ -221,42 +226,62 @@ class Client:
         self.outbox: list[tuple[bytes, np.ndarray]] = []  # this turn of the event loop's requests
         self.prefix = secrets.token_bytes(8)  # unique to this process; a counter makes each request's id
         self.count = itertools.count()
-        self.reader = asyncio.get_running_loop().create_task(self._read(), name="modelship-answers")
+        # ZeroMQ's descriptor signals "something changed", not "a message is here": drain on every signal
+        self.loop.add_reader(self.pull.fileno(), self._read)
 
     async def call(self, x: np.ndarray, timeout: float) -> np.ndarray:
-        """Send one array, wait for its answer: the array, or WorkerError / asyncio.TimeoutError."""
+        """Send one array, wait for its answer: the array, or WorkerError / TimeoutError."""
         uid = self.prefix + struct.pack("!Q", next(self.count))
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = self.loop.create_future()
         self.pending[uid] = future
         if not self.outbox:
-            loop.call_soon(self._send)  # after every request this turn of the loop has taken in
+            self.loop.call_soon(self._send)  # after every request this turn of the loop has taken in
         self.outbox.append((uid, x))
+        timer = self.loop.call_later(timeout, _expire, future)
         try:
-            return await asyncio.wait_for(future, timeout)
+            return await future
         finally:
-            self.pending.pop(uid, None)
+            timer.cancel()
+            del self.pending[uid]
 
     def _send(self) -> None:
         items, self.outbox = self.outbox, []
         self.push.send_multipart(encode_requests(self.consumer, items), copy=False)
 
-    async def _read(self) -> None:
+    def _read(self) -> None:
         while True:
-            frames = await self.pull.recv_multipart(copy=False)
-            meta, row_shape, dtype = pickle.loads(frames[0].bytes)
-            # the row count, not -1: a message of errors only has no rows, and reshape cannot infer from nothing
-            total = sum(rows for _, _, rows, _ in meta)
-            body = np.frombuffer(frames[1].buffer, dtype=np.dtype(dtype)).reshape(total, *row_shape)
-            start = 0
-            for uid, status, rows, detail in meta:
-                future = self.pending.get(uid)
-                if status == OK:
-                    part, start = body[start : start + rows], start + rows
-                    if future is not None and not future.done():
-                        future.set_result(part.copy())
-                elif future is not None and not future.done():
-                    future.set_exception(WorkerError(*detail))
+            try:
+                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._deliver(frames)
+            except Exception:  # a bad message must not stop this process's answers; its requests time out
+                log.exception("an answer message could not be read")
+
+    def _deliver(self, frames: list[Any]) -> None:
+        meta, row_shape, dtype = pickle.loads(frames[0].bytes)
+        # the row count, not -1: a message of errors only has no rows, and reshape cannot infer from nothing
+        total = sum(rows for _, _, rows, _ in meta)
+        body = np.frombuffer(frames[1].buffer, dtype=np.dtype(dtype)).reshape(total, *row_shape)
+        start = 0
+        for uid, status, rows, detail in meta:
+            future = self.pending.get(uid)
+            if status == OK:
+                part, start = body[start : start + rows], start + rows
+                if future is not None and not future.done():
+                    future.set_result(part.copy())
+            elif future is not None and not future.done():
+                future.set_exception(WorkerError(*detail))
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.pull.fileno())
+        self.ctx.destroy(linger=0)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class WorkerError(Exception):

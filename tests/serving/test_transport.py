@@ -151,7 +151,7 @@ def test_answers_carry_rows_and_errors_in_order() -> None:
     assert body.tolist() == [[1.0] * 3, [1.0] * 3, [0.0] * 3]
 
 
-def test_an_api_server_keeps_reading_answers_after_a_message_that_holds_only_errors() -> None:
+def test_an_api_server_keeps_reading_answers_after_an_error_only_message_and_a_malformed_one() -> None:
     addresses = Addresses.fresh(1)
     ctx = zmq.Context.instance()
     requests = ctx.socket(zmq.PULL)  # stands in for the broker: sees each request, answers as a worker would
@@ -171,9 +171,9 @@ def test_an_api_server_keeps_reading_answers_after_a_message_that_holds_only_err
         with pytest.raises(WorkerError) as died:  # e.g. the broker's 503 after two deaths: no rows at all
             await ask_and_answer(lambda uid: (ERROR, (503, "two inference workers died on this request")))
         assert died.value.status == 503
+        answers.send_multipart([b"not a pickled answer", b""])  # logged, and the reader carries on
         logits = await ask_and_answer(lambda uid: (OK, np.ones((1, 5), np.float32)))
         assert logits.tolist() == [[1.0] * 5]
-        client.reader.cancel()  # an API server's client lives as long as its process; this one ends here
-        client.ctx.destroy(linger=0)
+        client.close()  # an API server's client lives as long as its process; this one ends here
 
     asyncio.run(scenario())
