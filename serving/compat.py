@@ -114,9 +114,10 @@ class Server(ls.LitServer):
     """LitServer on modelship's transport, with HTTP up before the workers are warm, and modelship's own `/`."""
 
     def __init__(self, *args: Any, front: Callable[[Any], Any], on_worker_failure: Callable[[], None],
-                 **kwargs: Any) -> None:  # fmt: skip
+                 sockets: str, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
         self._front = front  # wraps the FastAPI app as each API server serves it
+        self._sockets = sockets  # the directory for the transport's IPC sockets
         self._on_worker_failure = on_worker_failure
         self._broker: transport.Broker | None = None
         self._stopping = False
@@ -129,7 +130,7 @@ class Server(ls.LitServer):
 
     def _init_manager(self, num_api_servers: int) -> Any:
         manager = super()._init_manager(num_api_servers)
-        addresses = transport.Addresses.fresh(num_api_servers)
+        addresses = transport.Addresses.fresh(self._sockets, num_api_servers)
         for lit_api in self.litapi_connector:
             lit_api.addresses = addresses  # pickled into the workers, inherited by the forked API servers
             lit_api.spec.addresses = addresses

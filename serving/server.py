@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -83,12 +84,13 @@ def serve(cfg: ServeConfig) -> None:
     accelerator, n_devices = resolve_devices(cfg)
     check_port(cfg.host, cfg.port)
 
-    from modelship.serving import metrics
+    from modelship.serving import metrics, transport
 
+    sockets = transport.socket_directory()
     metrics_dir = metrics.init_dir()  # before prometheus_client is imported anywhere
     try:
         failed = threading.Event()
-        server = build_server(cfg, manifest, accelerator, n_devices, failed)
+        server = build_server(cfg, manifest, accelerator, n_devices, failed, sockets)
         on_sigterm_drain()
         workers = n_devices * cfg.workers_per_device
         url_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -111,11 +113,13 @@ def serve(cfg: ServeConfig) -> None:
             raise ServeError("the inference workers could not start; the log above says why")
     finally:
         metrics.remove_dir(metrics_dir)
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def build_server(
-    cfg: ServeConfig, manifest: dict[str, Any], accelerator: str, n_devices: int, failed: threading.Event
-) -> Any:
+    cfg: ServeConfig, manifest: dict[str, Any], accelerator: str, n_devices: int, failed: threading.Event,
+    sockets: str,
+) -> Any:  # fmt: skip
     """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
     from starlette.middleware.cors import CORSMiddleware
 
@@ -157,6 +161,7 @@ def build_server(
         restart_workers=True,
         front=front,
         on_worker_failure=failed.set,
+        sockets=sockets,
     )
     install_openapi(server.app, spec)
     return server

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import zmq
 
+from modelship.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 OK, ERROR = 0, 1
@@ -53,10 +55,36 @@ class Addresses:
     answers: tuple[str, ...]  # one per API server, which binds it
 
     @classmethod
-    def fresh(cls, api_servers: int) -> Addresses:
-        base = os.path.join(tempfile.gettempdir(), f"modelship-{os.getpid()}-{secrets.token_hex(4)}")
-        answers = tuple(f"ipc://{base}-answers-{i}" for i in range(api_servers))
-        return cls(f"ipc://{base}-in", f"ipc://{base}-out", answers)
+    def fresh(cls, directory: str, api_servers: int) -> Addresses:
+        """Endpoints in `directory` (from `socket_directory`): short names, as a socket's path has a small limit."""
+        requests_in, requests_out = (f"ipc://{path}" for path in _fit(directory, "in", "out"))
+        answers = tuple(f"ipc://{path}" for path in _fit(directory, *(f"a{i}" for i in range(api_servers))))
+        return cls(requests_in, requests_out, answers)
+
+
+MAX_SOCKET_PATH = 103  # sun_path is 108 bytes on Linux, 104 on macOS, with a terminating zero
+
+
+def socket_directory() -> str:
+    """A fresh directory for one server's IPC sockets, private to its user (mode 0700). The server removes it when
+    it stops: its processes are stopped, not closed, so ZeroMQ never removes the socket files itself."""
+    directory = tempfile.mkdtemp(prefix="modelship-sock-")
+    try:
+        _fit(directory, "a999")
+    except ConfigError:
+        os.rmdir(directory)
+        raise
+    return directory
+
+
+def _fit(directory: str, *names: str) -> tuple[str, ...]:
+    paths = tuple(os.path.join(directory, name) for name in names)
+    if max(len(os.fsencode(path)) for path in paths) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"the temporary directory {os.path.dirname(directory)} is too long a path for the server's Unix sockets "
+            f"(at most {MAX_SOCKET_PATH} bytes with their names); set TMPDIR to a shorter one, e.g. TMPDIR=/tmp"
+        )
+    return paths
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,9 +81,13 @@ def test_a_crashed_worker_is_replaced_and_the_server_keeps_answering(tiny_bundle
         assert s.proc.poll() is None
 
 
-def test_sigterm_lets_in_flight_requests_finish_and_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0_leaving_no_files(tiny_bundle: Path, tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"  # the server's temporary directory: its sockets and metric files go there
+    scratch.mkdir()
     # a long batch window keeps requests in flight when the signal arrives
-    with running_server(tiny_bundle, "--batch-timeout", "1.0", "--max-batch-size", "64", tmp=tmp_path) as s:
+    with running_server(tiny_bundle, "--batch-timeout", "1.0", "--max-batch-size", "64", tmp=tmp_path,
+                        env={"TMPDIR": str(scratch)}) as s:  # fmt: skip
+        assert ours(scratch) == ["modelship-metrics", "modelship-sock"]
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(predict, s.url) for _ in range(8)]
             time.sleep(0.3)
@@ -91,6 +96,12 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(tiny_bundle: Path, t
         assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers] + [s.output()[-3000:]]
         assert s.proc.wait(timeout=40) == 0
         assert "Traceback" not in s.output()
+    assert ours(scratch) == []
+
+
+def ours(directory: Path) -> list[str]:
+    """modelship's temporary directories in `directory`, without their random suffix."""
+    return sorted(p.name.rsplit("-", 1)[0] for p in directory.glob("modelship-*"))
 
 
 def copy_bundle(src: Path, dst: Path, edit=None) -> Path:
@@ -153,6 +164,17 @@ def test_serve_refuses_a_busy_port(tiny_bundle: Path, cli) -> None:
         port = s.getsockname()[1]
         r = cli("serve", tiny_bundle, "--port", str(port))
     assert r.code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.last_line
+
+
+def test_serve_refuses_a_temporary_directory_too_long_for_unix_sockets(
+    tiny_bundle: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp_path / ("t" * 120)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # what TMPDIR sets
+    r = cli("serve", tiny_bundle)
+    assert r.code == 2 and "too long a path for the server's Unix sockets" in r.last_line
+    assert "set TMPDIR to a shorter one" in r.last_line and ours(scratch) == []
 
 
 def test_missing_bundle(tmp_path: Path, cli) -> None:

@@ -9,6 +9,7 @@ import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -121,8 +122,8 @@ def test_a_request_is_not_handed_to_a_worker_already_gone_and_counts_no_attempt(
     assert [uids(f) for f in state.waiting] == [[b"r0"]] and state.attempts == {}
 
 
-def test_a_worker_runs_a_message_larger_than_its_batch_in_batches_and_asks_again_only_after() -> None:
-    addresses = Addresses.fresh(1)
+def test_a_worker_runs_a_message_larger_than_its_batch_in_batches_and_asks_again_only_after(tmp_path: Path) -> None:
+    addresses = Addresses.fresh(str(tmp_path), 1)
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.bind(addresses.requests_out)
     worker = Worker(addresses, 0)
@@ -151,8 +152,8 @@ def test_answers_carry_rows_and_errors_in_order() -> None:
     assert body.tolist() == [[1.0] * 3, [1.0] * 3, [0.0] * 3]
 
 
-def test_an_api_server_keeps_reading_answers_after_an_error_only_message_and_a_malformed_one() -> None:
-    addresses = Addresses.fresh(1)
+def test_an_api_server_keeps_reading_answers_after_an_error_only_message_and_a_malformed_one(tmp_path: Path) -> None:
+    addresses = Addresses.fresh(str(tmp_path), 1)
     ctx = zmq.Context.instance()
     requests = ctx.socket(zmq.PULL)  # stands in for the broker: sees each request, answers as a worker would
     requests.bind(addresses.requests_in)
