@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 
 import modelship
 from modelship.manifest import read_manifest
-from modelship.serving import compat, protocol, transport
+from modelship.serving import compat, local, protocol, transport
 from modelship.serving.backends import PLATFORMS, Backend, load_backend
 from modelship.serving.metrics import exposition, metrics
 from modelship.serving.middleware import CLIENT_CLOSED, Answer, Handler, Scope
@@ -46,6 +46,7 @@ class Settings:
     timeout: float
     threads: int
     workers_per_device: int
+    in_process: bool
     device: str
     max_payload_mb: float
     api_key_required: bool
@@ -105,7 +106,8 @@ class HTTPSpec(compat.LitSpec):
         self.api_path = "/predict"
         self.settings = settings
         self.addresses: transport.Addresses | None = None  # set by the server before the API servers fork
-        self._client: transport.Client | None = None
+        self.runner: local.Runner | None = None  # with --in-process: this API server's model, set after the fork
+        self._client: transport.Client | local.Runner | None = None
         self.model = model
         self.manifest = public_manifest(manifest)
         c, h, w = model.shape
@@ -143,10 +145,13 @@ class HTTPSpec(compat.LitSpec):
         return compat.workers_ready(self)
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
-        """Send one validated array to the inference workers and wait for its logits."""
+        """Send one validated array to the model (the inference workers, or this process's own) for its logits."""
         if self._client is None:  # made in the API server process, inside its event loop
-            assert self.addresses is not None
-            self._client = transport.Client(self.addresses, self.response_queue_id)
+            if self.runner is not None:
+                self._client = self.runner
+            else:
+                assert self.addresses is not None
+                self._client = transport.Client(self.addresses, self.response_queue_id)
         try:
             return await self._client.call(x, self.settings.timeout)
         except TimeoutError:

@@ -114,13 +114,17 @@ class Server(ls.LitServer):
     """LitServer on modelship's transport, with HTTP up before the workers are warm, and modelship's own `/`."""
 
     def __init__(self, *args: Any, front: Callable[[Any], Any], on_worker_failure: Callable[[], None],
-                 sockets: str, **kwargs: Any) -> None:  # fmt: skip
+                 sockets: str, in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
         self._front = front  # wraps the FastAPI app as each API server serves it
         self._sockets = sockets  # the directory for the transport's IPC sockets
         self._on_worker_failure = on_worker_failure
+        self._in_api_server = in_api_server  # with --in-process: starts the model in a new API server process
         self._broker: transport.Broker | None = None
+        self._api_servers: dict[int, Any] = {}
         self._stopping = False
+        self._lock = threading.Lock()
         routes = self.app.router.routes
         routes[:] = [r for r in routes if not _litserve_own(r, ("/", LITSERVE_INFO_PATH))]
         for i, route in enumerate(routes):
@@ -128,15 +132,21 @@ class Server(ls.LitServer):
                 routes[i] = APIRoute(route.path, route.endpoint, methods=list(route.methods or ()), name=route.name)
         self.app.user_middleware = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
 
+    def _inference_workers_config_for_api(self, api_path: str) -> Any:
+        # with --in-process the API servers run the model: LitServe starts no inference worker
+        return [] if self._in_api_server is not None else super()._inference_workers_config_for_api(api_path)
+
     def _init_manager(self, num_api_servers: int) -> Any:
         manager = super()._init_manager(num_api_servers)
+        self._transport = IdleTransport()
+        if self._in_api_server is not None:
+            return manager
         addresses = transport.Addresses.fresh(self._sockets, num_api_servers)
         for lit_api in self.litapi_connector:
             lit_api.addresses = addresses  # pickled into the workers, inherited by the forked API servers
             lit_api.spec.addresses = addresses
         self._broker = transport.Broker(addresses)
         self._broker.start()
-        self._transport = IdleTransport()
         return manager
 
     def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
@@ -148,7 +158,8 @@ class Server(ls.LitServer):
         return super().launch_single_inference_worker(lit_api, worker_id)
 
     def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
         super()._perform_graceful_shutdown(*args, **kwargs)
 
     def _worker_index(self, lit_api: ls.LitAPI, worker_id: int) -> int:
@@ -162,28 +173,58 @@ class Server(ls.LitServer):
     def _start_server(self, port: int, num_uvicorn_servers: int, log_level: str, sockets: list[socket.socket],
                       uvicorn_worker_type: str, **kwargs: Any) -> dict[int, Any]:  # fmt: skip
         shared = sockets[0]
-        family, address = shared.family, shared.getsockname()[:2]
+        self._listen = (shared.family, shared.getsockname()[:2], port, log_level, kwargs)
         for sock in sockets:
             sock.close()
-        workers = {}
         for consumer in range(num_uvicorn_servers):
-            self.app.response_queue_id = consumer
-            for lit_api in self.litapi_connector:
-                lit_api.spec.response_queue_id = consumer
-            app = copy.copy(self.app)
-            self._prepare_app_run(app)
-            config = uvicorn.Config(app=self._front(app), host=address[0], port=port, log_level=log_level,
-                                    timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)  # fmt: skip
-            server = _Server(config=config)
-            own = [reuseport_socket(family, address)]
-            process = mp.get_context("fork").Process(
-                target=server.run, args=(consumer, own), name=f"LitServer-{consumer}"
-            )
-            process.start()
-            for sock in own:
-                sock.close()  # the child has it
-            workers[consumer] = process
-        return workers
+            self._api_servers[consumer] = self._start_api_server(consumer)
+        threading.Thread(target=self._replace_dead_api_servers, name="modelship-api-watch", daemon=True).start()
+        return self._api_servers  # LitServe stops them at shutdown, replacements included
+
+    def _start_api_server(self, consumer: int) -> Any:
+        family, address, port, log_level, kwargs = self._listen
+        if self._in_api_server is not None:  # /health is 503 until this API server's model is warm
+            self.workers_setup_status[in_process_key(consumer)] = WorkerSetupStatus.STARTING
+        self.app.response_queue_id = consumer
+        for lit_api in self.litapi_connector:
+            lit_api.spec.response_queue_id = consumer
+        app = copy.copy(self.app)
+        self._prepare_app_run(app)
+        config = uvicorn.Config(app=self._front(app), host=address[0], port=port, log_level=log_level,
+                                timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)  # fmt: skip
+        server = _Server(config=config)
+        own = [reuseport_socket(family, address)]
+        process = mp.get_context("fork").Process(
+            target=self._run_api_server, args=(server, consumer, own), name=f"LitServer-{consumer}"
+        )
+        process.start()
+        for sock in own:
+            sock.close()  # the child has it
+        return process
+
+    def _run_api_server(self, server: Any, consumer: int, own: list[socket.socket]) -> None:
+        if self._in_api_server is not None:
+            status, key = self.workers_setup_status, in_process_key(consumer)
+
+            def loaded(ok: bool) -> None:
+                status[key] = WorkerSetupStatus.READY if ok else WorkerSetupStatus.ERROR
+
+            self._in_api_server(loaded)
+        server.run(consumer, own)
+
+    def _replace_dead_api_servers(self) -> None:
+        """An API server that dies (a crash in native code: the runtime with --in-process, an image decoder) is
+        replaced; LitServe would leave its share of the port answered by no one once every one had died."""
+        while True:
+            time.sleep(0.5)
+            with self._lock:  # shutdown neither misses a replacement nor sees one start after it began
+                if self._stopping:
+                    return
+                for consumer, process in list(self._api_servers.items()):
+                    if not process.is_alive():
+                        log.error("API server %d (pid %d) died with exit code %s; starting a new one", consumer,
+                                  process.pid, process.exitcode)  # fmt: skip
+                        self._api_servers[consumer] = self._start_api_server(consumer)
 
     def verify_worker_status(self) -> None:
         threading.Thread(target=self._watch_setup, name="modelship-setup-watch", daemon=True).start()
@@ -192,14 +233,20 @@ class Server(ls.LitServer):
         while True:
             states = list(self.workers_setup_status.values())
             if any(s == WorkerSetupStatus.ERROR for s in states):
-                log.error("an inference worker failed to load the model (see above); shutting down")
+                log.error("the model failed to load (see above); shutting down")
                 self._on_worker_failure()
                 self._shutdown_event.set()
                 return
             if states and all(s == WorkerSetupStatus.READY for s in states):
-                log.info("ready: %d worker(s) warmed up; /health is 200", len(states))
+                n = len(states)
+                log.info("ready: %d cop%s of the model warmed up; /health is 200", n, "y" if n == 1 else "ies")
                 return
             time.sleep(0.05)
+
+
+def in_process_key(consumer: int) -> str:
+    """Where an API server running the model (--in-process) reports it in LitServe's record of worker setup."""
+    return f"in-process_{consumer}"
 
 
 def reuseport_socket(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:

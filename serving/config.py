@@ -31,6 +31,7 @@ class ServeConfig:
     max_batch_size: int = 32
     batch_timeout: float = 0.0  # take what is waiting: under load batches fill while the model runs (BENCHMARKS.md)
     workers_per_device: int = 2
+    in_process: bool = False  # the model in each API server, no worker processes (serving/local.py)
     api_servers: int | None = None
     threads: int | None = None
     timeout: float = 30.0

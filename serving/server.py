@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from modelship.devices import usable_gpus
@@ -28,7 +29,7 @@ TORCH_BACKENDS = {"torchscript": "torch", "pt2": "torch"}  # backends that need 
 
 
 class ServeError(ModelshipError):
-    """The server could not start its inference workers. Exit code 1."""
+    """The server could not load its model. Exit code 1."""
 
     exit_code = 1
 
@@ -82,6 +83,11 @@ def serve(cfg: ServeConfig) -> None:
     compat.check_version()
     manifest = load_bundle(cfg)
     accelerator, n_devices = resolve_devices(cfg)
+    if cfg.in_process and accelerator == "cuda":
+        raise ConfigError(
+            "--in-process runs the model on the CPU (CUDA does not survive the fork that starts an API server); "
+            "add --device cpu, or leave out --in-process to serve on the GPU"
+        )
     check_port(cfg.host, cfg.port)
 
     from modelship.serving import metrics, transport
@@ -92,28 +98,38 @@ def serve(cfg: ServeConfig) -> None:
         failed = threading.Event()
         server = build_server(cfg, manifest, accelerator, n_devices, failed, sockets)
         on_sigterm_drain()
-        workers = n_devices * cfg.workers_per_device
         url_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         wait = f"waiting up to {cfg.batch_timeout:g}s for more" if cfg.batch_timeout else "of what is waiting"
+        where = f"in each of {api_servers(cfg, n_devices)} API servers" if cfg.in_process else "worker(s)"
         log.info(
-            "serving %s (%s on %s, %d worker(s), batches of up to %d %s) at http://%s:%d — POST /predict, "
+            "serving %s (%s on %s, %d %s, batches of up to %d %s) at http://%s:%d — POST /predict, "
             "POST /v2/models/%s/infer, docs at /docs; /health turns 200 once warmed up",
-            manifest["name"], cfg.backend, accelerator, workers, cfg.max_batch_size, wait, url_host, cfg.port,
-            manifest["name"],
+            manifest["name"], cfg.backend, accelerator, models(cfg, n_devices), where, cfg.max_batch_size, wait,
+            url_host, cfg.port, manifest["name"],
         )  # fmt: skip
         server.run(
             host=cfg.host,
             port=cfg.port,
-            num_api_servers=cfg.api_servers,
+            num_api_servers=api_servers(cfg, n_devices),
             log_level=cfg.log_level,
             generate_client_file=False,
             access_log=cfg.access_log,
         )
         if failed.is_set():
-            raise ServeError("the inference workers could not start; the log above says why")
+            raise ServeError("the model could not be loaded; the log above says why")
     finally:
         metrics.remove_dir(metrics_dir)
         shutil.rmtree(sockets, ignore_errors=True)
+
+
+def api_servers(cfg: ServeConfig, n_devices: int) -> int:
+    """HTTP server processes: --api-servers, or one per inference worker."""
+    return cfg.api_servers or n_devices * cfg.workers_per_device
+
+
+def models(cfg: ServeConfig, n_devices: int) -> int:
+    """Copies of the model the server runs: one per worker, or with --in-process one per API server."""
+    return api_servers(cfg, n_devices) if cfg.in_process else n_devices * cfg.workers_per_device
 
 
 def build_server(
@@ -123,21 +139,21 @@ def build_server(
     """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
     from starlette.middleware.cors import CORSMiddleware
 
-    from modelship.serving import compat
+    from modelship.serving import compat, local
     from modelship.serving.api import HTTPSpec, InferenceAPI, Settings
     from modelship.serving.middleware import Guard
     from modelship.serving.openapi import install_openapi
     from modelship.serving.protocol import ServedModel
 
-    workers = n_devices * cfg.workers_per_device
     settings = Settings(
         bundle=str(cfg.bundle.resolve()),
         backend=cfg.backend,
         max_batch_size=cfg.max_batch_size,
         batch_timeout=cfg.batch_timeout,
         timeout=cfg.timeout,
-        threads=cfg.threads or max(1, (os.cpu_count() or 1) // workers),
+        threads=cfg.threads or max(1, (os.cpu_count() or 1) // models(cfg, n_devices)),
         workers_per_device=cfg.workers_per_device,
+        in_process=cfg.in_process,
         device=accelerator,
         max_payload_mb=cfg.max_payload_mb,
         api_key_required=cfg.api_key is not None,
@@ -145,6 +161,15 @@ def build_server(
     )
     model = ServedModel.from_manifest(manifest, max_batch=int(manifest.get("max_batch", 64)))
     spec = HTTPSpec(manifest, settings, model)
+    inference = InferenceAPI(settings, spec)
+    in_api_server = None
+    if cfg.in_process:
+
+        def in_api_server(loaded: Callable[[bool], None]) -> None:
+            """In a new API server process: load the model on its own thread; requests wait for it."""
+            spec.runner = local.Runner(lambda: inference.setup("cpu"), inference.run, settings.max_batch_size,
+                                       settings.batch_timeout, loaded)  # fmt: skip
+            spec.runner.start()
 
     def front(app: Any) -> Any:
         """The guard in front of the FastAPI app, and CORS in front of the guard (a browser's preflight is answered
@@ -153,7 +178,7 @@ def build_server(
         return CORSMiddleware(guarded, **cors_options(cfg.cors_origins)) if cfg.cors_origins else guarded
 
     server = compat.Server(
-        InferenceAPI(settings, spec),
+        inference,
         accelerator=accelerator,
         devices=n_devices,
         workers_per_device=cfg.workers_per_device,
@@ -162,6 +187,7 @@ def build_server(
         front=front,
         on_worker_failure=failed.set,
         sockets=sockets,
+        in_api_server=in_api_server,
     )
     install_openapi(server.app, spec)
     return server

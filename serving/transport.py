@@ -266,7 +266,7 @@ class Client:
         if not self.outbox:
             self.loop.call_soon(self._send)  # after every request this turn of the loop has taken in
         self.outbox.append((uid, x))
-        timer = self.loop.call_later(timeout, _expire, future)
+        timer = self.loop.call_later(timeout, expire, future)
         try:
             return await future
         finally:
@@ -308,7 +308,7 @@ class Client:
         self.ctx.destroy(linger=0)
 
 
-def _expire(future: asyncio.Future) -> None:
+def expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
 

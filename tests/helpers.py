@@ -94,19 +94,43 @@ class Server:
 
     def children(self) -> list[int]:
         """Process ids of this server's inference workers (spawned: their command line says so)."""
+        return [pid for pid in self._kids() if "spawn_main" in _read(f"/proc/{pid}/cmdline")]
+
+    def api_servers(self) -> list[int]:
+        """Process ids of this server's API servers: its children that listen on its port."""
+        port = int(self.url.rsplit(":", 1)[1])
+        listening = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in _read(table).splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    listening.add(f"socket:[{fields[9]}]")
+        return [pid for pid in self._kids() if listening & _sockets(pid)]
+
+    def _kids(self) -> list[int]:
         found = []
         for pid in Path("/proc").iterdir():
-            if not pid.name.isdigit():
-                continue
-            try:
-                stat = (pid / "stat").read_text()
-                cmdline = (pid / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == self.proc.pid and "spawn_main" in cmdline:
+            stat = _read(pid / "stat") if pid.name.isdigit() else ""
+            if stat and int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
                 found.append(int(pid.name))
         return sorted(found)
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_bytes().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _sockets(pid: int) -> set[str]:
+    """What a process's descriptors point to (socket:[inode] for sockets)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                found.add(os.readlink(fd))
+    return found
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, seen: list[int], timeout: float = 90) -> None:

@@ -55,10 +55,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="inference processes per CPU/GPU (default %(default)s)",
     )
     p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the model inside each API server instead of in worker processes: faster for small models, but a "
+        "crash in the runtime loses the requests its API server holds; CPU only",
+    )
+    p.add_argument(
         "--api-servers",
         type=int,
         default=d("api_servers"),
-        help="HTTP server processes (default: one per inference worker)",
+        help="HTTP server processes (default: one per inference worker; with --in-process, each runs the model)",
     )
     p.add_argument(
         "--threads", type=int, default=d("threads"), help="compute threads per worker (default: CPU cores / workers)"

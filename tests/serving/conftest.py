@@ -1,4 +1,5 @@
-"""The server the serving tests share: the tiny shapes bundle, served with the default settings."""
+"""The server the serving tests share: the tiny shapes bundle, served with the default settings, and again with the
+model inside the API servers (--in-process): every test of it holds for both."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 from tests.helpers import Server, running_server
 
 
-@pytest.fixture(scope="session")
-def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The tiny shapes bundle served with default settings."""
-    with running_server(tiny_bundle, tmp=tmp_path_factory.mktemp("server")) as s:
+@pytest.fixture(scope="session", params=[(), ("--in-process",)], ids=["workers", "in-process"])
+def server(
+    request: pytest.FixtureRequest, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The tiny shapes bundle served with default settings, with inference workers or with the model in-process."""
+    with running_server(tiny_bundle, *request.param, tmp=tmp_path_factory.mktemp("server")) as s:
         yield s

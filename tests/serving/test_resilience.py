@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from modelship.files import sha256_file
-from tests.helpers import KEY, running_server, scrape
+from tests.helpers import KEY, free_port, run_modelship, running_server, scrape, wait_ready
 
 
 def predict(url: str, **kwargs) -> httpx.Response:
@@ -53,8 +53,12 @@ def test_api_key_guards_every_route_but_health(tiny_bundle: Path, tmp_path: Path
         assert metrics['modelship_requests_total{route="/predict",status="413"}'] == 1
 
 
-def test_request_timeout_is_504_and_the_server_stays_healthy(tiny_bundle: Path, tmp_path: Path) -> None:
-    with running_server(tiny_bundle, "--timeout", "0.002", "--batch-timeout", "0", tmp=tmp_path) as s:
+MODES = pytest.mark.parametrize("mode", [(), ("--in-process",)], ids=["workers", "in-process"])
+
+
+@MODES
+def test_request_timeout_is_504_and_the_server_stays_healthy(tiny_bundle: Path, tmp_path: Path, mode) -> None:
+    with running_server(tiny_bundle, "--timeout", "0.002", "--batch-timeout", "0", *mode, tmp=tmp_path) as s:
         x = np.zeros((64, 3, 32, 32), np.float32)
         doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
         r = httpx.post(s.url + "/v2/models/shapes-cnn/infer", json=doc, timeout=30)
@@ -81,11 +85,14 @@ def test_a_crashed_worker_is_replaced_and_the_server_keeps_answering(tiny_bundle
         assert s.proc.poll() is None
 
 
-def test_sigterm_lets_in_flight_requests_finish_and_exits_0_leaving_no_files(tiny_bundle: Path, tmp_path: Path) -> None:
+@MODES
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0_leaving_no_files(
+    tiny_bundle: Path, tmp_path: Path, mode
+) -> None:
     scratch = tmp_path / "tmp"  # the server's temporary directory: its sockets and metric files go there
     scratch.mkdir()
     # a long batch window keeps requests in flight when the signal arrives
-    with running_server(tiny_bundle, "--batch-timeout", "1.0", "--max-batch-size", "64", tmp=tmp_path,
+    with running_server(tiny_bundle, "--batch-timeout", "1.0", "--max-batch-size", "64", *mode, tmp=tmp_path,
                         env={"TMPDIR": str(scratch)}) as s:  # fmt: skip
         assert ours(scratch) == ["modelship-metrics", "modelship-sock"]
         with ThreadPoolExecutor(8) as pool:
@@ -97,6 +104,38 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0_leaving_no_files(tin
         assert s.proc.wait(timeout=40) == 0
         assert "Traceback" not in s.output()
     assert ours(scratch) == []
+
+
+@MODES
+def test_a_crashed_api_server_is_replaced_and_the_server_keeps_answering(
+    tiny_bundle: Path, tmp_path: Path, mode
+) -> None:
+    with running_server(tiny_bundle, *mode, tmp=tmp_path) as s:
+        assert predict(s.url).status_code == 200
+        crashed = s.api_servers()
+        assert len(crashed) == 2
+        for pid in crashed:  # both, so every answer below comes from a replacement
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while set(s.api_servers()) & set(crashed) or len(s.api_servers()) < 2:
+            assert time.monotonic() < deadline, s.output()[-3000:]
+            time.sleep(0.1)
+        wait_ready(s.url, s.proc, s.log, [])
+        assert [predict(s.url).status_code for _ in range(6)] == [200] * 6  # new connections, spread over both
+        assert s.output().count("died with exit code -9; starting a new one") == 2
+        assert s.proc.poll() is None
+
+
+@MODES
+def test_a_model_that_fails_to_load_stops_the_server_with_exit_1(tiny_bundle: Path, tmp_path: Path, mode) -> None:
+    def unloadable(m: dict, d: Path) -> None:  # hashes that match, content ONNX Runtime cannot read
+        (d / "model.onnx").write_bytes(b"not an onnx model")
+        m["artifacts"]["onnx"] |= {"sha256": sha256_file(d / "model.onnx"), "bytes": 17}
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b", unloadable)
+    r = run_modelship("serve", str(bundle), "--port", str(free_port()), *mode, timeout=120)
+    assert r.code == 1, r.err[-3000:]
+    assert r.last_line == "modelship serve: error: the model could not be loaded; the log above says why"
 
 
 def ours(directory: Path) -> list[str]:
@@ -200,3 +239,14 @@ def test_a_request_a_dying_worker_held_is_answered_by_its_replacement(tiny_bundl
         assert "died holding 4 request(s); they go to the next worker" in s.output()
         (replacement,) = s.children()
         assert replacement != worker
+
+
+def test_in_process_on_a_gpu_machine_is_refused_naming_the_way_out(
+    tiny_bundle: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelship.serving import server
+
+    monkeypatch.setattr(server, "usable_gpus", lambda device: 0 if device == "cpu" else 1)  # as a GPU machine says
+    r = cli("serve", tiny_bundle, "--in-process")
+    assert r.code == 2 and "--in-process runs the model on the CPU" in r.last_line
+    assert "add --device cpu, or leave out --in-process to serve on the GPU" in r.last_line
