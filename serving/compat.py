@@ -29,6 +29,10 @@ against.
 6. No worker is replaced once shutdown has begun (`_perform_graceful_shutdown` sets a flag that
    `launch_single_inference_worker` reads): LitServe's monitor would otherwise restart the workers shutdown just
    stopped, and those would fail on the Manager being shut down, with a traceback.
+7. With --in-process (`modelship.serving.local`) LitServe starts no inference worker
+   (`_inference_workers_config_for_api` is empty); each API server reports its own model under
+   `in_process_key(i)` in `workers_setup_status`, so LitServe's `/health` and the setup watch read it as they read
+   workers'. `_start_server` also watches the API server processes and replaces one that dies (LitServe does not).
 """
 
 from __future__ import annotations
