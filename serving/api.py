@@ -330,7 +330,7 @@ class InferenceAPI(ls.LitAPI):
         # warm up at the largest batch before /health turns 200: first calls allocate and pick kernels
         for n in (self.chunk, 1, self.chunk):
             self.backend(np.zeros((n, *self.shape), np.float32))
-        log.info("worker on %s ready: %s via %s", device, self.settings.backend, ", ".join(self.backend.providers))
+        log.info("model ready on %s: %s via %s", device, self.settings.backend, ", ".join(self.backend.providers))
 
     def run(self, requests: list[transport.Request]) -> list[np.ndarray]:
         """One dynamic batch: every request's rows through the model in chunks of at most the bundle's max batch,

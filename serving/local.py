@@ -2,7 +2,7 @@
 of its own, with no inference worker processes, broker or sockets in between.
 
 The request path is then an append to a queue and one wake-up of the event loop per batch: on a small model that is
-a third more requests a second than through the workers (BENCHMARKS.md, serving). The cost is isolation: a crash in
+~30% more requests a second than through the workers (BENCHMARKS.md, serving). The cost is isolation: a crash in
 the runtime takes its API server down with the requests it holds (the server starts a new one), where a crashed
 worker process loses nothing. ONNX Runtime and torch release the GIL while they compute, so the event loop answers
 other requests meanwhile. CPU only: the CUDA driver does not survive the fork that makes an API server.

@@ -100,12 +100,13 @@ def serve(cfg: ServeConfig) -> None:
         on_sigterm_drain()
         url_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         wait = f"waiting up to {cfg.batch_timeout:g}s for more" if cfg.batch_timeout else "of what is waiting"
-        where = f"in each of {api_servers(cfg, n_devices)} API servers" if cfg.in_process else "worker(s)"
+        n = models(cfg, n_devices)
+        copies = f"the model in each of {n} API server(s)" if cfg.in_process else f"{n} worker(s)"
         log.info(
-            "serving %s (%s on %s, %d %s, batches of up to %d %s) at http://%s:%d — POST /predict, "
+            "serving %s (%s on %s, %s, batches of up to %d %s) at http://%s:%d — POST /predict, "
             "POST /v2/models/%s/infer, docs at /docs; /health turns 200 once warmed up",
-            manifest["name"], cfg.backend, accelerator, models(cfg, n_devices), where, cfg.max_batch_size, wait,
-            url_host, cfg.port, manifest["name"],
+            manifest["name"], cfg.backend, accelerator, copies, cfg.max_batch_size, wait, url_host, cfg.port,
+            manifest["name"],
         )  # fmt: skip
         server.run(
             host=cfg.host,
