@@ -106,8 +106,9 @@ class HTTPSpec(compat.LitSpec):
         self.api_path = "/predict"
         self.settings = settings
         self.addresses: transport.Addresses | None = None  # set by the server before the API servers fork
-        self.runner: local.Runner | None = None  # with --in-process: this API server's model, set after the fork
-        self._client: transport.Client | local.Runner | None = None
+        # how this API server reaches the model: its own (--in-process, set by the server after the fork) or the
+        # workers' transport (made on the first request, inside this process's event loop)
+        self.client: transport.Client | local.Runner | None = None
         self.model = model
         self.manifest = public_manifest(manifest)
         c, h, w = model.shape
@@ -146,14 +147,11 @@ class HTTPSpec(compat.LitSpec):
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """Send one validated array to the model (the inference workers, or this process's own) for its logits."""
-        if self._client is None:  # made in the API server process, inside its event loop
-            if self.runner is not None:
-                self._client = self.runner
-            else:
-                assert self.addresses is not None
-                self._client = transport.Client(self.addresses, self.response_queue_id)
+        if self.client is None:
+            assert self.addresses is not None
+            self.client = transport.Client(self.addresses, self.response_queue_id)
         try:
-            return await self._client.call(x, self.settings.timeout)
+            return await self.client.call(x, self.settings.timeout)
         except TimeoutError:
             raise protocol.RequestError(
                 f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504

@@ -168,9 +168,10 @@ def build_server(
 
         def in_api_server(loaded: Callable[[bool], None]) -> None:
             """In a new API server process: load the model on its own thread; requests wait for it."""
-            spec.runner = local.Runner(lambda: inference.setup("cpu"), inference.run, settings.max_batch_size,
-                                       settings.batch_timeout, loaded)  # fmt: skip
-            spec.runner.start()
+            runner = local.Runner(lambda: inference.setup("cpu"), inference.run, settings.max_batch_size,
+                                  settings.batch_timeout, loaded)  # fmt: skip
+            runner.start()
+            spec.client = runner
 
     def front(app: Any) -> Any:
         """The guard in front of the FastAPI app, and CORS in front of the guard (a browser's preflight is answered
