@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from modelship.serving.transport import Request, WorkerError, expire
+from modelship.serving.transport import OK, Request, WorkerError, expire, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,11 @@ class Runner:
         live = [(r, f) for r, f in batch if not f.done()]  # a caller that timed out is not run
         if not live:
             return
-        try:
-            ys = self.run([r for r, _ in live])
-            answers: list[Answer] = [(f, y, None) for (_, f), y in zip(live, ys, strict=True)]
-        except Exception as e:  # requests are validated before they are queued: this is the model's failure
-            log.exception("inference failed")
-            error = WorkerError(500, f"inference failed: {type(e).__name__}")
-            answers = [(f, None, error) for _, f in live]
+        outcome = run_batch(self.run, [r for r, _ in live])
+        answers: list[Answer] = [
+            (f, value, None) if status == OK else (f, None, WorkerError(*value))
+            for (_, f), (status, value) in zip(live, outcome, strict=True)
+        ]
         live[0][1].get_loop().call_soon_threadsafe(_settle, answers)  # one wake-up of the event loop per batch
 
 

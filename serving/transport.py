@@ -384,9 +384,15 @@ def serve_batches(worker: Worker, run: Callable[[list[Request]], list[np.ndarray
         fresh = [r for r in batch if now - r.queued_at <= timeout]
         items: list[tuple[Request, int, Any]] = [(r, ERROR, (504, "timed out in the queue")) for r in late]
         if fresh:
-            try:
-                items += [(r, OK, y) for r, y in zip(fresh, run(fresh), strict=True)]
-            except Exception as e:  # requests are validated before they are queued: this is the model's failure
-                log.exception("inference failed")
-                items += [(r, ERROR, (500, f"inference failed: {type(e).__name__}")) for r in fresh]
+            items += [(r, *answer) for r, answer in zip(fresh, run_batch(run, fresh), strict=True)]
         worker.answer(items)
+
+
+def run_batch(run: Callable[[list[Request]], list[np.ndarray]], batch: list[Request]) -> list[tuple[int, Any]]:
+    """(OK, logits) per request, or (ERROR, (500, detail)) for every one when the forward pass fails: requests are
+    validated before they are queued, so a failure here is the model's."""
+    try:
+        return [(OK, y) for _, y in zip(batch, run(batch), strict=True)]  # a count mismatch fails here too
+    except Exception as e:
+        log.exception("inference failed")
+        return [(ERROR, (500, f"inference failed: {type(e).__name__}"))] * len(batch)
