@@ -118,11 +118,11 @@ class Server(ls.LitServer):
     """LitServer on modelship's transport, with HTTP up before the workers are warm, and modelship's own `/`."""
 
     def __init__(self, *args: Any, front: Callable[[Any], Any], on_worker_failure: Callable[[], None],
-                 sockets: str, in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
+                 sockets: str | None, in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
         self._front = front  # wraps the FastAPI app as each API server serves it
-        self._sockets = sockets  # the directory for the transport's IPC sockets
+        self._sockets = sockets  # the directory for the transport's IPC sockets (None with --in-process)
         self._on_worker_failure = on_worker_failure
         self._in_api_server = in_api_server  # with --in-process: starts the model in a new API server process
         self._broker: transport.Broker | None = None
@@ -145,6 +145,7 @@ class Server(ls.LitServer):
         self._transport = IdleTransport()
         if self._in_api_server is not None:
             return manager
+        assert self._sockets is not None
         addresses = transport.Addresses.fresh(self._sockets, num_api_servers)
         for lit_api in self.litapi_connector:
             lit_api.addresses = addresses  # pickled into the workers, inherited by the forked API servers

@@ -92,7 +92,7 @@ def serve(cfg: ServeConfig) -> None:
 
     from modelship.serving import metrics, transport
 
-    sockets = transport.socket_directory()
+    sockets = None if cfg.in_process else transport.socket_directory()  # the workers' transport needs them
     metrics_dir = metrics.init_dir()  # before prometheus_client is imported anywhere
     try:
         failed = threading.Event()
@@ -120,7 +120,8 @@ def serve(cfg: ServeConfig) -> None:
             raise ServeError("the model could not be loaded; the log above says why")
     finally:
         metrics.remove_dir(metrics_dir)
-        shutil.rmtree(sockets, ignore_errors=True)
+        if sockets is not None:
+            shutil.rmtree(sockets, ignore_errors=True)
 
 
 def api_servers(cfg: ServeConfig, n_devices: int) -> int:
@@ -135,7 +136,7 @@ def models(cfg: ServeConfig, n_devices: int) -> int:
 
 def build_server(
     cfg: ServeConfig, manifest: dict[str, Any], accelerator: str, n_devices: int, failed: threading.Event,
-    sockets: str,
+    sockets: str | None,
 ) -> Any:  # fmt: skip
     """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
     from starlette.middleware.cors import CORSMiddleware
