@@ -23,14 +23,17 @@ import numpy as np
 import pydantic_core
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 import modelship
 from modelship.manifest import read_manifest
-from modelship.serving import compat, local, protocol, transport
+from modelship.serving import broker, compat, lifeline, local, protocol, transport
 from modelship.serving.backends import PLATFORMS, Backend, load_backend
 from modelship.serving.metrics import exposition, metrics
-from modelship.serving.middleware import CLIENT_CLOSED, Answer, Handler, Scope
+from modelship.serving.middleware import CLIENT_CLOSED, Answer, Route, Scope, error_answer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class Settings:
     device: str
     max_payload_mb: float
     api_key_required: bool
+    main_pid: int  # the server's main process: workers exit when it is gone
     log_level: str = "info"
 
     @property
@@ -64,11 +68,26 @@ def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+JSON_NUMBER_BYTES = 26  # the longest float32 in JSON, "-1.2345678e-38" at most, with room for ", " and exponent forms
+JSON_ENVELOPE_BYTES = 1 << 16  # names, datatype, shape, parameters around the numbers
 V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
 
-def json_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def install_errors(app: Any) -> None:
+    """FastAPI's own answers (an unknown route, a method a route does not take) in the API's {"error"} shape."""
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}; GET / lists the routes, /docs describes them"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed or 'other methods'}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
 
 def raw(status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> Response:
@@ -86,14 +105,11 @@ def handled(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[R
     async def wrapper(*args: Any, **kwargs: Any) -> Response:
         try:
             return await fn(*args, **kwargs)
-        except protocol.RequestError as e:
-            return json_error(e.status, e.message)
         except ClientDisconnect:
             log.debug("%s: the client disconnected before its request arrived", fn.__name__)
             return Response(status_code=CLIENT_CLOSED)
-        except Exception:
-            log.exception("unhandled error in %s", fn.__name__)
-            return json_error(500, "internal server error; see the server log")
+        except Exception as e:
+            return raw(*error_answer(e))
 
     return wrapper
 
@@ -121,17 +137,19 @@ class HTTPSpec(compat.LitSpec):
             "inputs": [{"name": model.input_name, "datatype": datatype, "shape": [-1, c, h, w]}],
             "outputs": [{"name": model.output_name, "datatype": datatype, "shape": [-1, len(model.classes)]}],
         }
+        # the largest JSON body a v2 request can legitimately have: the largest batch, every number at its longest
+        self.max_json_bytes = model.max_batch * c * h * w * JSON_NUMBER_BYTES + JSON_ENVELOPE_BYTES
+        # POST /predict and v2 infer are answered by the guard (fast_route), before FastAPI; these are the rest
         self.add_endpoint("/", self.root, ["GET"])
-        self.add_endpoint("/predict", self.predict, ["POST"])
+        self.add_endpoint("/health", self.health, ["GET", "HEAD"])
         self.add_endpoint("/info", self.info, ["GET"])
         self.add_endpoint("/metrics", self.metrics, ["GET"])
         self.add_endpoint("/v2", self.v2_server, ["GET"])
-        self.add_endpoint("/v2/health/live", self.v2_live, ["GET"])
-        self.add_endpoint("/v2/health/ready", self.v2_ready, ["GET"])
+        self.add_endpoint("/v2/health/live", self.v2_live, ["GET", "HEAD"])
+        self.add_endpoint("/v2/health/ready", self.v2_ready, ["GET", "HEAD"])
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             self.add_endpoint(prefix, self.v2_model, ["GET"])
-            self.add_endpoint(prefix + "/ready", self.v2_model_ready, ["GET"])
-            self.add_endpoint(prefix + "/infer", self.v2_infer, ["POST"])
+            self.add_endpoint(prefix + "/ready", self.v2_model_ready, ["GET", "HEAD"])
 
     # LitSpec asks for these; modelship's endpoints talk to the workers through `infer`
     def decode_request(self, request: Any, context_kwargs: dict | None = None) -> Any:
@@ -143,7 +161,12 @@ class HTTPSpec(compat.LitSpec):
     # ------------------------------------------------------------------------------------------ plumbing
 
     def ready(self) -> bool:
-        return compat.workers_ready(self)
+        """This API server can answer now: its own model is loaded (--in-process), or the broker is up and at least
+        one worker has asked it for work (Kubernetes' readiness: a restarting worker beside a serving one is not
+        a reason to leave the load balancer)."""
+        if isinstance(self.client, local.Runner):
+            return self.client.up
+        return broker.broker_ready()
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """Send one validated array to the model (the inference workers, or this process's own) for its logits."""
@@ -187,37 +210,42 @@ class HTTPSpec(compat.LitSpec):
         )
 
     @handled
-    async def predict(self, request: Request) -> Response:
-        """One image: JSON {"image" | "inputs", "top_k"?}, multipart field `file`, or a raw image/* body."""
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            try:
-                form = await request.form(max_files=1, max_fields=8)
-            except protocol.RequestError:  # over the payload limit while streaming: 413, not a parse error
-                raise
-            except Exception as e:
-                raise protocol.RequestError(f"the multipart body cannot be parsed ({e})") from None
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise protocol.RequestError("a multipart upload needs a file field named `file`")
-            top_k = protocol.parse_top_k(form.get("top_k"), self.model)
-            what = f"uploaded file {upload.filename or ''}".strip()
-            req = protocol.PredictRequest(top_k, image=await upload.read(), what=what)
-            return raw(*await self.answer_predict(req))
-        status, headers, content = await self.predict_body(ctype, await request.body())
-        return raw(status, headers, content)
+    async def health(self, request: Request) -> Response:
+        """Readiness: 200 while this server can answer, else 503 (GET or HEAD, for load balancers and probes)."""
+        ready = self.ready()
+        return Response("ok" if ready else "not ready", status_code=200 if ready else 503)
 
-    async def predict_body(self, ctype: str, body: bytes) -> Answer:
-        """/predict with a JSON or a raw image/* body: the hot path, shared with the guard's fast path."""
+    async def predict_body(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """POST /predict: one image as JSON {"image" | "inputs", "top_k"?}, a multipart field `file`, or a raw image/*
+        body."""
+        ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower().decode("latin-1")
         if ctype == "application/json":
             req = protocol.parse_predict_json(body, self.model)
         elif ctype.startswith("image/"):
             req = protocol.PredictRequest(self.model.default_top_k, image=body)
+        elif ctype == "multipart/form-data":
+            req = await self.parse_multipart(headers, body)
         else:
             raise protocol.RequestError(
                 f"Content-Type {ctype} is not supported; send application/json, multipart/form-data or image/*", 415
             )
         return await self.answer_predict(req)
+
+    async def parse_multipart(self, headers: dict[bytes, bytes], body: bytes) -> protocol.PredictRequest:
+        async def chunks() -> Any:
+            yield body
+
+        parser = MultiPartParser(Headers(raw=list(headers.items())), chunks(), max_files=1, max_fields=8)
+        try:
+            form = await parser.parse()
+        except Exception as e:
+            raise protocol.RequestError(f"the multipart body cannot be parsed ({e})") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise protocol.RequestError("a multipart upload needs a file field named `file`")
+        top_k = protocol.parse_top_k(form.get("top_k"), self.model)
+        what = f"uploaded file {upload.filename or ''}".strip()
+        return protocol.PredictRequest(top_k, image=await upload.read(), what=what)
 
     async def answer_predict(self, req: protocol.PredictRequest) -> Answer:
         # decoding a large image takes long enough to stall every other request on this event loop
@@ -269,14 +297,9 @@ class HTTPSpec(compat.LitSpec):
         ready = self.ready()
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
-    @handled
-    async def v2_infer(self, request: Request, name: str, version: str | None = None) -> Response:
-        """A batch [N, C, H, W] as JSON data or with the binary tensor extension."""
-        headers = {k.encode(): v.encode() for k, v in request.headers.items()}
-        return raw(*await self.v2_body(name, version, headers, await request.body()))
-
     async def v2_body(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes) -> Answer:
-        """A v2 inference request's body to its answer: the hot path, shared with the guard's fast path."""
+        """POST /v2/models/{name}[/versions/{v}]/infer: a batch [N, C, H, W] as JSON data or with the binary tensor
+        extension."""
         self._model(name, version)
         encoding = headers.get(b"content-encoding")
         body = protocol.decompress(body, encoding.decode() if encoding else None, self.settings.max_bytes)
@@ -286,21 +309,27 @@ class HTTPSpec(compat.LitSpec):
         content, extra = protocol.v2_response(logits, req, self.model)
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
 
-    def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Handler | None:
-        """The hot routes the guard answers itself, without FastAPI's routing (BENCHMARKS.md, serving): POST
-        /predict with a JSON or image body, and POST to a model's v2 infer route. None for everything else.
-        `headers` is the guard's dict of the request's headers."""
+    def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Route | None:
+        """The POST routes, answered by the guard itself without FastAPI's routing (BENCHMARKS.md, serving):
+        /predict and a model's v2 infer. None for everything else. A v2 JSON body (no binary tensor header) may be
+        no larger than the model's largest batch written out, refused before it is read or parsed."""
         if scope["method"] != "POST":
             return None
         if scope["path"] == "/predict":
-            ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
-            if ctype == b"application/json" or ctype.startswith(b"image/"):
-                return lambda headers, body: self.predict_body(ctype.decode(), body)
-            return None
+            return Route(self.predict_body)
         m = V2_INFER.match(scope["path"])
         if m is None:
             return None
-        return lambda headers, body: self.v2_body(m.group(1), m.group(2), headers, body)
+        name, version = m.group(1), m.group(2)
+        route = Route(lambda headers, body: self.v2_body(name, version, headers, body))
+        if b"inference-header-content-length" in headers:
+            return route
+        c, h, w = self.model.shape
+        why = (
+            f"limit for a v2 JSON request to this model (its largest batch, {self.model.max_batch} x {c}x{h}x{w} "
+            "numbers); larger bodies are not a valid request"
+        )
+        return Route(route.handler, self.max_json_bytes, why)
 
 
 class InferenceAPI(ls.LitAPI):
@@ -320,6 +349,7 @@ class InferenceAPI(ls.LitAPI):
         self.addresses: transport.Addresses | None = None  # set by the server before the workers start
 
     def setup(self, device: str) -> None:
+        lifeline.follow(self.settings.main_pid)  # never outlive the main process
         # a spawned worker starts with no logging configuration
         logging.basicConfig(level=self.settings.log_level.upper(), format="%(message)s")
         manifest = read_manifest(Path(self.settings.bundle))

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import logging
 import multiprocessing as mp
-import re
+import os
 import socket
 import threading
 import time
@@ -58,31 +59,69 @@ from litserve.utils import WorkerSetupStatus
 from starlette.middleware.gzip import GZipMiddleware
 
 from modelship.errors import ConfigError
-from modelship.serving import transport
+from modelship.serving import broker, lifeline, transport
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ((0, 2, 19), (0, 3, 0))  # [low, high): the releases these overrides were written and tested against
-SUPPORTED_TEXT = "litserve>=0.2.19,<0.3"
+SUPPORTED = ("0.2.19",)  # the exact releases the test suite ran on: hooks move between patch releases
+SUPPORTED_TEXT = "litserve==0.2.19"
 LITSERVE_INFO_PATH = "/litserve/info"  # where LitServe's info route is put before it is removed
 
 __all__ = ["LitSpec", "check_version"]
 
-
-def _release(version: str) -> tuple[int, ...]:
-    """(0, 2, 19) from '0.2.19', '0.2.19.post1' or '0.3.0rc1' (a pre-release counts as its release)."""
-    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
+# Every LitServe name modelship overrides or calls, with the parameters the override expects; and for each hook,
+# the LitServe function that must still call it (a renamed hook would silently stop being called).
+OVERRIDES: tuple[tuple[Any, str, tuple[str, ...], Any], ...] = (
+    (ls.LitServer, "_init_manager", ("self", "num_api_servers"), ls.LitServer.run),
+    (ls.LitServer, "_inference_workers_config_for_api", ("self", "api_path"), ls.LitServer.launch_inference_worker),
+    (ls.LitServer, "launch_inference_worker", ("self", "lit_api"), ls.LitServer.run),
+    (ls.LitServer, "launch_single_inference_worker", ("self", "lit_api", "worker_id"),
+     ls.LitServer._start_worker_monitoring),
+    (ls.LitServer, "_perform_graceful_shutdown", ("self", "manager", "uvicorn_workers", "shutdown_reason"),
+     ls.LitServer.run),
+    (ls.LitServer, "_start_server",
+     ("self", "port", "num_uvicorn_servers", "log_level", "sockets", "uvicorn_worker_type", "kwargs"),
+     ls.LitServer.run),
+    (ls.LitServer, "verify_worker_status", ("self",), ls.LitServer.run),
+    (ls.LitServer, "_prepare_app_run", ("self", "app"), None),
+    (_Server, "run", ("self", "worker_id", "sockets"), None),
+    (LitLoop, "__call__", ("self", "lit_api", "device", "worker_id", "request_queue", "transport",
+                           "workers_setup_status", "callback_runner"), None),
+)  # fmt: skip
 
 
 def check_version(version: str | None = None) -> None:
-    """ConfigError naming the installed and the supported LitServe when they do not fit."""
+    """ConfigError naming the installed and the supported LitServe when they do not fit, or the first overridden
+    name that does not (checked when this module was imported)."""
     version = version or ls.__version__
-    low, high = SUPPORTED
-    if not low <= _release(version) < high:
+    if version.split("+")[0] not in SUPPORTED:
         raise ConfigError(
             f"litserve {version} is installed, but modelship serve is tested with {SUPPORTED_TEXT} (it relies on "
             f"LitServe internals that change between releases); pip install '{SUPPORTED_TEXT}'"
         )
+    if MISMATCH is not None:
+        raise ConfigError(MISMATCH)
+
+
+def mismatch(overrides: tuple[tuple[Any, str, tuple[str, ...], Any], ...]) -> str | None:
+    """The first LitServe name that is missing, takes other parameters than its override expects, or is no longer
+    called where the override relies on it; None when all fit."""
+    for owner, name, params, caller in overrides:
+        where = f"{owner.__module__}.{owner.__qualname__}.{name}"
+        fn = getattr(owner, name, None)
+        if fn is None:
+            found = "is missing"
+        elif tuple(inspect.signature(fn).parameters) != params:
+            found = f"takes ({', '.join(inspect.signature(fn).parameters)}), expected ({', '.join(params)})"
+        elif caller is not None and name not in inspect.getsource(caller):
+            found = f"is no longer called by {caller.__qualname__}"
+        else:
+            continue
+        return f"litserve {ls.__version__}: {where} {found}; modelship serve overrides it and needs {SUPPORTED_TEXT}"
+    return None
+
+
+MISMATCH = mismatch(OVERRIDES)  # at import: a server refuses to start on it (check_version)
 
 
 # ------------------------------------------------------------------------------------------------ 1. transport
@@ -118,19 +157,23 @@ class Server(ls.LitServer):
     """LitServer on modelship's transport, with HTTP up before the workers are warm, and modelship's own `/`."""
 
     def __init__(self, *args: Any, front: Callable[[Any], Any], on_worker_failure: Callable[[], None],
-                 sockets: str | None, in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
+                 sockets: str | None, hung: broker.HungPolicy, http: type,
+                 in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
         self._front = front  # wraps the FastAPI app as each API server serves it
         self._sockets = sockets  # the directory for the transport's IPC sockets (None with --in-process)
+        self._hung = hung  # when the broker counts a worker as hung
+        self._http = http  # uvicorn's HTTP protocol class for the API servers (timeouts for slow clients)
         self._on_worker_failure = on_worker_failure
         self._in_api_server = in_api_server  # with --in-process: starts the model in a new API server process
-        self._broker: transport.Broker | None = None
+        self._broker: broker.Broker | None = None
+        self._main_pid = os.getpid()
         self._api_servers: dict[int, Any] = {}
         self._stopping = False
         self._lock = threading.Lock()
         routes = self.app.router.routes
-        routes[:] = [r for r in routes if not _litserve_own(r, ("/", LITSERVE_INFO_PATH))]
+        routes[:] = [r for r in routes if not _litserve_own(r, ("/", "/health", LITSERVE_INFO_PATH))]
         for i, route in enumerate(routes):
             if isinstance(route, APIRoute) and route.dependencies:  # the spec's routes, with LitServe's auth
                 routes[i] = APIRoute(route.path, route.endpoint, methods=list(route.methods or ()), name=route.name)
@@ -150,22 +193,45 @@ class Server(ls.LitServer):
         for lit_api in self.litapi_connector:
             lit_api.addresses = addresses  # pickled into the workers, inherited by the forked API servers
             lit_api.spec.addresses = addresses
-        self._broker = transport.Broker(addresses)
+        self._broker = broker.Broker(addresses, self._hung)
         self._broker.start()
         return manager
 
+    def launch_inference_worker(self, lit_api: ls.LitAPI) -> Any:
+        processes = super().launch_inference_worker(lit_api)
+        for worker_id, process in enumerate(processes):
+            self._watch(worker_id, process)
+        return processes
+
     def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
-        # LitServe's monitor calls this to replace a dead worker: what the dead one held goes to the next worker
+        # LitServe's monitor calls this to replace a dead worker (the broker saw the death already, and has given
+        # what it held to the next worker)
         if self._stopping:
             return self.inference_workers[self._worker_index(lit_api, worker_id)]
-        if self._broker is not None:
-            self._broker.worker_died(transport.identity(worker_id))
-        return super().launch_single_inference_worker(lit_api, worker_id)
+        process = super().launch_single_inference_worker(lit_api, worker_id)
+        self._watch(worker_id, process)
+        return process
 
-    def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
+    def _watch(self, worker_id: int, process: Any) -> None:
+        if self._broker is not None:
+            self._broker.watch(worker_id, process)
+
+    def _perform_graceful_shutdown(self, manager: Any, uvicorn_workers: dict[int, Any],
+                                   shutdown_reason: str = "normal") -> None:  # fmt: skip
         with self._lock:
             self._stopping = True
-        super()._perform_graceful_shutdown(*args, **kwargs)
+        # every API server drains at once (LitServe stops them one after another): each answers what it holds
+        # with `Connection: close`, while the next would still keep its connections alive for more
+        running = [p for p in uvicorn_workers.values() if p.is_alive()]
+        for process in running:
+            process.terminate()
+        deadline = time.monotonic() + self.uvicorn_graceful_timeout
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("API server (pid %d) did not finish in time; killing it", process.pid)
+                process.kill()
+        super()._perform_graceful_shutdown(manager, {}, shutdown_reason)  # the workers and the Manager
 
     def _worker_index(self, lit_api: ls.LitAPI, worker_id: int) -> int:
         before = 0
@@ -195,7 +261,7 @@ class Server(ls.LitServer):
             lit_api.spec.response_queue_id = consumer
         app = copy.copy(self.app)
         self._prepare_app_run(app)
-        config = uvicorn.Config(app=self._front(app), host=address[0], port=port, log_level=log_level,
+        config = uvicorn.Config(app=self._front(app), host=address[0], port=port, log_level=log_level, http=self._http,
                                 timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)  # fmt: skip
         server = _Server(config=config)
         own = [reuseport_socket(family, address)]
@@ -208,6 +274,7 @@ class Server(ls.LitServer):
         return process
 
     def _run_api_server(self, server: Any, consumer: int, own: list[socket.socket]) -> None:
+        lifeline.follow(self._main_pid)
         if self._in_api_server is not None:
             status, key = self.workers_setup_status, in_process_key(consumer)
 
@@ -269,12 +336,3 @@ def _litserve_own(route: Any, paths: tuple[str, ...]) -> bool:
     """A route LitServe registered itself (its endpoints are functions local to LitServer's methods) at `paths`."""
     qualname = getattr(getattr(route, "endpoint", None), "__qualname__", "")
     return getattr(route, "path", None) in paths and qualname.startswith("LitServer.")
-
-
-# ------------------------------------------------------------------------------------------------ 4. readiness
-
-
-def workers_ready(spec: LitSpec) -> bool:
-    """Every inference worker has loaded and warmed up the model."""
-    status = spec._server.workers_setup_status if spec._server is not None else {}
-    return bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())

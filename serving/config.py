@@ -35,6 +35,9 @@ class ServeConfig:
     api_servers: int | None = None
     threads: int | None = None
     timeout: float = 30.0
+    hang_timeout: float = 10.0  # a worker holding a batch this long (and 10x its recent batches) is hung
+    header_timeout: float = 10.0  # a request's headers must arrive within this
+    body_timeout: float = 30.0  # and its body within this after them
     max_payload_mb: float = 16.0
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
@@ -61,6 +64,9 @@ class ServeConfig:
         need(self.api_servers is None or self.api_servers >= 1, f"--api-servers must be >= 1, got {self.api_servers}")
         need(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
         need(self.timeout > 0, f"--timeout must be positive, got {self.timeout}")
+        for flag, value in (("--hang-timeout", self.hang_timeout), ("--header-timeout", self.header_timeout),
+                            ("--body-timeout", self.body_timeout)):  # fmt: skip
+            need(value > 0, f"{flag} must be a positive number of seconds, got {value}")
         need(self.max_payload_mb > 0, f"--max-payload-mb must be positive, got {self.max_payload_mb}")
         need(
             self.api_key is None or bool(self.api_key.strip()),

@@ -42,6 +42,7 @@ class Runner:
         self.queue: collections.deque[Item] = collections.deque()
         self.ready = threading.Condition()
         self.broken: WorkerError | None = None  # set when the model failed to load: every call gets it
+        self.up = False  # the model is loaded and warm: this API server is ready
 
     def start(self) -> None:
         threading.Thread(target=self._main, name="modelship-inference", daemon=True).start()
@@ -73,6 +74,7 @@ class Runner:
                 answers: list[Answer] = [(f, None, self.broken) for _, f in waiting]
                 waiting[0][1].get_loop().call_soon_threadsafe(_settle, answers)
             return
+        self.up = True
         self.loaded(True)
         while True:
             self._serve(self._take())

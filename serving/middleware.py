@@ -8,6 +8,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from modelship.serving.metrics import metrics
@@ -58,6 +59,25 @@ async def send_error(send: Send, status: int, message: str, close: bool = False)
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 Handler = Callable[[dict[bytes, bytes], bytes], Awaitable[Answer]]
 CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer; never sent, only counted
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+@dataclass(frozen=True)
+class Route:
+    """A request the guard answers itself: its handler, and the largest body it may have (with why, for the 413)."""
+
+    handler: Handler
+    max_bytes: int | None = None  # None: the server's payload limit
+    why: str = ""
+
+
+def error_answer(e: Exception) -> Answer:
+    """The one mapping of an exception to what the client gets: a RequestError is its 4xx (or 5xx) with
+    {"error": message}; anything else is logged and answered 500."""
+    if isinstance(e, RequestError):
+        return e.status, JSON_HEADERS, json.dumps({"error": e.message}).encode()
+    log.error("unhandled error answering a request", exc_info=e)
+    return 500, JSON_HEADERS, json.dumps({"error": "internal server error; see the server log"}).encode()
 
 
 class Guard:
@@ -66,7 +86,7 @@ class Guard:
 
     def __init__(
         self, app: Callable[..., Awaitable[None]], *, api_key: str | None, max_bytes: int,
-        fast: Callable[[Scope, dict[bytes, bytes]], Handler | None] | None = None,
+        fast: Callable[[Scope, dict[bytes, bytes]], Route | None] | None = None,
     ) -> None:  # fmt: skip
         self.app = app
         self.api_key = api_key.encode() if api_key else None
@@ -103,9 +123,14 @@ class Guard:
                     send_tracked, 401, "missing or wrong API key; send it as X-API-Key or Authorization: Bearer"
                 )
                 return
+            route_ = self.fast(scope, headers) if self.fast is not None else None
+            limit = self.max_bytes
+            why = "payload limit (--max-payload-mb)"
+            if route_ is not None and route_.max_bytes is not None and route_.max_bytes < limit:
+                limit, why = route_.max_bytes, route_.why
             length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                await send_error(send_tracked, 413, self._too_large(int(length)), close=True)
+            if length is not None and length.isdigit() and int(length) > limit:
+                await send_error(send_tracked, 413, too_large(int(length), limit, why), close=True)
                 return
             received = 0
 
@@ -113,14 +138,13 @@ class Guard:
                 nonlocal received
                 message = await receive()
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise PayloadTooLarge(self._too_large(received))
+                if received > limit:
+                    raise PayloadTooLarge(too_large(received, limit, why))
                 return message
 
-            handler = self.fast(scope, headers) if self.fast is not None else None
             try:
-                if handler is not None:
-                    status = await answer(handler, headers, receive_limited, send_tracked) or status
+                if route_ is not None:
+                    status = await answer(route_.handler, headers, receive_limited, send_tracked) or status
                 else:
                     await self.app(scope, receive_limited, send_tracked)
             except PayloadTooLarge as e:  # from a route that did not answer it itself
@@ -131,11 +155,9 @@ class Guard:
             m.requests.labels(route, str(status)).inc()
             m.latency.labels(route).observe(time.perf_counter() - start)
 
-    def _too_large(self, size: int) -> str:
-        return (
-            f"the request body ({size} bytes or more) is over the {self.max_bytes} byte payload limit "
-            "(--max-payload-mb)"
-        )
+
+def too_large(size: int, limit: int, why: str) -> str:
+    return f"the request body ({size} bytes or more) is over the {limit} byte {why}"
 
 
 async def answer(handler: Handler, headers: dict[bytes, bytes], receive: Receive, send: Send) -> int | None:
@@ -151,13 +173,8 @@ async def answer(handler: Handler, headers: dict[bytes, bytes], receive: Receive
             break
     try:
         status, extra, body = await handler(headers, b"".join(chunks))
-    except RequestError as e:
-        await send_error(send, e.status, e.message)
-        return None
-    except Exception:
-        log.exception("unhandled error answering a request")
-        await send_error(send, 500, "internal server error; see the server log")
-        return None
+    except Exception as e:
+        status, extra, body = error_answer(e)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-length", str(len(body)).encode()), *extra]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})

@@ -90,7 +90,7 @@ def serve(cfg: ServeConfig) -> None:
         )
     check_port(cfg.host, cfg.port)
 
-    from modelship.serving import metrics, transport
+    from modelship.serving import lifeline, metrics, transport
 
     sockets = None if cfg.in_process else transport.socket_directory()  # the workers' transport needs them
     metrics_dir = metrics.init_dir()  # before prometheus_client is imported anywhere
@@ -108,6 +108,7 @@ def serve(cfg: ServeConfig) -> None:
             manifest["name"], cfg.backend, accelerator, copies, cfg.max_batch_size, wait, url_host, cfg.port,
             manifest["name"],
         )  # fmt: skip
+        lifeline.follow_in_forked_children()  # LitServe's Manager and the API servers end with this process
         server.run(
             host=cfg.host,
             port=cfg.port,
@@ -141,8 +142,8 @@ def build_server(
     """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
     from starlette.middleware.cors import CORSMiddleware
 
-    from modelship.serving import compat, local
-    from modelship.serving.api import HTTPSpec, InferenceAPI, Settings
+    from modelship.serving import broker, compat, connections, local
+    from modelship.serving.api import HTTPSpec, InferenceAPI, Settings, install_errors
     from modelship.serving.middleware import Guard
     from modelship.serving.openapi import install_openapi
     from modelship.serving.protocol import ServedModel
@@ -159,6 +160,7 @@ def build_server(
         device=accelerator,
         max_payload_mb=cfg.max_payload_mb,
         api_key_required=cfg.api_key is not None,
+        main_pid=os.getpid(),
         log_level=cfg.log_level,
     )
     model = ServedModel.from_manifest(manifest, max_batch=int(manifest.get("max_batch", 64)))
@@ -190,8 +192,11 @@ def build_server(
         front=front,
         on_worker_failure=failed.set,
         sockets=sockets,
+        hung=broker.HungPolicy(floor=cfg.hang_timeout),
+        http=connections.protocol(cfg.header_timeout, cfg.body_timeout),
         in_api_server=in_api_server,
     )
+    install_errors(server.app)
     install_openapi(server.app, spec)
     return server
 

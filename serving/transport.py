@@ -24,13 +24,10 @@ import itertools
 import logging
 import os
 import pickle
-import queue
 import secrets
 import struct
 import tempfile
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -122,113 +119,6 @@ def encode_answers(items: list[tuple[bytes, int, Any]]) -> list[Any]:
     meta = [(uid, status, len(a) if status == OK else 0, None if status == OK else a) for uid, status, a in items]
     body = np.concatenate(arrays) if arrays else np.zeros((0, 0), np.float32)
     return [pickle.dumps((meta, body.shape[1:], body.dtype.str)), np.ascontiguousarray(body).data]
-
-
-# ------------------------------------------------------------------------------------------------ the broker
-
-
-class Broker:
-    """The main process's thread that holds waiting requests and hands them to workers on credit."""
-
-    def __init__(self, addresses: Addresses):
-        self.addresses = addresses
-        self.control: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="modelship-request-broker", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait(10)
-
-    def worker_died(self, identity: bytes) -> None:
-        """Called by the process that noticed: what the worker held goes back to the front of the queue."""
-        self.control.put(("dead", identity))
-
-    def _run(self) -> None:
-        ctx: zmq.Context = zmq.Context.instance()
-        front = ctx.socket(zmq.PULL)
-        front.bind(self.addresses.requests_in)
-        back = ctx.socket(zmq.ROUTER)
-        back.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a replacement worker takes over its predecessor's identity
-        back.bind(self.addresses.requests_out)
-        answers = [ctx.socket(zmq.PUSH) for _ in self.addresses.answers]
-        for sock, address in zip(answers, self.addresses.answers, strict=True):
-            sock.connect(address)
-        self._ready.set()
-        state = _BrokerState(back, answers)
-        poller = zmq.Poller()
-        poller.register(front, zmq.POLLIN)
-        poller.register(back, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll(100))
-            if front in events:
-                for _ in range(1000):  # drain what is there without polling again for each message
-                    try:
-                        state.waiting.append(front.recv_multipart(zmq.NOBLOCK, copy=False))
-                    except zmq.Again:
-                        break
-            if back in events:
-                identity, *message = back.recv_multipart()
-                state.ready(identity, struct.unpack("!I", message[1])[0])
-            while not self.control.empty():
-                _, identity = self.control.get()
-                state.dead(identity)
-            state.dispatch()
-
-
-class _BrokerState:
-    """Waiting messages, each worker's credit (in requests) and the messages it holds; a message is handed out, held,
-    requeued and retried whole, under the id of its first request."""
-
-    def __init__(self, back: zmq.Socket, answers: list[zmq.Socket]):
-        self.back, self.answers = back, answers
-        # a send to a worker whose connection is gone fails instead of vanishing: LitServe's monitor notices a dead
-        # worker up to seconds later, and a request handed to it meanwhile would count as one of its two attempts
-        back.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.waiting: deque[list[Any]] = deque()
-        self.credit: dict[bytes, int] = {}
-        self.held: dict[bytes, list[list[Any]]] = {}
-        self.attempts: dict[bytes, int] = {}
-
-    def ready(self, identity: bytes, n: int) -> None:
-        if self.attempts:  # asking again means the last batch is answered
-            for frames in self.held.get(identity, []):
-                self.attempts.pop(uids(frames)[0], None)
-        self.credit[identity] = n
-        self.held[identity] = []
-
-    def dead(self, identity: bytes) -> None:
-        held = self.held.pop(identity, [])
-        self.credit.pop(identity, None)
-        for frames in reversed(held):
-            ids, consumer = uids(frames), pickle.loads(frames[0].bytes)[0]
-            self.attempts[ids[0]] = self.attempts.get(ids[0], 0) + 1
-            if self.attempts[ids[0]] >= MAX_ATTEMPTS:
-                self.attempts.pop(ids[0])
-                detail = "two inference workers died on this request; it is not retried again"
-                self.answers[consumer].send_multipart(encode_answers([(uid, ERROR, (503, detail)) for uid in ids]))
-            else:
-                self.waiting.appendleft(frames)
-        if held:
-            n = sum(len(frames) - 1 for frames in held)
-            log.warning("an inference worker died holding %d request(s); they go to the next worker", n)
-
-    def dispatch(self) -> None:
-        while self.waiting:
-            identity = max(self.credit, key=self.credit.__getitem__, default=None)
-            if identity is None or self.credit[identity] == 0:
-                return
-            frames = self.waiting.popleft()
-            try:
-                self.back.send_multipart([identity, *frames], copy=False)
-            except zmq.ZMQError as e:
-                if e.errno != zmq.EHOSTUNREACH:
-                    raise
-                self.waiting.appendleft(frames)  # never reached it: not an attempt, and first in line still
-                del self.credit[identity]  # until its replacement asks
-                continue
-            self.credit[identity] = max(0, self.credit[identity] - (len(frames) - 1))  # a message is not split
-            self.held[identity].append(frames)
 
 
 # ------------------------------------------------------------------------------------------------ API server side
@@ -331,26 +221,29 @@ class Worker:
     def __init__(self, addresses: Addresses, worker_id: int):
         self.ctx = zmq.Context()
         self.dealer = self.ctx.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.IDENTITY, identity(worker_id))
+        self.dealer.setsockopt(zmq.IDENTITY, identity(worker_id, os.getpid()))
         self.dealer.connect(addresses.requests_out)
         self.answers = [self.ctx.socket(zmq.PUSH) for _ in addresses.answers]
         for sock, address in zip(self.answers, addresses.answers, strict=True):
             sock.connect(address)
         self.taken: list[Request] = []  # received and not yet run: the rest of a message larger than a batch
+        self.received: list[bytes] = []  # sequence numbers of the messages taken since the last "ready"
 
     def next_batch(self, max_batch: int, window: float) -> list[Request]:
-        """Up to `max_batch` requests: what is left of those taken, or else ask for more (which tells the broker that
-        everything taken before is answered), wait for the first, and take what arrives within `window` seconds."""
+        """Up to `max_batch` requests: what is left of those taken, or else ask for more (acknowledging, by
+        sequence number, every message taken before: all answered by now), wait for the first, and take what
+        arrives within `window` seconds."""
         if not self.taken:
             self.taken = self._take(max_batch, window)
         batch, self.taken = self.taken[:max_batch], self.taken[max_batch:]
         return batch
 
     def _take(self, max_batch: int, window: float) -> list[Request]:
-        self.dealer.send_multipart([b"ready", struct.pack("!I", max_batch)])
+        self.dealer.send_multipart([b"ready", struct.pack("!I", max_batch), b"".join(self.received)])
+        self.received = []
         while not self.dealer.poll(1000):
             pass
-        batch = decode_requests(self.dealer.recv_multipart(copy=False))
+        batch = self._receive()
         deadline = time.monotonic() + window
         while len(batch) < max_batch:
             remaining = deadline - time.monotonic()
@@ -358,8 +251,13 @@ class Worker:
                 break
             if remaining > 0 and not self.dealer.poll(max(1, int(remaining * 1000))):
                 break
-            batch += decode_requests(self.dealer.recv_multipart(copy=False))
+            batch += self._receive()
         return batch
+
+    def _receive(self) -> list[Request]:
+        seq, *frames = self.dealer.recv_multipart(copy=False)
+        self.received.append(seq.bytes)
+        return decode_requests(frames)
 
     def answer(self, items: list[tuple[Request, int, Any]]) -> None:
         """(request, status, array or (http status, detail)) per request, one message per API server."""
@@ -370,8 +268,13 @@ class Worker:
             self.answers[consumer].send_multipart(encode_answers(answers), copy=False)
 
 
-def identity(worker_id: int) -> bytes:
-    return f"worker-{worker_id}".encode()
+def identity(worker_id: int, pid: int) -> bytes:
+    """A worker process's name at the broker: one per incarnation (a replacement has another pid)."""
+    return f"worker-{worker_id}-{pid}".encode()
+
+
+def pid_of(who: bytes) -> int:
+    return int(who.rsplit(b"-", 1)[1])
 
 
 def serve_batches(worker: Worker, run: Callable[[list[Request]], list[np.ndarray]], max_batch: int, window: float,

@@ -81,7 +81,7 @@ def variant_bundle(tmp_path_factory: pytest.TempPathFactory, trained_ckpt: Path)
     The gate is loosened for this half-trained model (its near-ties flip under int8 more than a trained model's do);
     the quickstart test holds the real defaults to a fully trained one."""
     out = tmp_path_factory.mktemp("variant_bundles") / "shapes-cnn"
-    gate = ["--int8-min-agreement", "0.9", "--max-accuracy-drop", "0.05"]
+    gate = ["--int8-min-agreement", "0.8", "--max-accuracy-drop", "0.08"]
     assert main(["export", str(trained_ckpt), "--out", str(out), "--variants", "fp16,int8", *gate]) == 0
     return out
 

@@ -76,6 +76,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="seconds before a request is answered 504 (default %(default)s)",
     )
     p.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=d("hang_timeout"),
+        help="seconds a worker may hold a batch (and 10x its recent batches) before it is killed, replaced, and its "
+        "requests run elsewhere (default %(default)s)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d("header_timeout"),
+        help="seconds a client has to send a request's headers before it gets 408 (default %(default)s)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d("body_timeout"),
+        help="seconds a client has to send a request's body after its headers (default %(default)s)",
+    )
+    p.add_argument(
         "--max-payload-mb",
         type=float,
         default=d("max_payload_mb"),

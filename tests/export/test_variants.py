@@ -52,7 +52,7 @@ def test_the_variants_are_listed_hashed_and_checked(variant_bundle: Path) -> Non
     assert fp16["checked_on"] == int8["checked_on"] == ["onnxruntime-cpu"]
     assert int8["bytes"] < fp16["bytes"] < fp32["bytes"]  # the quickstart test checks the ratios at full size
     gate = m["parity"]["variant_gate"]
-    assert gate == {"max_accuracy_drop": 0.05, "min_agreement": {"fp16": 0.99, "int8": 0.9}}
+    assert gate == {"max_accuracy_drop": 0.08, "min_agreement": {"fp16": 0.99, "int8": 0.8}}
     assert {(v["artifact"], v["runtime"], v["passed"]) for v in m["parity"]["variants"]} == {
         ("onnx-fp16", "onnxruntime-cpu", True), ("onnx-int8", "onnxruntime-cpu", True),
     }  # fmt: skip

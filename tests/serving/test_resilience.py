@@ -101,6 +101,8 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0_leaving_no_files(
             s.proc.send_signal(signal.SIGTERM)
             answers = [f.result() for f in futures]
         assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers] + [s.output()[-3000:]]
+        # answered while draining: each tells its client not to send more on that connection
+        assert [r.headers.get("connection") for r in answers] == ["close"] * 8
         assert s.proc.wait(timeout=40) == 0
         assert "Traceback" not in s.output()
     assert ours(scratch) == []

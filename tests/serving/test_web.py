@@ -167,7 +167,7 @@ def test_cors_lets_a_browser_app_call_with_its_key(tiny_bundle: Path, tmp_path: 
     assert "access-control-allow-origin" not in r.headers
 
 
-@pytest.mark.parametrize("version", ["0.2.18", "0.3.0", "0.3.0rc1", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.2.18", "0.2.20", "0.3.0", "1.0.0"])
 def test_serve_refuses_a_litserve_outside_the_tested_range(
     tiny_bundle: Path, cli, monkeypatch: pytest.MonkeyPatch, version: str
 ) -> None:
@@ -176,8 +176,31 @@ def test_serve_refuses_a_litserve_outside_the_tested_range(
     assert r.code == 2
     assert r.last_line == (
         f"modelship serve: error: litserve {version} is installed, but modelship serve is tested with "
-        "litserve>=0.2.19,<0.3 (it relies on LitServe internals that change between releases); "
-        "pip install 'litserve>=0.2.19,<0.3'"
+        "litserve==0.2.19 (it relies on LitServe internals that change between releases); "
+        "pip install 'litserve==0.2.19'"
     )
     compat.check_version("0.2.19")
-    compat.check_version("0.2.25.post1")
+
+
+def test_every_overridden_litserve_name_is_checked_for_its_signature_and_its_caller() -> None:
+    assert compat.MISMATCH is None  # the pinned LitServe fits every override
+
+    class Moved:  # what a LitServe release that renamed or reshaped a hook looks like
+        def run(self) -> None:
+            self.launch(1)
+
+        def launch(self, lit_api, worker_id, extra) -> None: ...
+
+        def setup(self) -> None: ...
+
+    assert compat.mismatch(((Moved, "gone", ("self",), None),)).startswith(
+        f"litserve {compat.ls.__version__}: tests.serving.test_web."
+    )
+    assert "Moved.gone is missing; modelship serve overrides it and needs litserve==0.2.19" in compat.mismatch(
+        ((Moved, "gone", ("self",), None),)
+    )
+    assert "Moved.launch takes (self, lit_api, worker_id, extra), expected (self, lit_api, worker_id)" in (
+        compat.mismatch(((Moved, "launch", ("self", "lit_api", "worker_id"), None),)) or ""
+    )
+    assert "Moved.setup is no longer called by " in (compat.mismatch(((Moved, "setup", ("self",), Moved.run),)) or "")
+    assert compat.mismatch(((Moved, "launch", ("self", "lit_api", "worker_id", "extra"), Moved.run),)) is None
