@@ -21,9 +21,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 # the main job: train -> export (with fp16 and int8 variants) -> gates on `shapes`, failing under 90% accuracy;
-# RUN_ARGS adds flags
+# each `make run` replaces the last quickstart run (--force); RUN_ARGS adds flags
 run: $(VENV)/.installed
-	$(BIN)/modelship run --out runs/quickstart --min-accuracy 0.9 --variants fp16,int8 $(RUN_ARGS)
+	$(BIN)/modelship run --out runs/quickstart --force --min-accuracy 0.9 --variants fp16,int8 $(RUN_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -1,7 +1,7 @@
 """Faults under load: requests sent, answered, 5xx and lost while each kind of server process is killed or stopped.
 
-    python benchmarks/fault_bench.py --bundle DIR [--clients 32] [--seconds 20] [--hang-timeout 5]
-                                     [--scenario NAME]...
+    python benchmarks/fault_bench.py --bundle DIR [--clients 32] [--seconds 25] [--hang-timeout S]
+                                     [--scenario NAME]... [--checkout DIR] [--json FILE]
 
 Each scenario starts a fresh server, drives it with `--clients` keep-alive connections sending v2 binary requests
 one after another, applies its fault, keeps the load on for `--seconds`, and counts every request by what became of
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contextlib
 
 from benchmarks.loadgen import _read_response, build_request
-from benchmarks.serve_bench import descendants, free_port, payloads, serve_cmd, started
+from benchmarks.serve_bench import REPO, descendants, free_port, payloads, serve_cmd, started
 
 CLIENT_TIMEOUT = 60.0
 
@@ -169,9 +169,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[argparse.Namespace], Callable[[int, th
 def scenario(name: str, args: argparse.Namespace, loads: dict) -> Tally:
     extra, make = SCENARIOS[name]
     port = free_port()
-    extra = f"{extra} --hang-timeout {args.hang_timeout}"
-    with started(serve_cmd(args.bundle, port, extra), port) as proc:
-        path, body, headers = loads["v2 binary"]
+    if args.hang_timeout is not None:
+        extra = f"{extra} --hang-timeout {args.hang_timeout}"
+    with started(serve_cmd(args.bundle, port, extra), port, args.checkout) as proc:
+        path, body, headers = loads["v2-binary"]
         stop = threading.Event()
         fault = threading.Thread(target=make(args), args=(proc.pid, stop))
         timer = threading.Timer(args.seconds, stop.set)
@@ -182,16 +183,24 @@ def scenario(name: str, args: argparse.Namespace, loads: dict) -> Tally:
     return tally
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan that exited waits for init to reap it, which in a container may be never)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def main_process_kill(args: argparse.Namespace) -> float:
     """Seconds from kill -9 of the main process until every child is gone and the port can be bound again."""
     port = free_port()
-    with started(serve_cmd(args.bundle, port, ""), port) as proc:
+    with started(serve_cmd(args.bundle, port, ""), port, args.checkout) as proc:
         children = descendants(proc.pid)[1:]
         t0 = time.monotonic()
         proc.kill()
         proc.wait()
         while time.monotonic() - t0 < 30:
-            if not any(Path(f"/proc/{pid}").exists() for pid in children):
+            if not any(running(pid) for pid in children):
                 with socket.socket() as s:
                     try:
                         s.bind(("127.0.0.1", port))
@@ -206,15 +215,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--hang-timeout", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=25.0)
+    parser.add_argument("--hang-timeout", type=float, help="the server's (default: its own default)")
+    parser.add_argument(
+        "--checkout",
+        type=Path,
+        default=REPO,
+        help="serve from this checkout (a git worktree of an earlier commit): before and after",
+    )
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="default: every one")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     manifest = json.loads((args.bundle / "manifest.json").read_text())
     loads = payloads(manifest)
-    print(f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{args.clients} clients, {args.seconds:g} s a scenario, --hang-timeout {args.hang_timeout:g}")  # fmt: skip
+    print(f"{platform.machine()}, {os.cpu_count()} cores; {args.clients} clients, {args.seconds:g} s a scenario; "
+          f"serving from {args.checkout}, --hang-timeout {args.hang_timeout or 'default'}")  # fmt: skip
     print(f"{'scenario':<44} {'sent':>7} {'answered':>9} {'5xx':>5} {'lost':>5} {'reset':>6} {'worst s':>8}")
     rows = []
     for name in args.scenario or list(SCENARIOS):

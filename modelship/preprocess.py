@@ -10,14 +10,15 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from modelship.errors import DataError
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize to `size` (bilinear, no crop), convert to `channels`, scale to [0, 1], normalise by mean/std."""
+    """Apply the EXIF orientation, convert to `channels` (alpha composited on black), resize to `size` (bilinear, no
+    crop), scale to [0, 1], normalise by mean/std."""
 
     size: tuple[int, int]  # (H, W)
     channels: int
@@ -54,11 +55,29 @@ class Preprocess:
         return {"size": list(self.size), "channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation tag applied (phone photos are often stored sideways)."""
+    try:
+        orientation = image.getexif().get(ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError):  # a broken EXIF block: the pixels as stored
+        return image
+    return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+
+
+ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode (palette, alpha, 16-bit) to L or RGB; alpha is composited on black."""
     target = "L" if channels == 1 else "RGB"
     if image.mode == target:
         return image
+    if "A" in image.getbands() or "transparency" in image.info:
+        # composite on black: transparent pixels become black, whatever colour they were stored with
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
+        image = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+        return image if target == "RGB" else image.convert("L")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits rather than clipping
         arr = np.asarray(image, dtype=np.float64)
@@ -69,8 +88,9 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
 
 
 def to_array(image: Image.Image, pre: Preprocess) -> np.ndarray:
-    """Resize and convert a PIL image to a uint8 array [H, W, C]; the part of preprocessing augmentation replaces."""
-    image = to_mode(image, pre.channels)
+    """Orient, convert and resize a PIL image to a uint8 array [H, W, C]; the part of preprocessing augmentation
+    replaces."""
+    image = to_mode(upright(image), pre.channels)
     h, w = pre.size
     if image.size != (w, h):
         image = image.resize((w, h), Image.Resampling.BILINEAR)

@@ -140,6 +140,7 @@ class HTTPSpec(compat.LitSpec):
         # the largest JSON body a v2 request can legitimately have: the largest batch, every number at its longest
         self.max_json_bytes = model.max_batch * c * h * w * JSON_NUMBER_BYTES + JSON_ENVELOPE_BYTES
         # POST /predict and v2 infer are answered by the guard (fast_route), before FastAPI; these are the rest
+        self.routes: dict[str, tuple[Route, Route | None]] = {"/predict": (Route(self.predict_body), None)}
         self.add_endpoint("/", self.root, ["GET"])
         self.add_endpoint("/health", self.health, ["GET", "HEAD"])
         self.add_endpoint("/info", self.info, ["GET"])
@@ -315,21 +316,30 @@ class HTTPSpec(compat.LitSpec):
         no larger than the model's largest batch written out, refused before it is read or parsed."""
         if scope["method"] != "POST":
             return None
-        if scope["path"] == "/predict":
-            return Route(self.predict_body)
-        m = V2_INFER.match(scope["path"])
-        if m is None:
-            return None
-        name, version = m.group(1), m.group(2)
-        route = Route(lambda headers, body: self.v2_body(name, version, headers, body))
-        if b"inference-header-content-length" in headers:
-            return route
+        path = scope["path"]
+        routes = self.routes.get(path)
+        if routes is None:
+            m = V2_INFER.match(path)
+            if m is None:
+                return None
+            routes = self.v2_routes(m.group(1), m.group(2))
+            if m.group(1) == self.model.name and len(self.routes) < 8:  # the served model's paths: a bounded few
+                self.routes[path] = routes
+        binary, json_body = routes
+        return binary if json_body is None or b"inference-header-content-length" in headers else json_body
+
+    def v2_routes(self, name: str, version: str | None) -> tuple[Route, Route]:
+        """A v2 infer path's routes: (with binary tensors, with a JSON body)."""
+
+        async def handler(headers: dict[bytes, bytes], body: bytes) -> Answer:
+            return await self.v2_body(name, version, headers, body)
+
         c, h, w = self.model.shape
         why = (
             f"limit for a v2 JSON request to this model (its largest batch, {self.model.max_batch} x {c}x{h}x{w} "
             "numbers); larger bodies are not a valid request"
         )
-        return Route(route.handler, self.max_json_bytes, why)
+        return Route(handler), Route(handler, self.max_json_bytes, why)
 
 
 class InferenceAPI(ls.LitAPI):

@@ -1,38 +1,37 @@
-"""Every use of LitServe's internals, in one module, with the reason for each.
+"""Every use of LitServe's internals, in one module, with the reason for each (ARCHITECTURE.md has them as a table).
 
 modelship uses LitServe's public API (LitAPI, LitServer, LitSpec endpoints) for what it offers — the FastAPI app,
-the uvicorn API server processes, the inference worker processes and their replacement when one dies, readiness —
-and reaches past it only where listed here. These names are private and may change in any release, so
-`check_version` refuses to start a server on a LitServe outside the range these overrides were written and tested
-against.
+the uvicorn API server processes, the inference worker processes and their replacement when one dies — and reaches
+past it only where listed here. These names are private and move between patch releases, so modelship pins one
+release (`SUPPORTED`), and at import checks every overridden name against the parameters its override expects and
+the LitServe function that must still call it (`OVERRIDES`); `check_version` refuses to start on a mismatch.
 
-1. Requests and answers travel over modelship's own ZeroMQ transport (`modelship.serving.transport`), not over
-   LitServe's Manager request queue and response transport: the Manager round trips took a third of the API
-   servers' and half of the workers' time, and a worker killed while reading could strand a request. `Server`
-   starts the broker in `_init_manager`, gives LitServe an idle response transport, and tells the broker when
-   LitServe's monitor replaces a dead worker (`launch_single_inference_worker`), so what it held is not lost.
-   `ZMQLoop` is the worker loop that serves those batches.
+1. Requests and answers travel over modelship's own ZeroMQ transport (`modelship.serving.transport`, and the
+   broker in `modelship.serving.broker`), not over LitServe's Manager request queue and response transport: the
+   Manager round trips took a third of the API servers' and half of the workers' time, and a worker killed while
+   reading could strand a request. `Server` starts the broker in `_init_manager`, gives LitServe an idle response
+   transport, and registers each worker process LitServe starts (`launch_inference_worker`, and the monitor's
+   `launch_single_inference_worker`) with the broker, which sees its death at once. `ZMQLoop` is the worker loop.
 2. `verify_worker_status` is replaced: LitServe waits for a ready worker before it starts HTTP; modelship starts
    HTTP at once so `/health` answers 503 while the workers warm up, and watches for a worker that fails to load.
-3. LitServe's own `/` ("litserve running") and info routes are removed from the app: modelship answers `/` itself
-   and has its own `/info`. Its GZip middleware is removed (answers here are a few hundred bytes, and the layer
-   costs every request), and the spec's routes are registered again without LitServe's per-route auth dependency,
-   a synchronous function FastAPI runs in a thread pool on every request: modelship checks the API key in its own
-   middleware.
-4. `workers_ready` reads LitServe's record of which workers finished setup: a custom LitSpec has no public way to.
-5. `_start_server` gives each API server process its own listening socket with SO_REUSEPORT, so the kernel spreads
+3. LitServe's own `/` ("litserve running"), `/health` and info routes are removed from the app: modelship answers
+   them itself (readiness from the broker's heartbeat, with HEAD). Its GZip middleware is removed (answers here are
+   a few hundred bytes, and the layer costs every request), and the spec's routes are registered again without
+   LitServe's per-route auth dependency, a synchronous function FastAPI runs in a thread pool on every request:
+   modelship checks the API key in its own middleware.
+4. `_start_server` gives each API server process its own listening socket with SO_REUSEPORT, so the kernel spreads
    new connections over them: with LitServe's one shared socket, a burst of connections often all went to one
-   process while the other idled (BENCHMARKS.md, serving). It also serves the app wrapped in modelship's front
-   door (`front`: the guard, and CORS when asked) rather than passing those to LitServe as middlewares, which
-   FastAPI would put inside its own layers (server errors, telemetry, body limit) that then cost every request
-   the guard answers itself.
-6. No worker is replaced once shutdown has begun (`_perform_graceful_shutdown` sets a flag that
+   process while the other idled (BENCHMARKS.md, serving). It serves the app wrapped in modelship's front door
+   (`front`: the guard, and CORS when asked) rather than passing those to LitServe as middlewares, which FastAPI
+   would put inside its own layers, on uvicorn with read timeouts (`modelship.serving.connections`); each API
+   server follows the main process (`modelship.serving.lifeline`); and a dead API server is replaced.
+5. `_perform_graceful_shutdown` stops every API server at once (LitServe stops them one after another, so the later
+   ones kept connections alive while the first drained), and no worker is replaced once shutdown has begun (a flag
    `launch_single_inference_worker` reads): LitServe's monitor would otherwise restart the workers shutdown just
    stopped, and those would fail on the Manager being shut down, with a traceback.
-7. With --in-process (`modelship.serving.local`) LitServe starts no inference worker
+6. With --in-process (`modelship.serving.local`) LitServe starts no inference worker
    (`_inference_workers_config_for_api` is empty); each API server reports its own model under
-   `in_process_key(i)` in `workers_setup_status`, so LitServe's `/health` and the setup watch read it as they read
-   workers'. `_start_server` also watches the API server processes and replaces one that dies (LitServe does not).
+   `in_process_key(i)` in `workers_setup_status`, so the setup watch reads it as it reads workers'.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from modelship.preprocess import Preprocess, to_array
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "ram", "gpu", "off")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: EXIF orientation applied, alpha composited on black
 RAM_BUDGET = 0.5  # auto: the decoded data may take this share of the memory available now, at most...
 RAM_CAP = 8 << 30  # ...and at most this many bytes
 GPU_BUDGET = 0.3  # auto on CUDA: this share of the GPU's free memory

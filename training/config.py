@@ -59,6 +59,7 @@ class TrainConfig:
     data_cache: str = "auto"
     cache_dir: Path | None = None  # default: DATA_DIR/decoded
     resume: Path | None = None
+    force: bool = False  # replace a run already in --out
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -105,6 +106,13 @@ class TrainConfig:
             raise ConfigError(
                 f"--out {self.out} is a file; expected a directory for the run (it is created if missing)"
             )
+        found = run_files(self.out)
+        if found and self.resume is None and not self.force:
+            raise ConfigError(
+                f"--out {self.out} already holds a run ({', '.join(found)}); continue it with --resume "
+                f"{self.out / 'checkpoints' / 'last.pt'}, replace it with --force, or pick another --out"
+            )
+        need(not (self.force and self.resume), "--force replaces the run in --out and --resume continues it; pick one")
         for flag, path in (("--init-from", self.init_from), ("--resume", self.resume)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{flag} {path} does not exist or is not a file")
@@ -124,3 +132,11 @@ class TrainConfig:
                 v = list(v)
             out[f.name] = v
         return out
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json")  # what a training run writes in --out
+
+
+def run_files(out: Path) -> list[str]:
+    """The files of an earlier run in `out` (none when it is missing or holds something else)."""
+    return [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from modelship.errors import CheckpointError, ConfigError
 from modelship.files import remove_stale_temps
 from modelship.training import checkpoint as ckpt_io
 from modelship.training.cache import Decoded, check_cache_dir, to_tensors
-from modelship.training.config import TrainConfig
+from modelship.training.config import TrainConfig, run_files
 from modelship.training.data import DataInfo, DataRequest, Loaded, default_data_dir, load_data
 from modelship.training.loaders import make_loaders, start_epoch
 from modelship.training.loop import StepContext, evaluate, reduce_means, train_one_epoch
@@ -87,7 +88,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
     ctx = StepContext(device, precision.dtype, scaler, channels_last, cfg.clip_grad)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    progress = restore(resume, opt, sched, scaler, cfg.resume) if resume is not None else Progress()
+    progress = restore(resume, opt, sched, scaler, cfg.resume, cfg.epochs) if resume is not None else Progress()
 
     notes = [precision.note, "channels_last" if channels_last else "contiguous", data.note]
     notes.append(f"ready {time.perf_counter() - started:.1f}s after start")
@@ -232,16 +233,38 @@ def place_model(cfg: TrainConfig, model: nn.Module, dist: Dist, device: torch.de
     return net
 
 
-def restore(state: dict[str, Any], opt: Any, sched: Any, scaler: torch.amp.GradScaler, path: Path | None) -> Progress:
-    """Optimizer, scheduler, scaler and RNG states and the run's progress, from the checkpoint at `path`."""
+def restore(state: dict[str, Any], opt: Any, sched: Any, scaler: torch.amp.GradScaler, path: Path | None,
+            total_epochs: int) -> Progress:  # fmt: skip
+    """Optimizer, scheduler, scaler and RNG states and the run's progress, from the checkpoint at `path`. A run
+    continued to more epochs than it was planned for keeps its step count and follows the schedule planned for the
+    new total from there (a one-cycle schedule's state holds its old total, and stepping past it fails)."""
     opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+    planned = int(state.get("config", {}).get("epochs", 0))
+    if planned == total_epochs:
+        sched.load_state_dict(state["scheduler"])
+    else:
+        replan(sched, opt, int(state["scheduler"]["last_epoch"]))
+        log.info("the learning-rate schedule planned for %d epochs is re-planned for %d, from step %d", planned,
+                 total_epochs, int(state["scheduler"]["last_epoch"]))  # fmt: skip
     scaler.load_state_dict(state["scaler"])
     ckpt_io.restore_rng(state["rng"])
     progress = Progress(int(state["epoch"]), int(state["global_step"]), list(state.get("history", [])))
     progress.early = dict(state.get("early_stopping", progress.early))
     log.info("resumed from %s at epoch %d", path, progress.epoch)
     return progress
+
+
+def replan(sched: Any, opt: Any, step: int) -> None:
+    """Put a freshly planned schedule at `step`: the learning rates (and one-cycle's momentum) it gives there."""
+    sched.last_epoch = step
+    sched._get_lr_called_within_step = True  # get_lr() outside step() warns otherwise; this is what step() does
+    try:
+        lrs = sched.get_lr()
+    finally:
+        sched._get_lr_called_within_step = False
+    for group, lr in zip(opt.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = list(lrs)
 
 
 def start_run_log(
@@ -251,6 +274,10 @@ def start_run_log(
     if not dist.is_main:
         return None
     ckpt_dir = cfg.out / "checkpoints"
+    if cfg.force and cfg.resume is None:  # --force: the earlier run goes, as a whole, once this one is ready
+        for name in run_files(cfg.out):
+            path = cfg.out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(ckpt_dir)
     (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

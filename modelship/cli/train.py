@@ -127,6 +127,7 @@ def add_train_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> 
     g.add_argument("--cache-dir", type=Path, default=d("cache_dir"), help="where decoded data is cached between runs "
                    "(default DATA_DIR/decoded)")  # fmt: skip
     g.add_argument("--resume", type=Path, metavar="CKPT", help="continue from RUN_DIR/checkpoints/last.pt")
+    g.add_argument("--force", action="store_true", help="replace the run already in --out (refused otherwise)")
     if out_required:
         g.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
 

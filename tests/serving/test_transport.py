@@ -301,3 +301,15 @@ def test_an_api_server_keeps_reading_answers_after_an_error_only_message_and_a_m
         client.close()  # an API server's client lives as long as its process; this one ends here
 
     asyncio.run(scenario())
+
+
+def test_readiness_needs_a_beating_broker_and_a_worker_that_can_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelship.serving import broker
+
+    pulse = [time.monotonic(), 1.0]
+    monkeypatch.setattr(broker, "PULSE", pulse)
+    assert broker.broker_ready()
+    pulse[1] = 0.0  # every worker dead or not yet warm
+    assert not broker.broker_ready()
+    pulse[:] = [time.monotonic() - broker.PULSE_STALE - 0.1, 2.0]  # a broker that stopped beating: gone or stuck
+    assert not broker.broker_ready()

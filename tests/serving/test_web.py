@@ -182,6 +182,18 @@ def test_serve_refuses_a_litserve_outside_the_tested_range(
     compat.check_version("0.2.19")
 
 
+def test_serve_refuses_a_litserve_whose_overridden_hook_moved(
+    tiny_bundle: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = compat.mismatch(((compat.ls.LitServer, "launch_worker_renamed", ("self",), None),))
+    monkeypatch.setattr(compat, "MISMATCH", found)
+    r = cli("serve", tiny_bundle)
+    assert r.code == 2 and r.last_line == (
+        f"modelship serve: error: litserve {compat.ls.__version__}: litserve.server.LitServer.launch_worker_renamed "
+        "is missing; modelship serve overrides it and needs litserve==0.2.19"
+    )
+
+
 def test_every_overridden_litserve_name_is_checked_for_its_signature_and_its_caller() -> None:
     assert compat.MISMATCH is None  # the pinned LitServe fits every override
 

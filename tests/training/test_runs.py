@@ -1,0 +1,53 @@
+"""Long runs: continued to more epochs, re-run into the same folder, replaced on purpose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.helpers import tiny_train_args
+
+
+def test_a_run_continued_to_more_epochs_replans_its_schedule_for_every_kind(
+    tmp_path: Path, data_dir: Path, cli
+) -> None:
+    for schedule in ("onecycle", "cosine", "step"):
+        out = tmp_path / schedule
+        args = [*tiny_train_args(data_dir), "--schedule", schedule]
+        assert cli("train", "--epochs", "2", "--out", out, *args).code == 0
+        r = cli("train", "--epochs", "4", "--out", out, "--resume", out / "checkpoints" / "last.pt", *args)
+        assert r.code == 0, r.err[-2000:]
+        assert "re-planned for 4, from step" in r.err
+        state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+        assert state["epoch"] == 4 and [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
+        assert json.loads((out / "config.json").read_text())["epochs"] == 4
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+        # from the step it resumed at, the learning rate is the one a run planned for 4 epochs has there
+        straight = tmp_path / f"{schedule}-straight"
+        assert cli("train", "--epochs", "4", "--out", straight, *args).code == 0
+        planned = [json.loads(line)["lr"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
+        assert [row["lr"] for row in rows[2:]] == planned[2:]
+
+
+def test_a_second_run_into_the_same_folder_is_refused_unless_forced_and_touches_nothing(
+    tmp_path: Path, data_dir: Path, cli
+) -> None:
+    out = tmp_path / "run"
+    assert cli("train", "--epochs", "1", "--out", out, *tiny_train_args(data_dir)).code == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    r = cli("train", "--epochs", "1", "--out", out, *tiny_train_args(data_dir))
+    assert r.code == 2 and r.last_line == (
+        f"modelship train: error: --out {out} already holds a run (checkpoints, metrics.jsonl, tensorboard, "
+        f"config.json); continue it with --resume {out / 'checkpoints' / 'last.pt'}, replace it with --force, "
+        "or pick another --out"
+    )
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    r = cli("run", "--epochs", "1", "--out", out, *tiny_train_args(data_dir))
+    assert r.code == 2 and "already holds a run" in r.last_line
+    assert cli("train", "--epochs", "2", "--out", out, "--force", *tiny_train_args(data_dir)).code == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]  # the new run only: nothing of the replaced one is left
+    assert len(list((out / "tensorboard").iterdir())) == 1
