@@ -29,7 +29,7 @@ from modelship.export.config import ExportOptions
 from modelship.export.formats import quiet
 from modelship.export.parity import Runner
 from modelship.export.source import Source
-from modelship.imagefolder import GRAY_MODES, folder_images, open_image, scan_folder
+from modelship.imagefolder import class_name, eval_split, folder_images, open_image, scan_folder
 from modelship.preprocess import preprocess_image
 from modelship.training.data import source_samples
 
@@ -55,15 +55,16 @@ class Labelled:
 def gate_images(src: Source, opts: ExportOptions) -> Labelled:
     """The labelled images variants are gated on: --validation-data, else the checkpoint's validation split."""
     if opts.validation_data is not None:
-        root = opts.validation_data / "val" if (opts.validation_data / "val").is_dir() else opts.validation_data
+        root = eval_split(opts.validation_data)
         classes, files = scan_folder(root, "--validation-data")
-        unknown = sorted(set(classes) - set(src.classes))
+        known = [class_name(c) for c in src.classes]
+        unknown = sorted(set(classes) - set(known))
         if unknown:
             raise DataError(
                 f"--validation-data {root} has class folders {unknown} the model does not know ({src.classes})"
             )
         files = files[:: max(1, len(files) // GATE_IMAGES)][:GATE_IMAGES]
-        pairs = [(open_image(p), src.classes.index(classes[label])) for p, label in files]
+        pairs = [(open_image(p), known.index(classes[label])) for p, label in files]
         where = f"--validation-data {root}"
     else:
         pairs = source_samples(src.data, "val", GATE_IMAGES) if src.data else []
@@ -83,8 +84,7 @@ def calibration_images(src: Source, opts: ExportOptions) -> tuple[np.ndarray, st
     if opts.calibration_data is not None:
         files = folder_images(opts.calibration_data, "--calibration-data")
         picked = [files[i] for i in sorted(np.random.default_rng(opts.seed).permutation(len(files))[:n])]
-        images = [open_image(p) for p in picked]
-        check_channels(images, picked, src.input_shape[0])
+        images = [open_image(p) for p in picked]  # any mode: preprocessing converts it, as serving does
         where = f"--calibration-data {opts.calibration_data}"
     elif src.data:
         images = [image for image, _ in source_samples(src.data, "train", n, opts.seed)]
@@ -98,18 +98,6 @@ def calibration_images(src: Source, opts: ExportOptions) -> tuple[np.ndarray, st
             "bare state_dict); pass --calibration-data PATH, a folder of images like the ones the model will see"
         )
     return np.stack([preprocess_image(image, src.preprocess) for image in images]), f"{where} ({len(images)} images)"
-
-
-def check_channels(images: list[Any], paths: list[str], channels: int) -> None:
-    """Calibrating an RGB model on grayscale images (or the reverse) measures the wrong ranges: refuse, by name."""
-    wrong = [p for image, p in zip(images, paths, strict=True) if (image.mode in GRAY_MODES) != (channels == 1)]
-    if wrong:
-        kind = "grayscale" if channels == 3 else "colour"
-        shown = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
-        raise DataError(
-            f"--calibration-data holds {kind} images ({shown}) but the model takes {channels} channel(s); "
-            "calibrate on images like the ones it will see"
-        )
 
 
 # ------------------------------------------------------------------------------------------------ fp16

@@ -1,8 +1,16 @@
 """Image files and ImageFolders on disk, read with errors that name the file: shared by training, export (calibration
-and validation images), evaluation and offline prediction. PIL and the standard library only."""
+and validation images), evaluation and offline prediction. PIL and the standard library only.
+
+Every folder is read by the same rules: hidden files and folders (`.thumbnails/`, macOS's `._name.jpg` AppleDouble
+files) and `__MACOSX/` are skipped; class names are Unicode NFC (macOS writes file names decomposed, so the same
+name typed on two machines would otherwise be two classes); an image over `MAX_PIXELS` is refused by name before it
+is decoded; and every unreadable file is reported at once, not one per run.
+"""
 
 from __future__ import annotations
 
+import unicodedata
+import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -12,35 +20,77 @@ from modelship.errors import DataError
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)  # what PIL raises for a non-image
+MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS), for files on disk
+LEFTOVERS = frozenset({"__MACOSX"})  # folders archive tools leave beside the data
+SHOWN = 10  # bad files listed by name before "and N more"
+
+
+def class_name(name: str) -> str:
+    """A class name as it is compared and written: Unicode NFC."""
+    return unicodedata.normalize("NFC", name)
+
+
+def visible(path: Path, root: Path) -> bool:
+    """Not hidden and not an archive leftover, at any level under `root`."""
+    return not any(part.startswith(".") or part in LEFTOVERS for part in path.relative_to(root).parts)
 
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS and path.is_file()
 
 
+def images_under(root: Path) -> list[str]:
+    """The visible image files under `root`, recursively, sorted."""
+    return sorted(str(p) for p in root.rglob("*") if is_image_file(p) and visible(p, root))
+
+
+def open_header(path: str) -> Image.Image:
+    """Open an image file without decoding its pixels, refusing one over MAX_PIXELS by name (and never letting
+    Pillow's own DecompressionBombWarning or its error through)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise DataError(f"image {path} has more than {MAX_PIXELS} pixels; the limit is {MAX_PIXELS}") from None
+    except UNREADABLE as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    if image.width * image.height > MAX_PIXELS:
+        image.close()
+        raise DataError(f"image {path} is {image.width}x{image.height} pixels; the limit is {MAX_PIXELS} pixels")
+    return image
+
+
 def open_image(path: str) -> Image.Image:
     """Open and fully decode one image file, naming the file when it cannot be read."""
+    image = open_header(path)
     try:
-        image = Image.open(path)
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
     except UNREADABLE as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     return image
 
 
 def scan_folder(root: Path, what: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes (sorted sub-folder names) and (file, label) pairs of an ImageFolder, with errors a person can act on."""
+    """Classes (sorted, NFC sub-folder names) and (file, label) pairs of an ImageFolder, with errors a person can
+    act on. Two folders whose names differ only in Unicode normalisation are one class."""
     if not root.exists():
         raise DataError(f"{what} {root} does not exist; expected a folder with one sub-folder of images per class")
     if not root.is_dir():
         raise DataError(f"{what} {root} is a file; expected a folder with one sub-folder of images per class")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders: dict[str, list[Path]] = {}
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and visible(p, root):
+            folders.setdefault(class_name(p.name), []).append(p)
+    classes = sorted(folders)
     if not classes:
         raise DataError(f"{what} {root} has no class sub-folders; expected {root}/<class>/<image files>")
     samples: list[tuple[str, int]] = []
     empty = []
     for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (root / name).rglob("*") if is_image_file(p))
+        files = sorted(f for d in folders[name] for f in images_under(d))
         if not files:
             empty.append(name)
         samples.extend((f, label) for f in files)
@@ -51,23 +101,38 @@ def scan_folder(root: Path, what: str) -> tuple[list[str], list[tuple[str, int]]
     return classes, samples
 
 
+def eval_split(data: Path) -> Path:
+    """Where a labelled folder's evaluation images are: PATH/val, else PATH/test, else PATH itself."""
+    return next((data / s for s in ("val", "test") if (data / s).is_dir()), data)
+
+
 def folder_images(root: Path, what: str) -> list[str]:
-    """Every image file under `root`, recursively (an ImageFolder or a plain folder of images), sorted."""
+    """Every visible image file under `root`, recursively (an ImageFolder or a plain folder of images), sorted."""
     if not root.is_dir():
         raise DataError(f"{what} {root} is not a folder; expected a folder of images (an ImageFolder works too)")
-    files = sorted(str(p) for p in root.rglob("*") if is_image_file(p))
+    files = images_under(root)
     if not files:
         raise DataError(f"{what} {root} has no images (looked for {', '.join(IMG_EXTENSIONS)})")
     return files
 
 
-def unreadable(paths: list[str]) -> list[str]:
-    """The files among `paths` whose header PIL cannot read (cheap: nothing is decoded)."""
+def check_readable(paths: list[str], what: str, decode: bool = False) -> None:
+    """DataError listing every file among `paths` that is not an image PIL can read (headers only, or fully decoded
+    with `decode`) or is over the pixel limit: all of them at once, up to SHOWN by name."""
     bad = []
     for p in paths:
         try:
-            with Image.open(p):
-                pass
-        except UNREADABLE:
-            bad.append(p)
-    return bad
+            if decode:
+                open_image(p).close()
+            else:
+                open_header(p).close()
+        except DataError as e:
+            bad.append(str(e))
+    raise_bad(bad, len(paths), what)
+
+
+def raise_bad(problems: list[str], total: int, what: str) -> None:
+    """One DataError for every problem found in a scan (the first SHOWN of them by name), or nothing."""
+    if problems:
+        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        raise DataError(f"{len(problems)} of the {total} {what} cannot be used: {'; '.join(problems[:SHOWN])}{more}")

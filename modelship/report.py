@@ -259,16 +259,17 @@ def config_block(config: dict[str, Any]) -> str:
     return f"<details><summary>the full configuration</summary><pre>{esc(json.dumps(config, indent=2))}</pre></details>"
 
 
-def curves_section(history: list[dict[str, Any]]) -> str:
-    """Loss and accuracy per epoch, as charts and as the table they are drawn from."""
+def curves_section(history: list[dict[str, Any]], best: int) -> str:
+    """Loss and accuracy per epoch that ran, as charts and as the table they are drawn from; the best epoch (whose
+    checkpoint ships) marked."""
     epochs = [r["epoch"] for r in history]
     loss = line_chart("loss", epochs, {"train": [r["train_loss"] for r in history],
                                        "validation": [r["val_loss"] for r in history]}, "cross-entropy")  # fmt: skip
     acc = line_chart("accuracy", epochs, {"train": [r["train_acc"] for r in history],
                                           "validation": [r["val_acc"] for r in history]}, "accuracy")  # fmt: skip
     keys = ("train_loss", "val_loss", "train_acc", "val_acc")
-    rows = [[r["epoch"], *(f"{r[k]:.4f}" for k in keys), f"{r['lr']:.2e}", f"{r['seconds']:.1f}",
-             f"{r['samples_per_s']:.0f}"] for r in history]  # fmt: skip
+    rows = [[f"{r['epoch']} (best)" if r["epoch"] == best else r["epoch"], *(f"{r[k]:.4f}" for k in keys),
+             f"{r['lr']:.2e}", f"{r['seconds']:.1f}", f"{r['samples_per_s']:.0f}"] for r in history]  # fmt: skip
     head = ["epoch", "train loss", "val loss", "train acc", "val acc", "lr", "seconds", "samples/s"]
     return (
         f'<section><h2>Training</h2><div class="row"><div>{loss}</div><div>{acc}</div></div>'
@@ -322,10 +323,12 @@ def model_section(data: dict[str, Any], model: dict[str, Any], config: dict[str,
 def run_page(run: dict[str, Any]) -> str:
     """report.html of `modelship run`: what was trained, how well, what was shipped, and whether it may ship."""
     manifest, history, ev = run["manifest"], run["history"], run["evaluation"]
-    best = max(history, key=lambda r: r["val_acc"])
+    best = next(r for r in history if r["epoch"] == run["best_epoch"])
     p = manifest["parity"]
+    value, detail = run["accuracy"]
     items = [
-        ("best val_acc", f"{best['val_acc']:.4f}", f"epoch {best['epoch']} of {len(history)}"),
+        ("accuracy", value, detail),
+        ("best val_acc", f"{best['val_acc']:.4f}", f"training's pass, epoch {best['epoch']} of {len(history)}"),
         ("parity", "PASS" if not [f for f in p["failed"] if " at batch " in f] else "FAIL",
          f"{p['checks']} checks, worst {p['max_abs_err']:.1e}"),
     ]  # fmt: skip
@@ -338,7 +341,7 @@ def run_page(run: dict[str, Any]) -> str:
     items.append(
         ("time", f"{run['seconds']:.0f}s", f"training {run['train_seconds']:.0f}s, export {run['export_seconds']:.0f}s")
     )
-    body = tiles(items) + curves_section(history)
+    body = tiles(items) + curves_section(history, best["epoch"])
     if ev is not None:
         body += evaluation_section(ev, "confusion_matrix.png", "Validation set")
     body += artifacts_section(manifest, run["bundle_link"]) + model_section(run["data"], run["model"], run["config"])

@@ -21,7 +21,7 @@ import numpy as np
 from modelship.devices import usable_gpus
 from modelship.errors import ConfigError, DataError
 from modelship.files import write_json
-from modelship.imagefolder import open_image, scan_folder, unreadable
+from modelship.imagefolder import check_readable, class_name, eval_split, open_image, scan_folder
 from modelship.manifest import check_bundle, require_artifact
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.serving.config import EvaluateConfig
@@ -86,18 +86,16 @@ class Labelled:
 
 def labelled_folder(data: Path, classes: list[str]) -> Labelled:
     """PATH/val, else PATH/test, else PATH itself, as an ImageFolder of the manifest's classes; every file readable."""
-    root = next((data / s for s in ("val", "test") if (data / s).is_dir()), data)
+    root = eval_split(data)
     found, samples = scan_folder(root, "--data")
+    classes = [class_name(c) for c in classes]
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(
             f"--data {root} has class folders the bundle does not know: {', '.join(unknown)}; "
             f"its classes are {', '.join(classes)}"
         )
-    bad = unreadable([p for p, _ in samples])
-    if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DataError(f"--data {root}: {len(bad)} file(s) are not images PIL can read: {', '.join(bad[:5])}{more}")
+    check_readable([p for p, _ in samples], f"images in --data {root}", decode=True)
     labels = np.asarray([classes.index(found[label]) for _, label in samples], np.int64)
     return Labelled([p for p, _ in samples], labels, root)
 

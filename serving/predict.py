@@ -22,19 +22,20 @@ import numpy as np
 
 from modelship.errors import DataError
 from modelship.files import write_bytes
-from modelship.imagefolder import is_image_file, open_image, unreadable
+from modelship.imagefolder import check_readable, images_under, open_image
 from modelship.manifest import check_bundle, require_artifact
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.serving.config import PredictConfig
 from modelship.serving.protocol import ServedModel, predict_response
 
 
-def image_files(paths: tuple[Path, ...]) -> list[str]:
-    """The files given, and the images in the folders given (recursively); every one readable, or DataError."""
+def image_files(paths: tuple[Path, ...], decode: bool) -> list[str]:
+    """The files given, and the visible images in the folders given (recursively); every one readable (and with
+    `decode`, decodable to the end: a truncated file is found before anything is written), or DataError."""
     files: list[str] = []
     for p in paths:
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if is_image_file(f))
+            found = images_under(p)
             if not found:
                 raise DataError(f"folder {p} has no images")
             files += found
@@ -42,10 +43,7 @@ def image_files(paths: tuple[Path, ...]) -> list[str]:
             files.append(str(p))
         else:
             raise DataError(f"image {p} does not exist")
-    bad = unreadable(files)
-    if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DataError(f"{len(bad)} file(s) are not images PIL can read: {', '.join(bad[:5])}{more}")
+    check_readable(files, "images", decode=decode)
     return files
 
 
@@ -68,7 +66,7 @@ def batch_runner(cfg: PredictConfig, manifest: dict[str, Any]) -> Callable[[np.n
 
 def predictions(cfg: PredictConfig) -> Iterator[dict[str, Any]]:
     """One row per image, in order."""
-    files = image_files(cfg.paths)
+    files = image_files(cfg.paths, decode=cfg.output is None)  # --output is written whole, once all succeeded
     if cfg.bundle is None:
         from modelship.serving.client import Client
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelship.errors import ConfigError
-from modelship.imagefolder import open_image
+from modelship.errors import ConfigError, DataError
+from modelship.imagefolder import open_image, raise_bad
 from modelship.preprocess import Preprocess, to_array
 
 log = logging.getLogger(__name__)
@@ -119,20 +119,32 @@ def decode_files(files: list[str], pre: Preprocess, cache_dir: Path | None) -> t
     """uint8 [N, H, W, C] of these image files at `pre`'s size and channels, from the disk cache when there is a
     valid entry (else decoded and cached); and how it was obtained."""
     if cache_dir is None:
-        return decode_images((open_image(p) for p in files), pre), "decoded"
+        return decode_paths(files, pre), "decoded"
     key = cache_key(files, pre)
     entry = cache_dir / key
     if entry.is_dir():
         cached = _load(entry, key, len(files))
         if cached is not None:
             return cached, "cache hit"
-    images = decode_images((open_image(p) for p in files), pre)
+    images = decode_paths(files, pre)
     try:
         _save(entry, key, images)
     except OSError as e:
         log.warning("cannot write the decoded cache under %s (%s); decoding again next run", cache_dir, e)
         return images, "decoded, not cached"
     return images, "decoded and cached"
+
+
+def decode_paths(files: list[str], pre: Preprocess) -> np.ndarray:
+    """decode_images of files on disk; every file that does not decode (a truncated one) is named, all at once."""
+    out, bad = [], []
+    for p in files:
+        try:
+            out.append(to_array(open_image(p), pre))
+        except DataError as e:
+            bad.append(str(e))
+    raise_bad(bad, len(files), "images")
+    return np.stack(out)
 
 
 def decode_images(images: Iterable[Any], pre: Preprocess) -> np.ndarray:

@@ -20,8 +20,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from modelship.errors import DataError
-from modelship.imagefolder import GRAY_MODES, UNREADABLE, open_image, scan_folder
-from modelship.preprocess import Preprocess, normalize, preprocess_image, to_array
+from modelship.imagefolder import GRAY_MODES, open_header, open_image, raise_bad, scan_folder
+from modelship.preprocess import ORIENTATION, Preprocess, normalize, preprocess_image, to_array
 from modelship.training import cache
 
 log = logging.getLogger(__name__)
@@ -175,22 +175,41 @@ def folder_splits(root: Path, val_split: float, seed: int) -> tuple[list[str], l
     return classes, train, val, {"root": str(root), "train_dir": "", "val_split": val_split, "seed": seed}
 
 
-def inspect_images(train: Sequence[str], others: Sequence[str], seed: int) -> tuple[int, tuple[int, int]]:
-    """Open every file's header once, so a file that is not an image fails now, by name, not in epoch 3; the channel
-    count and most common (H, W) come from the same seeded sample of training files the mean/std use."""
+def inspect_images(train: Sequence[str], others: Sequence[str], seed: int) -> tuple[int, tuple[int, int], str]:
+    """Open every file's header once, so every file that is not an image (or is over the pixel limit) fails now, all
+    of them by name, not one per run in epoch 3; the channel count and the training size come from the same seeded
+    sample of training files the mean/std use. Returns (channels, (H, W), why that size)."""
     sampled = set(_sample(train, seed))
     modes: Counter[str] = Counter()
     sizes: Counter[tuple[int, int]] = Counter()
+    bad = []
     for p in [*train, *others]:
         try:
-            with Image.open(p) as im:
+            with open_header(p) as im:
                 if p in sampled:
                     modes[im.mode] += 1
-                    sizes[(im.height, im.width)] += 1
-        except UNREADABLE as e:
-            raise DataError(f"cannot read image {p}: {e}") from None
+                    turned = im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)  # stored on its side: W and H swap
+                    h, w = (im.width, im.height) if turned else (im.height, im.width)
+                    sizes[(h, w)] += 1
+        except DataError as e:
+            bad.append(str(e))
+    raise_bad(bad, len(train) + len(others), "images")
     channels = 1 if set(modes) <= GRAY_MODES else 3
-    return channels, sizes.most_common(1)[0][0]
+    return (channels, *training_size(sizes))
+
+
+def training_size(sizes: Counter[tuple[int, int]]) -> tuple[tuple[int, int], str]:
+    """The (H, W) to train at without --image-size: the images' own when they share one; for varied sizes a square
+    of their median shorter side, capped at 224 (timm's and torchvision's default) and rounded to a multiple of 8
+    (a size only a few images had, such as 83x141, distorts every other one)."""
+    (common, count), total = sizes.most_common(1)[0], sum(sizes.values())
+    if len(sizes) == 1:
+        return common, ""
+    shorter = sorted(min(hw) for hw, n in sizes.items() for _ in range(n))[total // 2]
+    side = max(8, min(224, round(shorter / 8) * 8))
+    why = (f"images vary in size ({len(sizes)} sizes in {total} sampled, the most common {common[0]}x{common[1]} in "
+           f"{count}): training at {side}x{side}, the median shorter side; --image-size H,W sets it")  # fmt: skip
+    return (side, side), why
 
 
 def channel_stats(arrays: np.ndarray) -> tuple[list[float], list[float]]:
@@ -255,7 +274,7 @@ def load_data(req: DataRequest) -> Loaded:
     source.update(layout)
     if len(classes) < 2:
         raise DataError(f"{root} has a single class ({classes[0]}); a classifier needs at least 2 class folders")
-    channels, size = inspect_images([p for p, _ in train], [p for p, _ in val], req.seed)
+    channels, size, why_size = inspect_images([p for p, _ in train], [p for p, _ in val], req.seed)
     probe = _probe(channels, req.image_size or size)
     place, why = _place(req, len(train) + len(val), probe)
     arrays: tuple[np.ndarray, np.ndarray] | None = None
@@ -268,7 +287,8 @@ def load_data(req: DataRequest) -> Loaded:
     info, augment = _describe(classes, probe, sample, source, req)
     pre = info.preprocess
     sets = ImageList(train, TrainTransform(pre, augment)), ImageList(val, EvalTransform(pre))
-    return Loaded(*sets, info, augment, arrays, place, _note(place, arrays, why))
+    note = _note(place, arrays, why) + (f"; {why_size}" if why_size and req.image_size is None else "")
+    return Loaded(*sets, info, augment, arrays, place, note)
 
 
 def _probe(channels: int, size: tuple[int, int]) -> Preprocess:
@@ -361,18 +381,20 @@ def source_samples(data: dict[str, Any], split: str, limit: int, seed: int = 0) 
             cls = getattr(tvd, TORCHVISION_DATASETS[source["name"]])
             base = cls(source["root"], train=split == "train", download=False)
             return [(base[i][0], int(base[i][1])) for i in _pick(range(len(base)), split, limit, seed)]
-        if "root" in source:
-            root = Path(source["root"])
-            if "val_dir" in source:
-                _, files = scan_folder(root / (source["val_dir"] if split == "val" else source["train_dir"]), split)
-            else:
-                _, samples = scan_folder(root / source.get("train_dir", ""), "data folder")
-                train, val = split_samples(samples, float(source["val_split"]), int(source["seed"]))
-                files = val if split == "val" else train
-            return [(open_image(p), label) for p, label in _pick(files, split, limit, seed)]
+        if "root" not in source:
+            return []
+        root = Path(source["root"])
+        if "val_dir" in source:
+            _, files = scan_folder(root / (source["val_dir"] if split == "val" else source["train_dir"]), split)
+        else:
+            _, samples = scan_folder(root / source.get("train_dir", ""), "data folder")
+            train, val = split_samples(samples, float(source["val_split"]), int(source["seed"]))
+            files = val if split == "val" else train
     except (DataError, RuntimeError, OSError, KeyError, ValueError) as e:
         log.info("the %s images of %s are not available (%s)", split, source.get("name", "the checkpoint"), e)
-    return []
+        return []
+    # the folder is there: a file in it that cannot be read is named, never taken for "no data"
+    return [(open_image(p), label) for p, label in _pick(files, split, limit, seed)]
 
 
 def _pick(items: Sequence[Any], split: str, limit: int, seed: int) -> list[Any]:

@@ -152,7 +152,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=default(RunConfig, "min_accuracy"),
         metavar="ACC",
-        help="fail (exit 1) when the best val_acc is lower",
+        help="fail (exit 1) when the shipped ONNX model's accuracy on the validation split is lower",
     )
 
 
@@ -168,8 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0  # a torchrun rank other than 0
     print_summary(result)
     print(
-        f"modelship run: OK in {result.seconds:.0f}s, val_acc {result.best_val_acc:.4f}, parity passed: "
-        f"{result.bundle.path}",
+        f"modelship run: OK in {result.seconds:.0f}s, {result.accuracy_text}, parity passed: {result.bundle.path}",
         file=sys.stderr,
     )
     return 0

@@ -147,14 +147,12 @@ BARE = ["--model", "cnn", "--model-kwargs", '{"width": 8}', "--input-shape", "3,
         (["--variants", "fp16"], "--variants are gated on labelled validation images"),
         (["--variants", "int8", "--calibration-data", "{empty}", "--validation-data", "{val}"], "has no images"),
         (["--variants", "int8", "--calibration-data", "{broken}", "--validation-data", "{val}"], "cannot read image"),
-        (["--variants", "int8", "--calibration-data", "{gray}", "--validation-data", "{val}"],
-         "--calibration-data holds grayscale images"),
         (["--variants", "int8", "--calibration-data", "{val}/nope", "--validation-data", "{val}"], "is not a folder"),
         (["--variants", "fp16", "--validation-data", "{other}"], "has class folders ['dog'] the model does not know"),
         (["--calibration-method", "mse"], "argument --calibration-method: invalid choice: 'mse'"),
     ],
-    ids=["variant", "format", "no-onnx", "no-calibration", "no-validation", "empty", "broken", "gray", "missing",
-         "classes", "method"],
+    ids=["variant", "format", "no-onnx", "no-calibration", "no-validation", "empty", "broken", "missing", "classes",
+         "method"],
 )  # fmt: skip
 def test_bad_variant_input_is_one_line_exit_2_nothing_written(
     bare_state_dict: Path, tmp_path: Path, cli, extra: list[str], message: str

@@ -99,7 +99,7 @@ SETUPS = {"unknown": unknown_classes, "no-classes": lambda d: None, "no-images":
     ("no-classes", [], "has no class sub-folders"),
     ("no-images", [], "has class folders but no images"),
     ("empty-class", [], "class folder(s) b contain no images"),
-    ("unreadable", [], "1 file(s) are not images PIL can read: {data}/a/bad.png"),
+    ("unreadable", [], "images in --data {data} cannot be used: cannot read image {data}/a/bad.png"),
     ("fine", ["--backend", "onnx-int8"], "--backend onnx-int8: bundle "),
     ("fine", ["--backend", "tflite"], "--backend must name one or more of onnx, onnx-fp16"),
 ])  # fmt: skip

@@ -62,7 +62,7 @@ def test_folders_batches_csv_and_an_output_file(tiny_bundle: Path, tiny_ckpt: Pa
 
 @pytest.mark.parametrize(("args", "message"), [
     (["{bundle}", "/no/such.png"], "image /no/such.png does not exist"),
-    (["{bundle}", "{bad}"], "1 file(s) are not images PIL can read: {bad}"),
+    (["{bundle}", "{bad}"], "1 of the 1 images cannot be used: cannot read image {bad}"),
     (["{bundle}", "{empty}"], "folder {empty} has no images"),
     (["{bundle}", "{val}", "--backend", "onnx-int8"], "has no onnx-int8 artifact"),
     pytest.param(["{bundle}", "{val}", "--device", "cuda"], "--device cuda but no CUDA device is usable here",
