@@ -51,3 +51,18 @@ def test_a_second_run_into_the_same_folder_is_refused_unless_forced_and_touches_
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]  # the new run only: nothing of the replaced one is left
     assert len(list((out / "tensorboard").iterdir())) == 1
+
+
+def test_the_run_summary_and_report_show_every_epoch_that_ran_with_the_best_marked(
+    tmp_path: Path, data_dir: Path, cli
+) -> None:
+    # a learning rate this small changes no prediction: val_acc never improves on epoch 1, which stays the best
+    args = [*tiny_train_args(data_dir), "--lr", "1e-12", "--formats", "onnx"]
+    r = cli("run", "--epochs", "3", "--out", tmp_path / "run", *args)
+    assert r.code == 0, r.err[-2000:]
+    table = dict(line.split(None, 1) if not line.startswith("best") else ("best val_acc", line[12:].strip())
+                 for line in r.out.strip().splitlines())  # fmt: skip
+    assert table["epochs"].startswith("3 of 3") and "(epoch 1," in table["best val_acc"]
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<td>1 (best)</td>" in page and "<td>2</td>" in page and "<td>3</td>" in page
+    assert "epoch 1 of 3" in page
