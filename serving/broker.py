@@ -68,6 +68,11 @@ class Broker:
         rather than when LitServe's monitor polls (every 2 s)."""
         self.control.put(("watch", (identity(worker_id, process.pid), process.sentinel)))
 
+    def stop(self) -> None:
+        """End the broker's thread (tests; a server's broker lives as long as its process)."""
+        self.control.put(("stop", None))
+        self._thread.join(5)
+
     def _run(self) -> None:
         ctx: zmq.Context = zmq.Context.instance()
         front = ctx.socket(zmq.PULL)
@@ -86,8 +91,11 @@ class Broker:
         while True:
             try:
                 self._loop(state, poller, front, back, sentinels)
+                break  # stopped
             except Exception:
                 log.exception("the request broker failed; it carries on with the requests it held")
+        for sock in (front, back, *answers):
+            sock.close(linger=0)
 
     def _loop(self, state: _BrokerState, poller: zmq.Poller, front: zmq.Socket, back: zmq.Socket,
               sentinels: dict[int, bytes]) -> None:  # fmt: skip
@@ -100,8 +108,9 @@ class Broker:
                 for who in state.hung(now):
                     log.error("inference worker %s has held a batch for over %.1f s; killing it, its requests go "
                               "to the next worker", who.decode(), state.threshold())  # fmt: skip
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid_of(who), signal.SIGKILL)
+                    if who in sentinels.values():  # only a process this server started and watches is killed
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid_of(who), signal.SIGKILL)
                     state.dead(who)
             events = dict(poller.poll(100))
             if front in events:
@@ -121,7 +130,10 @@ class Broker:
                 poller.unregister(fd)
                 state.dead(sentinels.pop(fd))
             while not self.control.empty():
-                _, (who, fd) = self.control.get()
+                what, arg = self.control.get()
+                if what == "stop":
+                    return
+                who, fd = arg
                 sentinels[fd] = who
                 poller.register(fd, zmq.POLLIN)
             state.dispatch()

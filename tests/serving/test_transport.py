@@ -140,10 +140,11 @@ def test_a_ready_acknowledges_only_the_messages_it_names_never_one_sent_after_it
 
 
 def test_a_replacement_that_asks_before_its_predecessors_death_is_reported_changes_nothing_of_it() -> None:
-    state, first, _, _ = broker_with_worker("h")
+    state, first, dealer, _ = broker_with_worker("h")
     state.ready(first, 4)
     state.waiting.extend([message(b"old0"), message(b"old1")])
     state.dispatch()
+    assert [received(dealer) for _ in range(2)] == [[b"old0"], [b"old1"]]  # it took them, and then died
     second, replacement = incarnation(state, "h", 1001)
     state.ready(second, 4)  # the new incarnation's first ask arrives before the old one's death
     state.waiting.append(message(b"new0"))
@@ -206,6 +207,8 @@ def test_the_broker_loop_survives_an_error_keeps_what_it_held_and_beats_a_heartb
         push.close(linger=0)
     finally:
         _BrokerState.dispatch = dispatch  # type: ignore[method-assign]
+        broker.stop()
+    assert not broker._thread.is_alive()
     pull.close(linger=0)
 
 
