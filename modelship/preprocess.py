@@ -55,13 +55,17 @@ class Preprocess:
         return {"size": list(self.size), "channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
 
 
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1: as stored); 1 for a missing or broken EXIF block, which leaves pixels as stored."""
+    try:
+        return int(image.getexif().get(ORIENTATION, 1) or 1)
+    except Exception:  # PIL raises struct.error, OSError, ValueError, ... for a truncated or malformed block
+        return 1
+
+
 def upright(image: Image.Image) -> Image.Image:
     """The image as a viewer shows it: its EXIF orientation tag applied (phone photos are often stored sideways)."""
-    try:
-        orientation = image.getexif().get(ORIENTATION, 1)
-    except (OSError, ValueError, SyntaxError):  # a broken EXIF block: the pixels as stored
-        return image
-    return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+    return ImageOps.exif_transpose(image) if orientation(image) != 1 else image
 
 
 ORIENTATION = 0x0112  # the EXIF orientation tag

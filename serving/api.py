@@ -24,7 +24,6 @@ import pydantic_core
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
@@ -71,23 +70,6 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 JSON_NUMBER_BYTES = 26  # the longest float32 in JSON, "-1.2345678e-38" at most, with room for ", " and exponent forms
 JSON_ENVELOPE_BYTES = 1 << 16  # names, datatype, shape, parameters around the numbers
 V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
-
-
-def install_errors(app: Any) -> None:
-    """FastAPI's own answers (an unknown route, a method a route does not take) in the API's {"error"} shape."""
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 404:
-            message = f"no route {request.url.path}; GET / lists the routes, /docs describes them"
-        elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
-            message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed or 'other methods'}"
-        else:
-            message = str(exc.detail)
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
-
-    app.add_exception_handler(StarletteHTTPException, http_error)
 
 
 def raw(status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> Response:

@@ -12,9 +12,11 @@ import io
 import math
 from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import modelship
 
@@ -345,3 +347,20 @@ def install_openapi(app: FastAPI, spec: Any) -> None:
 
     app.title = f"modelship: {spec.model.name}"  # the /docs page's title
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install_errors(app: Any) -> None:
+    """FastAPI's own answers (an unknown route, a method a route does not take) in the API's {"error"} shape."""
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}; GET / lists the routes, /docs describes them"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed or 'other methods'}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)

@@ -135,20 +135,11 @@ def models(cfg: ServeConfig, n_devices: int) -> int:
     return api_servers(cfg, n_devices) if cfg.in_process else n_devices * cfg.workers_per_device
 
 
-def build_server(
-    cfg: ServeConfig, manifest: dict[str, Any], accelerator: str, n_devices: int, failed: threading.Event,
-    sockets: str | None,
-) -> Any:  # fmt: skip
-    """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
-    from starlette.middleware.cors import CORSMiddleware
+def settings_for(cfg: ServeConfig, accelerator: str, n_devices: int) -> Any:
+    """What both the API servers and the workers need to know (pickled into every worker)."""
+    from modelship.serving.api import Settings
 
-    from modelship.serving import broker, compat, connections, local
-    from modelship.serving.api import HTTPSpec, InferenceAPI, Settings, install_errors
-    from modelship.serving.middleware import Guard
-    from modelship.serving.openapi import install_openapi
-    from modelship.serving.protocol import ServedModel
-
-    settings = Settings(
+    return Settings(
         bundle=str(cfg.bundle.resolve()),
         backend=cfg.backend,
         max_batch_size=cfg.max_batch_size,
@@ -163,6 +154,22 @@ def build_server(
         main_pid=os.getpid(),
         log_level=cfg.log_level,
     )
+
+
+def build_server(
+    cfg: ServeConfig, manifest: dict[str, Any], accelerator: str, n_devices: int, failed: threading.Event,
+    sockets: str | None,
+) -> Any:  # fmt: skip
+    """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    from modelship.serving import broker, compat, connections, local
+    from modelship.serving.api import HTTPSpec, InferenceAPI
+    from modelship.serving.middleware import Guard
+    from modelship.serving.openapi import install_errors, install_openapi
+    from modelship.serving.protocol import ServedModel
+
+    settings = settings_for(cfg, accelerator, n_devices)
     model = ServedModel.from_manifest(manifest, max_batch=int(manifest.get("max_batch", 64)))
     spec = HTTPSpec(manifest, settings, model)
     inference = InferenceAPI(settings, spec)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +19,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from modelship.errors import DataError
-from modelship.imagefolder import GRAY_MODES, open_header, open_image, raise_bad, scan_folder
-from modelship.preprocess import ORIENTATION, Preprocess, normalize, preprocess_image, to_array
+from modelship.imagefolder import GRAY_MODES, open_image, scan_folder
+from modelship.preprocess import Preprocess, normalize, preprocess_image, to_array
 from modelship.training import cache
+from modelship.training.inspect import inspect_images
+from modelship.training.inspect import sample as sampled
 
 log = logging.getLogger(__name__)
 
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 BUILTIN = ("shapes", *TORCHVISION_DATASETS)
-STATS_SAMPLE = 2000
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -175,43 +175,6 @@ def folder_splits(root: Path, val_split: float, seed: int) -> tuple[list[str], l
     return classes, train, val, {"root": str(root), "train_dir": "", "val_split": val_split, "seed": seed}
 
 
-def inspect_images(train: Sequence[str], others: Sequence[str], seed: int) -> tuple[int, tuple[int, int], str]:
-    """Open every file's header once, so every file that is not an image (or is over the pixel limit) fails now, all
-    of them by name, not one per run in epoch 3; the channel count and the training size come from the same seeded
-    sample of training files the mean/std use. Returns (channels, (H, W), why that size)."""
-    sampled = set(_sample(train, seed))
-    modes: Counter[str] = Counter()
-    sizes: Counter[tuple[int, int]] = Counter()
-    bad = []
-    for p in [*train, *others]:
-        try:
-            with open_header(p) as im:
-                if p in sampled:
-                    modes[im.mode] += 1
-                    turned = im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)  # stored on its side: W and H swap
-                    h, w = (im.width, im.height) if turned else (im.height, im.width)
-                    sizes[(h, w)] += 1
-        except DataError as e:
-            bad.append(str(e))
-    raise_bad(bad, len(train) + len(others), "images")
-    channels = 1 if set(modes) <= GRAY_MODES else 3
-    return (channels, *training_size(sizes))
-
-
-def training_size(sizes: Counter[tuple[int, int]]) -> tuple[tuple[int, int], str]:
-    """The (H, W) to train at without --image-size: the images' own when they share one; for varied sizes a square
-    of their median shorter side, capped at 224 (timm's and torchvision's default) and rounded to a multiple of 8
-    (a size only a few images had, such as 83x141, distorts every other one)."""
-    (common, count), total = sizes.most_common(1)[0], sum(sizes.values())
-    if len(sizes) == 1:
-        return common, ""
-    shorter = sorted(min(hw) for hw, n in sizes.items() for _ in range(n))[total // 2]
-    side = max(8, min(224, round(shorter / 8) * 8))
-    why = (f"images vary in size ({len(sizes)} sizes in {total} sampled, the most common {common[0]}x{common[1]} in "
-           f"{count}): training at {side}x{side}, the median shorter side; --image-size H,W sets it")  # fmt: skip
-    return (side, side), why
-
-
 def channel_stats(arrays: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] of uint8 images [N, H, W, C] (resized and converted as for training)."""
     arrs = arrays.astype(np.float64) / 255.0
@@ -281,9 +244,9 @@ def load_data(req: DataRequest) -> Loaded:
     if place is not None:
         (a, how_a), (b, how_b) = (cache.decode_files([p for p, _ in s], probe, req.cache_dir) for s in (train, val))
         arrays, why = (a, b), f"{how_a} / {how_b}" if how_a != how_b else how_a
-        sample = a[_sample(range(len(a)), req.seed)]
+        sample = a[sampled(range(len(a)), req.seed)]
     else:
-        sample = cache.decode_images((open_image(p) for p, _ in _sample(train, req.seed)), probe)
+        sample = cache.decode_images((open_image(p) for p, _ in sampled(train, req.seed)), probe)
     info, augment = _describe(classes, probe, sample, source, req)
     pre = info.preprocess
     sets = ImageList(train, TrainTransform(pre, augment)), ImageList(val, EvalTransform(pre))
@@ -310,13 +273,6 @@ def _note(place: str | None, arrays: tuple[np.ndarray, np.ndarray] | None, why: 
         return f"data read per sample with PIL ({why})"
     mib = sum(a.nbytes for a in arrays) / 2**20
     return f"data decoded {'on the GPU' if place == 'gpu' else 'in RAM'} ({mib:.1f} MiB, {why})"
-
-
-def _sample(items: Sequence[Any], seed: int) -> list[Any]:
-    if len(items) <= STATS_SAMPLE:
-        return list(items)
-    idx = np.random.default_rng(seed).permutation(len(items))[:STATS_SAMPLE]
-    return [items[i] for i in sorted(idx)]
 
 
 def _describe(
@@ -361,9 +317,9 @@ def _load_torchvision(req: DataRequest) -> Loaded:
     if place is not None:  # decoded in memory each run: the datasets' own files are already compact arrays
         a, b = (cache.decode_images((base[i][0] for i in range(len(base))), probe) for base in (train_base, val_base))
         arrays, why = (a, b), "decoded"
-        sample = a[_sample(range(len(a)), req.seed)]
+        sample = a[sampled(range(len(a)), req.seed)]
     else:
-        sample = cache.decode_images((train_base[i][0] for i in _sample(range(len(train_base)), req.seed)), probe)
+        sample = cache.decode_images((train_base[i][0] for i in sampled(range(len(train_base)), req.seed)), probe)
     info, augment = _describe(classes, probe, sample, {"name": req.name, "root": str(root)}, req)
     pre = info.preprocess
     sets = Transformed(train_base, TrainTransform(pre, augment)), Transformed(val_base, EvalTransform(pre))

@@ -162,7 +162,10 @@ def test_the_run_report_shows_the_numbers_of_its_files(quickstart: tuple[Result,
     tables = report_tables(page)
     epochs = next(t for t in tables if t[0][:2] == ["epoch", "train loss"])
     keys = ("train_loss", "val_loss", "train_acc", "val_acc")
-    assert [row[:5] for row in epochs[1:]] == [[str(h["epoch"]), *(f"{h[k]:.4f}" for k in keys)] for h in history]
+    best = max(history, key=lambda h: h["val_acc"])["epoch"]  # the first epoch with the highest val_acc
+    expected = [[f"{h['epoch']} (best)" if h["epoch"] == best else str(h["epoch"]), *(f"{h[k]:.4f}" for k in keys)]
+                for h in history]  # fmt: skip
+    assert [row[:5] for row in epochs[1:]] == expected
     confusion = next(t for t in tables if t[0][0] == "true \\ predicted")
     assert [[int(v) for v in row[1:-1]] for row in confusion[1:]] == ev["confusion_matrix"]
     per_class = next(t for t in tables if t[0] == ["class", "precision", "recall", "f1", "support"])
