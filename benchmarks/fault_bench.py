@@ -202,6 +202,7 @@ def main_process_kill(args: argparse.Namespace) -> float:
         while time.monotonic() - t0 < 30:
             if not any(running(pid) for pid in children):
                 with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a new server binds it
                     try:
                         s.bind(("127.0.0.1", port))
                         return time.monotonic() - t0

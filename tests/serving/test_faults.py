@@ -105,7 +105,9 @@ def test_killing_the_main_process_takes_every_child_with_it_and_frees_the_port(
             time.sleep(0.05)
         assert [pid for pid in children if alive(pid)] == [], s.output()[-2000:]
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as `modelship serve` binds it
             sock.bind(("127.0.0.1", port))  # free: a new server can take it
+            sock.listen()
 
 
 def test_slow_clients_are_cut_off_with_408(tiny_bundle: Path, tmp_path: Path) -> None:
