@@ -113,6 +113,11 @@ class TrainConfig:
                 f"{self.out / 'checkpoints' / 'last.pt'}, replace it with --force, or pick another --out"
             )
         need(not (self.force and self.resume), "--force replaces the run in --out and --resume continues it; pick one")
+        if self.resume is not None and self.resume.is_dir():
+            inside = self.resume / "checkpoints" if (self.resume / "checkpoints").is_dir() else self.resume
+            raise ConfigError(
+                f"--resume {self.resume} is a folder; expected a checkpoint file, e.g. {inside / 'last.pt'}"
+            )
         for flag, path in (("--init-from", self.init_from), ("--resume", self.resume)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{flag} {path} does not exist or is not a file")

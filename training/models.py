@@ -294,6 +294,13 @@ def load_pretrained(model: nn.Module, arch: str) -> list[str]:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read pretrained weights {path}: {e}") from None
+    except Exception as e:  # PyTorch's own message runs to six lines of advice that does not apply here
+        import torchvision.models as tvm
+
+        url = getattr(tvm, REGISTRY[arch].pretrained or "").DEFAULT.url
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"pretrained weights {path} cannot be read ({first}); the cached file is damaged (an interrupted "
+            f"download?): delete it and download {url} again"
+        ) from None
     return load_matching(model, state, f"pretrained {arch} ({path.name})")

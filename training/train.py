@@ -76,7 +76,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     seed_everything(cfg.seed, cfg.deterministic)
     precision = resolve_precision(cfg.amp, device)
     data, decoded = prepare_data(cfg, dist, device)
-    resume = ckpt_io.load_checkpoint(cfg.resume) if cfg.resume else None
+    resume = load_resume(cfg.resume) if cfg.resume else None
     model, kwargs = prepare_model(cfg, data.info, resume)
     channels_last = wants_channels_last(cfg.channels_last, model)
     net = place_model(cfg, model, dist, device, channels_last)
@@ -194,6 +194,27 @@ def prepare_model(cfg: TrainConfig, info: DataInfo, resume: dict[str, Any] | Non
     return model, kwargs
 
 
+def load_resume(path: Path) -> dict[str, Any]:
+    """The checkpoint --resume names, with messages for the files people pass by mistake."""
+    flag = f"--resume {path}"
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{flag} is an ONNX export, not a training checkpoint; resume from "
+                              "RUN_DIR/checkpoints/last.pt")  # fmt: skip
+    try:
+        obj = ckpt_io.read_torch_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{flag}: {e}; a file cut short (a full disk, an interrupted copy) reads like this: resume from another "
+            "checkpoint of the run, e.g. best.pt beside it"
+        ) from None
+    if ckpt_io.is_state_dict(obj):
+        raise CheckpointError(
+            f"{flag} is a bare state_dict (weights only): it holds no optimizer, schedule or epoch to resume; start a "
+            f"new run from its weights with --init-from {path}"
+        )
+    return ckpt_io.validate(obj, path)
+
+
 def check_resume(state: dict[str, Any], cfg: TrainConfig, kwargs: dict[str, Any], info: DataInfo, path: Path) -> None:
     """A checkpoint resumes only the run it came from: same data, same model, epochs left to train."""
     data = state["data"]
@@ -201,6 +222,12 @@ def check_resume(state: dict[str, Any], cfg: TrainConfig, kwargs: dict[str, Any]
         raise CheckpointError(
             f"--resume {path} was trained on input {data['input_shape']} with classes {data['classes']}; this data "
             f"gives {info.input_shape} with {info.classes}. Resume with the same --data and --image-size"
+        )
+    theirs, ours = same_data(data.get("source", {})), same_data(info.source)
+    if theirs != ours:
+        raise CheckpointError(
+            f"--resume {path} was trained on {theirs}; this run reads {ours}. Their class names match, but the "
+            "run's history would mix two validation sets: resume with the same --data, or start a new run"
         )
     have = state["model"]
     if have["arch"] != cfg.model or dict(have["kwargs"]) != kwargs:
@@ -213,6 +240,13 @@ def check_resume(state: dict[str, Any], cfg: TrainConfig, kwargs: dict[str, Any]
             f"--resume {path} has already completed {state['epoch']} epochs; --epochs is the total, "
             f"so set it above {state['epoch']}"
         )
+
+
+def same_data(source: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs' data the same: a folder's path; a built-in dataset's name and settings (where its files
+    live does not matter: shapes is regenerated from its seed, torchvision's files are the same anywhere)."""
+    builtin = source.get("name") != "imagefolder"
+    return {k: v for k, v in source.items() if not (builtin and k == "root")}
 
 
 def place_model(cfg: TrainConfig, model: nn.Module, dist: Dist, device: torch.device, channels_last: bool) -> nn.Module:

@@ -66,3 +66,40 @@ def test_the_run_summary_and_report_show_every_epoch_that_ran_with_the_best_mark
     page = (tmp_path / "run" / "report.html").read_text()
     assert "<td>1 (best)</td>" in page and "<td>2</td>" in page and "<td>3</td>" in page
     assert "epoch 1 of 3" in page
+
+
+def test_resume_of_the_wrong_thing_says_what_it_is_and_what_to_give(
+    tmp_path: Path, data_dir: Path, tiny_run: Path, tiny_bundle: Path, cli
+) -> None:
+    last = tiny_run / "checkpoints" / "last.pt"
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(last.read_bytes()[:5000])
+    bare = tmp_path / "weights.pt"
+    torch.save(torch.load(last, weights_only=True)["state_dict"], bare)
+    onnx = tiny_bundle / "model.onnx"
+    cases = {
+        tiny_run: f"--resume {tiny_run} is a folder; expected a checkpoint file, e.g. {last}",
+        onnx: "is an ONNX export, not a training checkpoint; resume from RUN_DIR/checkpoints/last.pt",
+        truncated: "a file cut short (a full disk, an interrupted copy) reads like this: resume from another",
+        bare: f"is a bare state_dict (weights only): it holds no optimizer, schedule or epoch to resume; start a new "
+        f"run from its weights with --init-from {bare}",
+    }
+    for path, message in cases.items():
+        r = cli("train", "--epochs", "3", "--out", tmp_path / "r", "--resume", path, *tiny_train_args(data_dir))
+        assert r.code == 2 and message in r.last_line and "Traceback" not in r.err, r.last_line
+        assert len(r.err.strip().splitlines()) == 1, r.err
+        assert not (tmp_path / "r").exists()
+
+
+def test_resume_on_another_folder_with_the_same_class_names_is_refused(tmp_path: Path, cli) -> None:
+    from tests.helpers import write_folder
+
+    for name, seed in (("first", 0), ("second", 1)):
+        write_folder(tmp_path / name, {"a": 6, "b": 6}, size=(16, 16), seed=seed)
+    args = ["--device", "cpu", "--model-kwargs", '{"width": 8}']
+    out = tmp_path / "run"
+    assert cli("train", "--data", tmp_path / "first", "--epochs", "1", "--out", out, *args).code == 0
+    r = cli("train", "--data", tmp_path / "second", "--epochs", "2", "--out", out, "--resume",
+            out / "checkpoints" / "last.pt", *args)  # fmt: skip
+    assert r.code == 2 and "Their class names match, but the run's history would mix two validation sets" in r.last_line
+    assert str(tmp_path / "first") in r.last_line and str(tmp_path / "second") in r.last_line
