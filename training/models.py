@@ -10,6 +10,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -243,6 +244,28 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def download(url: str, path: Path, arch: str) -> None:
+    """Fetch `url` into `path` (whole or not at all), its hash checked; ModelError naming the way out offline."""
+    import urllib.error
+
+    log.info("downloading pretrained weights for %s from %s to %s", arch, url, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = HASH_IN_NAME.search(path.name)
+    try:  # torch hub writes a temporary file and moves it into place once the hash matched
+        torch.hub.download_url_to_file(url, str(path), prefix.group(1) if prefix else None, progress=False)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise ModelError(
+            f"pretrained weights for {arch} are not in the local cache ({path}) and could not be downloaded "
+            f"({getattr(e, 'reason', e)}); download {url} on a machine with network access and copy it there "
+            "(TORCH_HOME moves the cache)"
+        ) from None
+    except RuntimeError as e:  # torch hub: 'invalid hash value'
+        raise ModelError(f"the download of {url} is damaged ({e}); run again to download it anew") from None
+
+
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torchvision's file names end in the first sha256 hex digits
+
+
 def load_matching(model: nn.Module, state: Mapping[str, Any], source: str) -> list[str]:
     """Load every tensor whose name and shape fit; return the keys left at their fresh initialisation.
 
@@ -268,36 +291,32 @@ def load_matching(model: nn.Module, state: Mapping[str, Any], source: str) -> li
     return reinit
 
 
-def pretrained_path(arch: str) -> Path:
-    """The file torchvision would cache the default weights of `arch` in; never downloads."""
+def weights_url(arch: str) -> str:
+    """Where torchvision publishes `arch`'s default pretrained weights (its file name carries a sha256 prefix)."""
+    import torchvision.models as tvm
+
     entry = REGISTRY.get(arch)
     if entry is None or entry.pretrained is None:
         have = sorted(k for k, v in REGISTRY.items() if v.pretrained)
         raise ModelError(f"--pretrained is available for {', '.join(have)}, not {arch!r}")
-    import torchvision.models as tvm
+    return str(getattr(tvm, entry.pretrained).DEFAULT.url)
 
-    weights = getattr(tvm, entry.pretrained).DEFAULT
+
+def pretrained_path(arch: str) -> Path:
+    """Where torch hub caches `arch`'s weights: TORCH_HOME/hub/checkpoints/<the URL's file name>."""
     hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-    return hub / Path(weights.url).name
+    return hub / Path(weights_url(arch)).name
 
 
 def load_pretrained(model: nn.Module, arch: str) -> list[str]:
-    """Load torchvision's pretrained weights from the local cache, with a clear error when they are absent."""
-    path = pretrained_path(arch)
+    """Load torchvision's pretrained weights: from the local cache, else downloaded there (torch hub's loader, which
+    checks the file's sha256 against its name), with a clear error offline."""
+    path, url = pretrained_path(arch), weights_url(arch)
     if not path.is_file():
-        import torchvision.models as tvm
-
-        url = getattr(tvm, REGISTRY[arch].pretrained or "").DEFAULT.url
-        raise ModelError(
-            f"pretrained weights for {arch} are not in the local cache ({path}); download {url} on a machine with "
-            f"network access and copy it there (TORCH_HOME moves the cache)"
-        )
+        download(url, path, arch)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # PyTorch's own message runs to six lines of advice that does not apply here
-        import torchvision.models as tvm
-
-        url = getattr(tvm, REGISTRY[arch].pretrained or "").DEFAULT.url
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"pretrained weights {path} cannot be read ({first}); the cached file is damaged (an interrupted "

@@ -124,13 +124,64 @@ def test_pretrained_weights_load_from_the_local_cache(tmp_path: Path, monkeypatc
     assert torch.equal(model.layer1[0].conv1.weight, imagenet.layer1[0].conv1.weight)
 
 
-def test_pretrained_weights_missing_from_the_cache_fail_clearly(
+def test_pretrained_weights_missing_from_the_cache_fail_clearly_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelship.training import models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    gone = (tmp_path / "nowhere" / "mobilenet_v3_small-047dcff4.pth").as_uri()  # what an unreachable host gives
+    monkeypatch.setattr(models, "weights_url", lambda arch: gone)
+    offline = (r"pretrained weights for mobilenet_v3_small are not in the local cache .* and could not be downloaded "
+               r".*; download file://.* on a machine with network access")  # fmt: skip
+    with pytest.raises(ModelError, match=offline):
+        load_pretrained(build_model("mobilenet_v3_small", {"num_classes": 3}), "mobilenet_v3_small")
+    assert not list((tmp_path / "hub" / "checkpoints").iterdir())  # nothing half-written
+
+
+def test_pretrained_weights_are_downloaded_with_their_hash_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from modelship.training import models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    imagenet = build_model("mobilenet_v3_small", {"num_classes": 1000})
+    published = tmp_path / "published.pth"  # a local file stands in for torchvision's server
+    torch.save(imagenet.state_dict(), published)
+    digest = hashlib.sha256(published.read_bytes()).hexdigest()
+    good = published.rename(tmp_path / f"mobilenet_v3_small-{digest[:8]}.pth")
+    monkeypatch.setattr(models, "weights_url", lambda arch: good.as_uri())
+    model = build_model("mobilenet_v3_small", {"num_classes": 3})
+    assert load_pretrained(model, "mobilenet_v3_small") == ["classifier.3.bias", "classifier.3.weight"]
+    assert torch.equal(model.features[0][0].weight, imagenet.features[0][0].weight)
+    assert pretrained_path("mobilenet_v3_small").read_bytes() == good.read_bytes()  # cached for the next run
+
+    bad = good.with_name("mobilenet_v3_small-00000000.pth")  # a name whose hash the content does not have
+    good.rename(bad)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "other"))
+    monkeypatch.setattr(models, "weights_url", lambda arch: bad.as_uri())
+    with pytest.raises(ModelError, match=r"the download of file://.* is damaged \(invalid hash value"):
+        load_pretrained(build_model("mobilenet_v3_small", {"num_classes": 3}), "mobilenet_v3_small")
+    assert not list((tmp_path / "other" / "hub" / "checkpoints").iterdir())
+
+
+def test_a_damaged_cached_pretrained_file_is_one_line_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(
-        ModelError, match=r"pretrained weights for mobilenet_v3_small are not in the local cache .*download https://"
-    ):
-        load_pretrained(build_model("mobilenet_v3_small", {"num_classes": 3}), "mobilenet_v3_small")
+    path = pretrained_path("resnet18")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(build_model("resnet18", {"num_classes": 5}), "resnet18")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"pretrained weights {path} cannot be read (")
+    assert "the cached file is damaged (an interrupted download?): delete it and download https://" in message
+    assert "weights_only" not in message
+
+
+def test_pretrained_is_only_for_the_torchvision_models() -> None:
     with pytest.raises(ModelError, match="--pretrained is available for mobilenet_v3_small, resnet18, not 'cnn'"):
         pretrained_path("cnn")
