@@ -104,10 +104,23 @@ def test_killing_the_main_process_takes_every_child_with_it_and_frees_the_port(
         while any(alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert [pid for pid in children if alive(pid)] == [], s.output()[-2000:]
+        assert bindable(port, within=2.0)  # a new server can take the port: "within a second or two"
+
+
+def bindable(port: int, within: float) -> bool:
+    """The port can be listened on (as `modelship serve` binds it, SO_REUSEADDR) within `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
         with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as `modelship serve` binds it
-            sock.bind(("127.0.0.1", port))  # free: a new server can take it
-            sock.listen()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+        time.sleep(0.05)
 
 
 def test_slow_clients_are_cut_off_with_408(tiny_bundle: Path, tmp_path: Path) -> None:
