@@ -94,6 +94,7 @@ class Broker:
                 break  # stopped
             except Exception:
                 log.exception("the request broker failed; it carries on with the requests it held")
+                time.sleep(0.1)  # an error that repeats is logged ten times a second, not in a tight loop
         for sock in (front, back, *answers):
             sock.close(linger=0)
 
