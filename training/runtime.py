@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,8 +105,15 @@ class Precision:
     note: str
 
 
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """auto: bf16 where it is native, fp32 elsewhere; bf16/fp16 as asked, with a warning where they are emulated."""
+FASTER = 1.05  # auto takes bf16 only when a trial measured it at least this much faster than fp32
+
+
+def resolve_precision(requested: str, device: torch.device, trial: Callable[[torch.dtype | None], float] | None = None,
+                      reuse: str | None = None) -> Precision:  # fmt: skip
+    """auto: fp32 where bf16 is not native; where it is, bf16 only when `trial` (seconds per train step of the real
+    model and batch, by autocast dtype) measures it faster: native bf16 was 1.4-1.9x fp32 on one CPU and 0.77x on
+    another with the same flags, so flags alone cannot tell (as cudnn.benchmark, measure). A resumed run `reuse`s
+    its choice, so resuming stays bit-exact. bf16/fp16 as asked, with a warning where they are emulated."""
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if requested == "off":
         return Precision(None, "fp32 (--amp off)")
@@ -111,7 +121,17 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         why = native("bf16", device)
         if why is None:
             return Precision(None, f"fp32 (no native bf16 on this {device.type}; --amp bf16 to force it)")
-        return Precision(torch.bfloat16, f"bf16 autocast ({why})")
+        if reuse in ("bf16", "fp32"):
+            return Precision(torch.bfloat16 if reuse == "bf16" else None, f"{reuse} (as the run being resumed chose)")
+        if trial is None:
+            return Precision(torch.bfloat16, f"bf16 autocast ({why})")
+        fp32, bf16 = trial(None), trial(torch.bfloat16)
+        ratio = fp32 / bf16
+        if ratio >= FASTER:
+            return Precision(
+                torch.bfloat16, f"bf16 autocast ({why}; measured {ratio:.2f}x fp32 on this model and batch)"
+            )
+        return Precision(None, f"fp32 (bf16 on {why} measured {ratio:.2f}x fp32 on this model and batch: not faster)")
     why = native(requested, device)
     if why is None:
         log.warning(
@@ -120,6 +140,38 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         )  # fmt: skip
         why = "emulated"
     return Precision(dtypes[requested], f"{requested} autocast ({why})")
+
+
+def step_trial(model: torch.nn.Module, shape: tuple[int, ...], batch: int, device: torch.device,
+               channels_last: bool) -> Callable[[torch.dtype | None], float]:  # fmt: skip
+    """Seconds per training step (forward, backward, update) of a copy of `model` on a random batch, under an autocast
+    dtype (None: fp32): one warm-up step, then up to 3 timed ones within about half a second. The real model, its
+    optimizer and every RNG are left as they were."""
+
+    def run(dtype: torch.dtype | None) -> float:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            probe = copy.deepcopy(model).to(device).train()
+            x = torch.randn(batch, *shape, device=device)
+            if channels_last and x.dim() == 4:
+                probe, x = probe.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+            y = torch.zeros(batch, dtype=torch.long, device=device)
+            opt = torch.optim.SGD(probe.parameters(), lr=0.0)
+            times = []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss = torch.nn.functional.cross_entropy(probe(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+                if sum(times[1:]) > 0.5:
+                    break
+            return min(times[1:]) if len(times) > 1 else times[0]
+
+    return run
 
 
 def wants_channels_last(requested: bool | None, model: torch.nn.Module) -> bool:

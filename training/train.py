@@ -45,6 +45,7 @@ from modelship.training.runtime import (
     resolve_device,
     resolve_precision,
     seed_everything,
+    step_trial,
     wants_channels_last,
 )
 
@@ -74,12 +75,15 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     started = time.perf_counter()
     device = resolve_device(cfg.device, dist.local_rank)
     seed_everything(cfg.seed, cfg.deterministic)
-    precision = resolve_precision(cfg.amp, device)
     data, decoded = prepare_data(cfg, dist, device)
     resume = load_resume(cfg.resume) if cfg.resume else None
     model, kwargs = prepare_model(cfg, data.info, resume)
     channels_last = wants_channels_last(cfg.channels_last, model)
     net = place_model(cfg, model, dist, device, channels_last)
+    # a timed trial of the real model and batch decides --amp auto (one process: DDP ranks must agree, and do by flags)
+    trial = None if dist.enabled else step_trial(model, tuple(data.info.input_shape), cfg.batch_size, device,
+                                                 channels_last)  # fmt: skip
+    precision = resolve_precision(cfg.amp, device, trial, resume.get("amp") if resume is not None else None)
 
     sets, pre = (data.train, data.val), data.info.preprocess
     train_loader, val_loader, train_sampler = make_loaders(cfg, sets, decoded, pre, data.augment, dist, device)
@@ -116,6 +120,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
                     resume={k: v.state_dict() for k, v in saved.items()},
                     config=cfg.to_dict(),
                 )
+                state["amp"] = amp_label(precision.dtype)  # what a resume with --amp auto reuses
                 save_checkpoints(state, ckpt_dir, improved)
                 run_log.epoch(progress.history[-1], progress.global_step, cfg.epochs, improved)
             dist.barrier()
@@ -242,6 +247,10 @@ def check_resume(state: dict[str, Any], cfg: TrainConfig, kwargs: dict[str, Any]
         )
 
 
+def amp_label(dtype: torch.dtype | None) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"
+
+
 def same_data(source: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs' data the same: a folder's path; a built-in dataset's name and settings (where its files
     live does not matter: shapes is regenerated from its seed, torchvision's files are the same anywhere)."""
@@ -272,11 +281,15 @@ def restore(state: dict[str, Any], opt: Any, sched: Any, scaler: torch.amp.GradS
     """Optimizer, scheduler, scaler and RNG states and the run's progress, from the checkpoint at `path`. A run
     continued to more epochs than it was planned for keeps its step count and follows the schedule planned for the
     new total from there (a one-cycle schedule's state holds its old total, and stepping past it fails)."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # the new plan's group keys
     opt.load_state_dict(state["optimizer"])
     planned = int(state.get("config", {}).get("epochs", 0))
     if planned == total_epochs:
         sched.load_state_dict(state["scheduler"])
     else:
+        for group, keys in zip(opt.param_groups, fresh, strict=True):  # e.g. one-cycle's max_lr, when the run was
+            for k, v in keys.items():  # planned too short for one-cycle and ran a flat schedule
+                group.setdefault(k, v)
         replan(sched, opt, int(state["scheduler"]["last_epoch"]))
         log.info("the learning-rate schedule planned for %d epochs is re-planned for %d, from step %d", planned,
                  total_epochs, int(state["scheduler"]["last_epoch"]))  # fmt: skip
