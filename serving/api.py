@@ -240,8 +240,13 @@ class HTTPSpec(compat.LitSpec):
     async def info(self, request: Request) -> Response:
         """The manifest's public part and how this server batches."""
         return JSONResponse(
-            {"model": self.manifest, "server": asdict(self.settings) | {"bundle": Path(self.settings.bundle).name}}
+            {"model": self.manifest, "server": self.server_info()}
         )
+
+    def server_info(self) -> dict[str, Any]:
+        """How this server batches and runs, without this machine's paths and process ids."""
+        settings = {k: v for k, v in asdict(self.settings).items() if k != "main_pid"}
+        return settings | {"bundle": Path(self.settings.bundle).name}
 
     @handled
     async def metrics(self, request: Request) -> Response:
