@@ -239,9 +239,7 @@ class HTTPSpec(compat.LitSpec):
     @handled
     async def info(self, request: Request) -> Response:
         """The manifest's public part and how this server batches."""
-        return JSONResponse(
-            {"model": self.manifest, "server": self.server_info()}
-        )
+        return JSONResponse({"model": self.manifest, "server": self.server_info()})
 
     def server_info(self) -> dict[str, Any]:
         """How this server batches and runs, without this machine's paths and process ids."""

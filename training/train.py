@@ -40,6 +40,7 @@ from modelship.training.optim import make_optimizer, make_scheduler
 from modelship.training.runlog import RunLog, progress_bar
 from modelship.training.runtime import (
     Dist,
+    Precision,
     close_distributed,
     init_distributed,
     resolve_device,
@@ -80,10 +81,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     model, kwargs = prepare_model(cfg, data.info, resume)
     channels_last = wants_channels_last(cfg.channels_last, model)
     net = place_model(cfg, model, dist, device, channels_last)
-    # a timed trial of the real model and batch decides --amp auto (one process: DDP ranks must agree, and do by flags)
-    trial = None if dist.enabled else step_trial(model, tuple(data.info.input_shape), cfg.batch_size, device,
-                                                 channels_last)  # fmt: skip
-    precision = resolve_precision(cfg.amp, device, trial, resume.get("amp") if resume is not None else None)
+    precision = choose_precision(cfg, dist, model, data.info, device, channels_last, resume)
 
     sets, pre = (data.train, data.val), data.info.preprocess
     train_loader, val_loader, train_sampler = make_loaders(cfg, sets, decoded, pre, data.augment, dist, device)
@@ -133,6 +131,14 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     best = progress.early
     log.info("best val_acc %.4f at epoch %d: %s", best["best_val_acc"], best["best_epoch"], ckpt_dir / "best.pt")
     return ckpt_dir / "best.pt"
+
+
+def choose_precision(cfg: TrainConfig, dist: Dist, model: nn.Module, info: DataInfo, device: torch.device,
+                     channels_last: bool, resume: dict[str, Any] | None) -> Precision:  # fmt: skip
+    """--amp, with auto decided by a timed trial of the real model and batch (in a single process: DDP ranks must
+    agree, and do by the flags alone), or as the run being resumed chose."""
+    trial = None if dist.enabled else step_trial(model, tuple(info.input_shape), cfg.batch_size, device, channels_last)
+    return resolve_precision(cfg.amp, device, trial, resume.get("amp") if resume is not None else None)
 
 
 def save_checkpoints(state: dict[str, Any], ckpt_dir: Path, improved: bool) -> None:
