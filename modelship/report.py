@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from modelship.files import write_bytes
+from modelship.fonts import class_labels, draw_right
 
 CSS = """
 body{font:14px/1.45 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
@@ -218,26 +219,28 @@ def evaluation_page(manifest: dict[str, Any], ev: dict[str, Any], bundle: Path) 
     return page(f"modelship evaluate: {manifest['name']}", f"bundle {bundle}, data {ev['data']}", None, "", body)
 
 
-def confusion_png(matrix: list[list[int]], classes: list[str], path: Path) -> None:
-    """The confusion matrix as a picture: counts in cells coloured by share of their row, labelled axes."""
+def confusion_png(matrix: list[list[int]], classes: list[str], path: Path) -> list[str]:
+    """The confusion matrix as a picture: counts in cells coloured by share of their row, labelled axes. Returns
+    the labels drawn (a class name no font here can draw is labelled by its index)."""
     k = len(classes)
     cell = max(44, min(90, 720 // max(k, 1)))
     font = ImageFont.load_default(size=14)
-    small = ImageFont.load_default(size=12)
-    label_w = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(c, font=small)) for c in classes) + 16
+    labels = class_labels(classes, 12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(measure.textlength(text, font=f)) for text, f in labels) + 16
     w, h = label_w + k * cell + 20, label_w + k * cell + 50
     image = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(image)
     draw.text((w // 2, 12), "predicted", fill="#59636e", font=font, anchor="mt")
     top = label_w + 30
-    for j, name in enumerate(classes):  # column labels, rotated
+    for j, (text, small) in enumerate(labels):  # column labels, rotated
         label = Image.new("RGBA", (label_w, 16), (255, 255, 255, 0))
-        ImageDraw.Draw(label).text((label_w - 4, 8), name, fill="#1f2328", font=small, anchor="rm")
+        draw_right(ImageDraw.Draw(label), (label_w - 4, 8), text, small, "#1f2328")
         rotated = label.rotate(90, expand=True)
         image.paste(rotated, (label_w + j * cell + cell // 2 - 8, top - label_w - 4), rotated)
-    for i, (name, row) in enumerate(zip(classes, matrix, strict=True)):
+    for i, ((text, small), row) in enumerate(zip(labels, matrix, strict=True)):
         y = top + i * cell
-        draw.text((label_w - 8, y + cell // 2), name, fill="#1f2328", font=small, anchor="rm")
+        draw_right(draw, (label_w - 8, y + cell // 2), text, small, "#1f2328")
         total = sum(row)
         for j, v in enumerate(row):
             share = v / total if total else 0.0
@@ -253,6 +256,7 @@ def confusion_png(matrix: list[list[int]], classes: list[str], path: Path) -> No
     buf = io.BytesIO()
     image.save(buf, "PNG", optimize=True)
     write_bytes(path, buf.getvalue())
+    return [text for text, _ in labels]
 
 
 def config_block(config: dict[str, Any]) -> str:
