@@ -32,7 +32,7 @@ from modelship.manifest import read_manifest
 from modelship.serving import broker, compat, lifeline, local, protocol, transport
 from modelship.serving.backends import PLATFORMS, Backend, load_backend
 from modelship.serving.metrics import exposition, metrics
-from modelship.serving.middleware import CLIENT_CLOSED, Answer, Route, Scope, error_answer
+from modelship.serving.middleware import CLIENT_CLOSED, JSON_HEADERS, Answer, Route, Scope, error_answer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "source": source}
 
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
 JSON_NUMBER_BYTES = 26  # the longest float32 in JSON, "-1.2345678e-38" at most, with room for ", " and exponent forms
 JSON_ENVELOPE_BYTES = 1 << 16  # names, datatype, shape, parameters around the numbers
 V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")

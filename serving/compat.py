@@ -23,8 +23,9 @@ the LitServe function that must still call it (`OVERRIDES`); `check_version` ref
    new connections over them: with LitServe's one shared socket, a burst of connections often all went to one
    process while the other idled (BENCHMARKS.md, serving). It serves the app wrapped in modelship's front door
    (`front`: the guard, and CORS when asked) rather than passing those to LitServe as middlewares, which FastAPI
-   would put inside its own layers, on uvicorn with read timeouts (`modelship.serving.connections`); each API
-   server follows the main process (`modelship.serving.lifeline`); and a dead API server is replaced.
+   would put inside its own layers, on uvicorn with read timeouts (`modelship.serving.connections`); and a dead API
+   server is replaced. Each API server follows the main process through the fork hook `serve` registers
+   (`modelship.serving.lifeline`).
 5. `_perform_graceful_shutdown` stops every API server at once (LitServe stops them one after another, so the later
    ones kept connections alive while the first drained), and no worker is replaced once shutdown has begun (a flag
    `launch_single_inference_worker` reads): LitServe's monitor would otherwise restart the workers shutdown just
@@ -41,7 +42,6 @@ import copy
 import inspect
 import logging
 import multiprocessing as mp
-import os
 import socket
 import threading
 import time
@@ -58,7 +58,7 @@ from litserve.utils import WorkerSetupStatus
 from starlette.middleware.gzip import GZipMiddleware
 
 from modelship.errors import ConfigError
-from modelship.serving import broker, lifeline, transport
+from modelship.serving import broker, transport
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,6 @@ class Server(ls.LitServer):
         self._on_worker_failure = on_worker_failure
         self._in_api_server = in_api_server  # with --in-process: starts the model in a new API server process
         self._broker: broker.Broker | None = None
-        self._main_pid = os.getpid()
         self._api_servers: dict[int, Any] = {}
         self._stopping = False
         self._lock = threading.Lock()
@@ -273,7 +272,6 @@ class Server(ls.LitServer):
         return process
 
     def _run_api_server(self, server: Any, consumer: int, own: list[socket.socket]) -> None:
-        lifeline.follow(self._main_pid)
         if self._in_api_server is not None:
             status, key = self.workers_setup_status, in_process_key(consumer)
 
