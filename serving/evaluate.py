@@ -21,7 +21,7 @@ import numpy as np
 from modelship.devices import usable_gpus
 from modelship.errors import ConfigError, DataError
 from modelship.files import write_json
-from modelship.imagefolder import check_readable, class_name, eval_split, open_image, scan_folder
+from modelship.imagefolder import check_readable, class_name, eval_split, open_image, raise_bad, scan_folder
 from modelship.manifest import check_bundle, require_artifact
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.serving.config import EvaluateConfig
@@ -95,15 +95,26 @@ def labelled_folder(data: Path, classes: list[str]) -> Labelled:
             f"--data {root} has class folders the bundle does not know: {', '.join(unknown)}; "
             f"its classes are {', '.join(classes)}"
         )
-    check_readable([p for p, _ in samples], f"images in --data {root}", decode=True)
+    check_readable([p for p, _ in samples], f"images in --data {root}")  # headers: decoding is done once, below
     labels = np.asarray([classes.index(found[label]) for _, label in samples], np.int64)
     return Labelled([p for p, _ in samples], labels, root)
 
 
-def batches(files: list[str], pre: Preprocess, size: int) -> Iterator[np.ndarray]:
-    """The files decoded and preprocessed exactly as the server does, `size` at a time."""
+def batches(files: list[str], pre: Preprocess, size: int, what: str) -> Iterator[np.ndarray]:
+    """The files decoded and preprocessed exactly as the server does, `size` at a time. A file that does not decode
+    (a truncated one) is collected, and every one is named in one DataError once all were tried, before any result
+    is used."""
+    bad: list[str] = []
     for i in range(0, len(files), size):
-        yield np.stack([preprocess_image(open_image(p), pre) for p in files[i : i + size]])
+        arrays = []
+        for p in files[i : i + size]:
+            try:
+                arrays.append(preprocess_image(open_image(p), pre))
+            except DataError as e:
+                bad.append(str(e))
+        if arrays:
+            yield np.stack(arrays)
+    raise_bad(bad, len(files), what)
 
 
 def progress(total: int, what: str) -> tuple[Any, Callable[[int], None]]:
@@ -192,7 +203,7 @@ def evaluate(cfg: EvaluateConfig) -> Evaluation:
     data = labelled_folder(cfg.data, manifest["classes"])
     log.info("evaluating %s on %s (%d images)", ", ".join(cfg.backends), data.root, len(data.files))
     pre = Preprocess.from_dict(manifest["preprocess"])
-    images = batches(data.files, pre, cfg.batch_size)
+    images = batches(data.files, pre, cfg.batch_size, f"images in --data {data.root}")
     blocks = measure(cfg.bundle, manifest, cfg.backends, cfg.device, images, data.labels)
     result = Evaluation(blocks, list(manifest["classes"]), str(data.root), cfg.out)
     try:

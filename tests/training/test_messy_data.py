@@ -126,3 +126,19 @@ def test_an_image_of_another_mode_is_converted_for_calibration_as_serving_does(t
     Image.new("L", (8, 8), 128).convert(mode).save(path)
     x = preprocess_image(Image.open(path), Preprocess((8, 8), 3, (0.0,) * 3, (1.0,) * 3))
     assert x.shape == (3, 8, 8) and abs(float(x.mean()) - 128 / 255) < 1e-6
+
+
+def test_evaluate_names_every_file_that_does_not_decode_in_one_error_writing_nothing(
+    tmp_path: Path, tiny_bundle: Path, cli
+) -> None:
+    data = tmp_path / "data"
+    write_folder(data, {"circle": 3, "ring": 3}, size=(32, 32))
+    for cls in ("circle", "ring"):
+        whole = (data / cls / "1.png").read_bytes()
+        (data / cls / "1.png").write_bytes(whole[: len(whole) // 2])  # headers read; the pixels stop halfway
+    r = cli("evaluate", tiny_bundle, "--data", data, "--out", tmp_path / "ev")
+    assert r.code == 2 and "Traceback" not in r.err
+    assert r.last_line.startswith(f"modelship evaluate: error: 2 of the 6 images in --data {data} cannot be used: ")
+    assert f"cannot read image {data / 'circle' / '1.png'}" in r.last_line
+    assert f"cannot read image {data / 'ring' / '1.png'}" in r.last_line
+    assert not (tmp_path / "ev").exists()
