@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import unicodedata
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -23,6 +25,7 @@ UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)  # what 
 MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS), for files on disk
 LEFTOVERS = frozenset({"__MACOSX"})  # folders archive tools leave beside the data
 SHOWN = 10  # bad files listed by name before "and N more"
+T = TypeVar("T")
 
 
 def class_name(name: str) -> str:
@@ -119,15 +122,31 @@ def folder_images(root: Path, what: str) -> list[str]:
 def check_readable(paths: list[str], what: str, decode: bool = False) -> None:
     """DataError listing every file among `paths` that is not an image PIL can read (headers only, or fully decoded
     with `decode`) or is over the pixel limit: all of them at once, up to SHOWN by name."""
+    if decode:
+        for image in decode_each(paths, what, lambda image: image):
+            image.close()
+        return
     bad = []
     for p in paths:
         try:
-            if decode:
-                open_image(p).close()
-            else:
-                open_header(p).close()
+            open_header(p).close()
         except DataError as e:
             bad.append(str(e))
+    raise_bad(bad, len(paths), what)
+
+
+def decode_each(paths: list[str], what: str, convert: Callable[[Image.Image], T]) -> Iterator[T]:
+    """`convert` of each file fully decoded, in order; a file that does not decode is skipped, and once all were
+    tried every one is named in one DataError (raise_bad), so a caller never uses a result of a folder with a bad
+    file."""
+    bad = []
+    for p in paths:
+        try:
+            image = open_image(p)
+        except DataError as e:
+            bad.append(str(e))
+            continue
+        yield convert(image)
     raise_bad(bad, len(paths), what)
 
 

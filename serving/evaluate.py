@@ -7,6 +7,7 @@ speed, per backend, and the accuracy deltas between them), `confusion_matrix.png
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 from modelship.devices import usable_gpus
 from modelship.errors import ConfigError, DataError
 from modelship.files import write_json
-from modelship.imagefolder import check_readable, class_name, eval_split, open_image, raise_bad, scan_folder
+from modelship.imagefolder import check_readable, class_name, decode_each, eval_split, scan_folder
 from modelship.manifest import check_bundle, require_artifact
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.serving.config import EvaluateConfig
@@ -104,17 +105,9 @@ def batches(files: list[str], pre: Preprocess, size: int, what: str) -> Iterator
     """The files decoded and preprocessed exactly as the server does, `size` at a time. A file that does not decode
     (a truncated one) is collected, and every one is named in one DataError once all were tried, before any result
     is used."""
-    bad: list[str] = []
-    for i in range(0, len(files), size):
-        arrays = []
-        for p in files[i : i + size]:
-            try:
-                arrays.append(preprocess_image(open_image(p), pre))
-            except DataError as e:
-                bad.append(str(e))
-        if arrays:
-            yield np.stack(arrays)
-    raise_bad(bad, len(files), what)
+    arrays = decode_each(files, what, lambda image: preprocess_image(image, pre))
+    while chunk := list(itertools.islice(arrays, size)):
+        yield np.stack(chunk)
 
 
 def progress(total: int, what: str) -> tuple[Any, Callable[[int], None]]:

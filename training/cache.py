@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelship.errors import ConfigError, DataError
-from modelship.imagefolder import open_image, raise_bad
+from modelship.errors import ConfigError
+from modelship.imagefolder import decode_each
 from modelship.preprocess import Preprocess, to_array
 
 log = logging.getLogger(__name__)
@@ -137,14 +137,7 @@ def decode_files(files: list[str], pre: Preprocess, cache_dir: Path | None) -> t
 
 def decode_paths(files: list[str], pre: Preprocess) -> np.ndarray:
     """decode_images of files on disk; every file that does not decode (a truncated one) is named, all at once."""
-    out, bad = [], []
-    for p in files:
-        try:
-            out.append(to_array(open_image(p), pre))
-        except DataError as e:
-            bad.append(str(e))
-    raise_bad(bad, len(files), "images")
-    return np.stack(out)
+    return np.stack(list(decode_each(files, "images", lambda image: to_array(image, pre))))
 
 
 def decode_images(images: Iterable[Any], pre: Preprocess) -> np.ndarray:
