@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +39,53 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, opt: torch.optim.Optimizer,
+               ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One optimisation step on a placed batch: forward under the context's autocast, backward, update; (loss,
+    logits)."""
+    with ctx.autocast():
+        logits = net(x)
+        loss = loss_fn(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    ctx.scaler.scale(loss).backward()
+    if ctx.clip_grad is not None:
+        ctx.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(net.parameters(), ctx.clip_grad)
+    ctx.scaler.step(opt)
+    ctx.scaler.update()
+    return loss, logits
+
+
+def step_trial(model: nn.Module, shape: tuple[int, ...], batch: int, device: torch.device,
+               channels_last: bool) -> Callable[[torch.dtype | None], float]:  # fmt: skip
+    """Seconds per training step (`train_step`, as the loop runs it) of a copy of `model` on a random batch, under an
+    autocast dtype (None: fp32): one warm-up step, then up to 3 timed ones within about half a second. The real
+    model, its optimizer and every RNG are left as they were."""
+
+    def run(dtype: torch.dtype | None) -> float:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            probe = copy.deepcopy(model).to(device).train()
+            if channels_last:
+                probe = probe.to(memory_format=torch.channels_last)
+            scaler = torch.amp.GradScaler(device.type, enabled=False)
+            ctx = StepContext(device, dtype, scaler, channels_last, None)
+            x, y = ctx.to_device(torch.randn(batch, *shape), torch.zeros(batch, dtype=torch.long))
+            opt = torch.optim.SGD(probe.parameters(), lr=0.0)
+            loss_fn = nn.CrossEntropyLoss()
+            times = []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                train_step(probe, x, y, loss_fn, opt, ctx)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+                if sum(times[1:]) > 0.5:
+                    break
+            return min(times[1:])
+
+    return run
+
+
 def train_one_epoch(
     net: nn.Module,
     loader: DataLoader,
@@ -53,16 +102,7 @@ def train_one_epoch(
     seen = 0
     for x, y in batches(loader):
         x, y = ctx.to_device(x, y)
-        with ctx.autocast():
-            logits = net(x)
-            loss = loss_fn(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        ctx.scaler.scale(loss).backward()
-        if ctx.clip_grad is not None:
-            ctx.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(net.parameters(), ctx.clip_grad)
-        ctx.scaler.step(opt)
-        ctx.scaler.update()
+        loss, logits = train_step(net, x, y, loss_fn, opt, ctx)
         sched.step()
         # sums stay on the device: a .item() per step would wait for the GPU every step
         total_loss += loss.detach().double() * y.numel()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -140,38 +138,6 @@ def resolve_precision(requested: str, device: torch.device, trial: Callable[[tor
         )  # fmt: skip
         why = "emulated"
     return Precision(dtypes[requested], f"{requested} autocast ({why})")
-
-
-def step_trial(model: torch.nn.Module, shape: tuple[int, ...], batch: int, device: torch.device,
-               channels_last: bool) -> Callable[[torch.dtype | None], float]:  # fmt: skip
-    """Seconds per training step (forward, backward, update) of a copy of `model` on a random batch, under an autocast
-    dtype (None: fp32): one warm-up step, then up to 3 timed ones within about half a second. The real model, its
-    optimizer and every RNG are left as they were."""
-
-    def run(dtype: torch.dtype | None) -> float:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            probe = copy.deepcopy(model).to(device).train()
-            x = torch.randn(batch, *shape, device=device)
-            if channels_last and x.dim() == 4:
-                probe, x = probe.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-            y = torch.zeros(batch, dtype=torch.long, device=device)
-            opt = torch.optim.SGD(probe.parameters(), lr=0.0)
-            times = []
-            for _ in range(4):
-                t0 = time.perf_counter()
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss = torch.nn.functional.cross_entropy(probe(x), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-                if sum(times[1:]) > 0.5:
-                    break
-            return min(times[1:]) if len(times) > 1 else times[0]
-
-    return run
 
 
 def wants_channels_last(requested: bool | None, model: torch.nn.Module) -> bool:

@@ -26,7 +26,7 @@ from modelship.training.cache import Decoded, check_cache_dir, to_tensors
 from modelship.training.config import TrainConfig, run_files
 from modelship.training.data import DataInfo, DataRequest, Loaded, default_data_dir, load_data
 from modelship.training.loaders import make_loaders, start_epoch
-from modelship.training.loop import StepContext, evaluate, reduce_means, train_one_epoch
+from modelship.training.loop import StepContext, evaluate, reduce_means, step_trial, train_one_epoch
 from modelship.training.models import (
     build_model,
     check_output,
@@ -46,7 +46,6 @@ from modelship.training.runtime import (
     resolve_device,
     resolve_precision,
     seed_everything,
-    step_trial,
     wants_channels_last,
 )
 

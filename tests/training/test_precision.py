@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from modelship.training import runtime
+from modelship.training.loop import step_trial
 from modelship.training.models import build_model
-from modelship.training.runtime import resolve_precision, step_trial
+from modelship.training.runtime import resolve_precision
 
 CPU = torch.device("cpu")
 
