@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.loadgen import LoadResult, run_load
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+PATH = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []  # kept: packages put there (--target)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *PATH])}
 Payload = tuple[str, bytes, dict[str, str]]
 
 
@@ -77,7 +78,7 @@ def _wait_ready(proc: subprocess.Popen, log: IO[bytes], port: int) -> None:
 def started(cmd: list[str], port: int, checkout: Path = REPO) -> Iterator[subprocess.Popen]:
     """Run a server (from `checkout`: another one measures an earlier commit side by side) for the duration of the
     block; its output is shown only if it dies."""
-    env = {**ENV, "PYTHONPATH": str(checkout)}
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(checkout), *PATH])}
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -102,7 +102,8 @@ def test_on_cuda_the_data_lives_on_the_gpu_and_checkpoints_stay_portable(tmp_pat
             *tiny_train_args(data_dir, "--device", "cuda"))  # fmt: skip
     assert r.code == 0, r.err
     assert "data decoded on the GPU" in r.err
-    assert "bf16 autocast (CUDA sm_" in r.err or "fp32 (no native bf16 on this cuda" in r.err
+    # --amp auto: bf16 where a trial measured it faster, else fp32 saying why
+    assert any(f in r.err for f in ("bf16 autocast (CUDA sm_", "fp32 (bf16 on CUDA sm_", "fp32 (no native bf16"))
     ckpt = torch.load(tmp_path / "g" / "checkpoints" / "last.pt", weights_only=True)
     assert {t.device.type for t in ckpt["state_dict"].values()} == {"cpu"}
     rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
