@@ -1,5 +1,5 @@
 """Image files and ImageFolders on disk, read with errors that name the file: shared by training, export (calibration
-and validation images), evaluation and offline prediction. PIL and the standard library only.
+and validation images), evaluation and offline prediction. PIL, numpy and the standard library only.
 
 Every folder is read by the same rules: hidden files and folders (`.thumbnails/`, macOS's `._name.jpg` AppleDouble
 files) and `__MACOSX/` are skipped; class names are Unicode NFC (macOS writes file names decomposed, so the same
@@ -13,8 +13,9 @@ import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from modelship.errors import DataError
@@ -26,6 +27,7 @@ MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2 x Image.MAX
 LEFTOVERS = frozenset({"__MACOSX"})  # folders archive tools leave beside the data
 SHOWN = 10  # bad files listed by name before "and N more"
 T = TypeVar("T")
+Samples = list[tuple[str, int]]  # (path, class index)
 
 
 def class_name(name: str) -> str:
@@ -155,3 +157,52 @@ def raise_bad(problems: list[str], total: int, what: str) -> None:
     if problems:
         more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         raise DataError(f"{len(problems)} of the {total} {what} cannot be used: {'; '.join(problems[:SHOWN])}{more}")
+
+
+def split_samples(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """Stratified split, a function of (files, fraction, seed) only."""
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    rng = np.random.default_rng(seed)
+    train: Samples = []
+    val: Samples = []
+    for label in sorted(by_class):
+        items = by_class[label]
+        order = rng.permutation(len(items))
+        n_val = min(len(items) - 1, max(1, round(len(items) * fraction))) if len(items) > 1 else 0
+        val.extend(items[i] for i in sorted(order[:n_val]))
+        train.extend(items[i] for i in sorted(order[n_val:]))
+    if not val:
+        raise DataError("--val-split left no validation images; every class needs at least 2 images")
+    return train, val
+
+
+def folder_splits(root: Path, val_split: float, seed: int) -> tuple[list[str], Samples, Samples, dict[str, Any]]:
+    """Training and validation samples of a folder: PATH/train + PATH/val, or PATH/train (or PATH itself) split by
+    --val-split; with the layout that says which (a checkpoint's data source records it: `layout_split`)."""
+    if root.is_dir() and (root / "train").is_dir():
+        classes, train = scan_folder(root / "train", "training folder")
+        if (root / "val").is_dir():
+            val_classes, val = scan_folder(root / "val", "validation folder")
+            if val_classes != classes:
+                raise DataError(
+                    f"{root}/val has classes {val_classes} but {root}/train has {classes}; they must be the same"
+                )
+            return classes, train, val, {"root": str(root), "train_dir": "train", "val_dir": "val"}
+        train, val = split_samples(train, val_split, seed)
+        return classes, train, val, {"root": str(root), "train_dir": "train", "val_split": val_split, "seed": seed}
+    classes, samples = scan_folder(root, "data folder")
+    train, val = split_samples(samples, val_split, seed)
+    return classes, train, val, {"root": str(root), "train_dir": "", "val_split": val_split, "seed": seed}
+
+
+def layout_split(layout: dict[str, Any], split: str) -> Samples:
+    """The `train` or `val` samples of the folder a `folder_splits` layout describes (a checkpoint's data source):
+    the same files by the same rule, for export's calibration and validation images and the run's report."""
+    root = Path(layout["root"])
+    if "val_dir" in layout:
+        return scan_folder(root / (layout["val_dir"] if split == "val" else layout["train_dir"]), f"{split} folder")[1]
+    _, samples = scan_folder(root / layout.get("train_dir", ""), "data folder")
+    train, val = split_samples(samples, float(layout["val_split"]), int(layout["seed"]))
+    return val if split == "val" else train

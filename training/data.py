@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from modelship.errors import DataError
-from modelship.imagefolder import GRAY_MODES, open_image, scan_folder
+from modelship.imagefolder import GRAY_MODES, folder_splits, layout_split, open_image
 from modelship.preprocess import Preprocess, normalize, preprocess_image, to_array
 from modelship.training import cache
 from modelship.training.inspect import inspect_images
@@ -131,48 +131,6 @@ class TrainTransform:
             if torch.rand(()) < 0.5:
                 arr = arr[:, ::-1]
         return torch.from_numpy(normalize(arr, self.pre))
-
-
-# ---------------------------------------------------------------------------------------------------------- folders
-
-
-def split_samples(
-    samples: list[tuple[str, int]], fraction: float, seed: int
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Stratified split, a function of (files, fraction, seed) only."""
-    by_class: dict[int, list[tuple[str, int]]] = {}
-    for s in samples:
-        by_class.setdefault(s[1], []).append(s)
-    rng = np.random.default_rng(seed)
-    train: list[tuple[str, int]] = []
-    val: list[tuple[str, int]] = []
-    for label in sorted(by_class):
-        items = by_class[label]
-        order = rng.permutation(len(items))
-        n_val = min(len(items) - 1, max(1, round(len(items) * fraction))) if len(items) > 1 else 0
-        val.extend(items[i] for i in sorted(order[:n_val]))
-        train.extend(items[i] for i in sorted(order[n_val:]))
-    if not val:
-        raise DataError("--val-split left no validation images; every class needs at least 2 images")
-    return train, val
-
-
-def folder_splits(root: Path, val_split: float, seed: int) -> tuple[list[str], list, list, dict[str, Any]]:
-    """Train and val samples of a folder: PATH/train + PATH/val, or one folder split by --val-split."""
-    if root.is_dir() and (root / "train").is_dir():
-        classes, train = scan_folder(root / "train", "training folder")
-        if (root / "val").is_dir():
-            val_classes, val = scan_folder(root / "val", "validation folder")
-            if val_classes != classes:
-                raise DataError(
-                    f"{root}/val has classes {val_classes} but {root}/train has {classes}; they must be the same"
-                )
-            return classes, train, val, {"root": str(root), "train_dir": "train", "val_dir": "val"}
-        train, val = split_samples(train, val_split, seed)
-        return classes, train, val, {"root": str(root), "train_dir": "train", "val_split": val_split, "seed": seed}
-    classes, samples = scan_folder(root, "data folder")
-    train, val = split_samples(samples, val_split, seed)
-    return classes, train, val, {"root": str(root), "train_dir": "", "val_split": val_split, "seed": seed}
 
 
 def channel_stats(arrays: np.ndarray) -> tuple[list[float], list[float]]:
@@ -339,13 +297,7 @@ def source_samples(data: dict[str, Any], split: str, limit: int, seed: int = 0) 
             return [(base[i][0], int(base[i][1])) for i in _pick(range(len(base)), split, limit, seed)]
         if "root" not in source:
             return []
-        root = Path(source["root"])
-        if "val_dir" in source:
-            _, files = scan_folder(root / (source["val_dir"] if split == "val" else source["train_dir"]), split)
-        else:
-            _, samples = scan_folder(root / source.get("train_dir", ""), "data folder")
-            train, val = split_samples(samples, float(source["val_split"]), int(source["seed"]))
-            files = val if split == "val" else train
+        files = layout_split(source, split)
     except (DataError, RuntimeError, OSError, KeyError, ValueError) as e:
         log.info("the %s images of %s are not available (%s)", split, source.get("name", "the checkpoint"), e)
         return []
