@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelship import repository
 from modelship.errors import ConfigError, GateError, ParityError
 from modelship.export.config import ExportConfig, ExportOptions
 from modelship.manifest import safe_name
@@ -34,10 +35,13 @@ class RunConfig:
     train: TrainConfig
     export: ExportOptions = field(default_factory=ExportOptions)
     min_accuracy: float | None = None
+    publish: Path | None = None  # a model repository: the bundle goes to REPO/<name>/<next version>/ if it ships
 
     def __post_init__(self) -> None:
         if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
             raise ConfigError(f"--min-accuracy must be between 0 and 1, got {self.min_accuracy}")
+        if self.publish is not None:
+            repository.check_target(self.publish)
 
     @property
     def bundle_dir(self) -> Path:
@@ -63,6 +67,7 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch that ran (best.pt's stops at best)
     evaluation: dict[str, Any] | None = None  # the shipped ONNX file on the validation split
     report: Path | None = None
+    published: Path | None = None  # REPO/<name>/<version>/, with --publish
 
     @property
     def best_val_acc(self) -> float:
@@ -140,7 +145,11 @@ class RunResult:
         rows.append(("bundle", str(self.bundle.path)))
         if self.report is not None:
             rows.append(("report", str(self.report)))
-        rows.append(("serve it", f"modelship serve {self.bundle.path}"))
+        if self.published is not None:
+            rows.append(
+                ("published", f"version {self.published.name} of {self.published.parent.name}: {self.published}")
+            )
+        rows.append(("serve it", f"modelship serve {self.published or self.bundle.path}"))
         return rows
 
 
@@ -149,7 +158,8 @@ REPORT_IMAGES = 10_000  # validation images the run's report evaluates, evenly s
 
 def run(cfg: RunConfig) -> RunResult | None:
     """Train, export the best checkpoint to RUN_DIR/bundle, evaluate it on the validation split, write
-    RUN_DIR/report.html, then gate on parity and accuracy.
+    RUN_DIR/report.html, then gate on parity and accuracy; with --publish, a bundle that passed every gate goes to
+    the model repository as its next version.
 
     Returns None on the ranks other than 0 of a torchrun job (rank 0 alone exports).
     """
@@ -173,7 +183,9 @@ def run(cfg: RunConfig) -> RunResult | None:
     refusal = gate(cfg, result)
     result.report = write_report(cfg, result, refusal)
     if refusal is not None:
-        raise refusal
+        raise refusal  # nothing is published
+    if cfg.publish is not None:
+        result.published = repository.publish(bundle.path, cfg.publish)
     return result
 
 

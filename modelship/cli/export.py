@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from modelship import repository
 from modelship.cli.args import chw, config_from, default, floats, json_object, names
 from modelship.devices import DEVICES
 from modelship.export.config import CALIBRATION_METHODS, ExportConfig, ExportOptions  # light: no torch import
@@ -36,6 +37,11 @@ def add_export_options(parser: argparse.ArgumentParser, title: str = "export") -
     p.add_argument(
         "--name", default=d("name"), help="model name in the bundle and the v2 API (default: the bundle folder's name)"
     )
+    p.add_argument(
+        "--publish", type=Path, metavar="REPO",
+        help="when every gate passes, also copy the bundle to the model repository REPO as REPO/<name>/<next "
+        "version>/, in one rename (default: not published)",
+    )  # fmt: skip
     v = parser.add_argument_group("deployment variants, gated on agreement with fp32 and accuracy on labelled images")
     v.add_argument(
         "--variants", type=names, default=d("variants"), help=f"{','.join(VARIANTS)} of the ONNX file (default none)"
@@ -121,10 +127,15 @@ def print_checks(checks: list[Any], variant_checks: list[Any]) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from modelship.export.bundle import export
 
+    if args.publish is not None:
+        repository.check_target(args.publish)  # before the work, not after it
     bundle = export(config_from(ExportConfig, args, options=export_options(args)))
     print_checks(bundle.checks, bundle.variant_checks)
-    bundle.raise_if_failed()
+    bundle.raise_if_failed()  # nothing is published
     log.info("bundle %s: %s, parity passed", bundle.path, ", ".join(sorted(bundle.manifest["artifacts"])))
+    if args.publish is not None:
+        target = repository.publish(bundle.path, args.publish)
+        log.info("published %s version %s: %s", bundle.manifest["name"], target.name, target)
     return 0
 
 

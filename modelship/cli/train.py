@@ -157,7 +157,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = RunConfig(train=config_from(TrainConfig, args), export=export_options(args), min_accuracy=args.min_accuracy)
+    cfg = RunConfig(
+        train=config_from(TrainConfig, args),
+        export=export_options(args),
+        min_accuracy=args.min_accuracy,
+        publish=args.publish,
+    )
     try:
         result = run(cfg)
     except GateError as e:

@@ -37,6 +37,14 @@ def test_ci_workflow_is_valid_and_runs_the_readme_main_job() -> None:
     assert "inputs.runner" in job["runs-on"]  # a GPU runner label can be chosen
     runs = [s.get("run", "") for s in job["steps"]]
     assert any(r.startswith("make run") for r in runs)  # `make run` exits non-zero on a parity failure
+    main = next(s for s in job["steps"] if s.get("run", "").startswith("make run"))
+    # a model that passes is published when a repository is given; bash adds the flag only then
+    assert "--publish $REPOSITORY" in main["run"] and "inputs.repository" in main["env"]["REPOSITORY"]
+    expansion = main["run"].split("RUN_ARGS=", 1)[1]  # "$RUN_ARGS${REPOSITORY:+ ...}", quoted
+    for repository, flags in (("", ""), ("/srv/models", " --publish /srv/models")):
+        env = {"RUN_ARGS": "", "REPOSITORY": repository}
+        shell = subprocess.run(["bash", "-c", f"echo {expansion}"], env=env, capture_output=True, text=True)
+        assert shell.stdout == flags + "\n"
     uploads = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
     paths = " ".join(s["with"]["path"] for s in uploads)
     assert "runs/quickstart/bundle" in paths and "parity.json" in paths and "runs/quickstart/report.html" in paths

@@ -12,6 +12,7 @@ import pytest
 
 from modelship.errors import GateError, ParityError
 from modelship.export.config import ExportOptions
+from modelship.manifest import check_bundle
 from modelship.pipeline import RunConfig, RunResult, run
 from modelship.training.checkpoint import load_checkpoint
 from modelship.training.config import TrainConfig
@@ -182,3 +183,17 @@ def test_the_run_report_shows_the_numbers_of_its_files(quickstart: tuple[Result,
         assert (out / link).is_file(), link
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert "adamw lr 0.003, onecycle schedule" in page  # the optimiser's default lr as a number, not "default"
+
+
+def test_run_publishes_only_a_model_that_passed_every_gate(tmp_path: Path, data_dir: Path, cli) -> None:
+    repo = tmp_path / "repo"
+    train = ["--epochs", "1", *tiny_train_args(data_dir), "--formats", "onnx", "--name", "shapes", "--publish", repo]
+    r = cli("run", "--out", tmp_path / "refused", "--min-accuracy", "0.99", *train)
+    assert r.code == 1 and "is under --min-accuracy 0.99" in r.last_line
+    assert not repo.exists()
+    r = cli("run", "--out", tmp_path / "shipped", *train)
+    assert r.code == 0, r.err
+    version = repo / "shapes" / "1"
+    assert re.search(rf"^published\s+version 1 of shapes: {re.escape(str(version))}$", r.out, re.M), r.out
+    assert re.search(rf"^serve it\s+modelship serve {re.escape(str(version))}$", r.out, re.M)
+    assert check_bundle(version)["name"] == "shapes" and sorted(p.name for p in (repo / "shapes").iterdir()) == ["1"]

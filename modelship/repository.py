@@ -1,0 +1,110 @@
+"""A model repository: `REPO/<name>/<version>/` with a bundle in each version folder, the layout Triton uses.
+
+`publish` is how a bundle gets there (`modelship export --publish REPO`, `modelship run --publish REPO`): it is
+copied, with every artifact's sha256 checked, into a hidden staging folder beside the versions and renamed to the
+next version in one step, so a server that polls REPO sees a version whole or not at all. Two publishers racing for
+the same number each get one of their own (a rename onto a version that exists fails, and the next is tried).
+Entries whose names start with "." are never versions. Standard library only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from modelship.errors import ConfigError, ModelshipError
+from modelship.manifest import NAME_RE, check_bundle, read_manifest
+
+STAGING = ".staging-"  # a publish in progress, hidden from anything that reads versions
+
+
+class PublishError(ModelshipError):
+    """The bundle could not be copied into the repository (disk full, a file vanished). Exit code 1."""
+
+    exit_code = 1
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The version numbers under a model's folder: its folders named by a positive integer, ascending."""
+    if not model_dir.is_dir():
+        return []
+    found = [p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(int(name) for name in found if int(name) > 0)
+
+
+def check_target(repo: Path) -> None:
+    """ConfigError unless `repo` is a folder that can be written, or can be made: checked before any work starts
+    (by making and removing a folder where the first one would go), leaving nothing behind."""
+    if repo.exists() and not repo.is_dir():
+        raise ConfigError(f"--publish {repo} is a file; expected a folder for the model repository")
+    existing = next(p for p in (repo, *repo.absolute().parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=STAGING, dir=existing))
+    except OSError as e:
+        raise ConfigError(
+            f"--publish {repo}: cannot write in {existing} ({e.strerror}); pick a folder you can write to"
+        ) from None
+
+
+def publish(bundle: Path, repo: Path) -> Path:
+    """Copy `bundle` (its gates passed) to REPO/<its name>/<next version>/ in one rename; that folder."""
+    manifest = read_manifest(bundle)
+    name = manifest["name"]
+    if not NAME_RE.match(name):
+        raise ConfigError(f"bundle {bundle} is named {name!r}, which is not a model name for a repository")
+    model_dir = repo / name
+    staging = model_dir / f"{STAGING}{secrets.token_hex(6)}"
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(bundle, staging)
+        check_bundle(staging)  # the copy is the bundle: every artifact's hash again
+        _sync(staging)
+        target = _rename_into(staging, model_dir)
+        _fsync_dir(model_dir)
+    except BaseException as e:  # a failed or interrupted publish leaves nothing behind
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            why = e.strerror or str(e)
+            raise PublishError(f"could not publish {bundle} to {model_dir} ({why}); nothing was published") from None
+        raise
+    return target
+
+
+def _rename_into(staging: Path, model_dir: Path) -> Path:
+    """Rename `staging` to the next free version of `model_dir` (a version another publisher took first is skipped);
+    a rename is atomic, and onto a folder that holds anything it fails rather than replacing it."""
+    version = max(versions(model_dir), default=0) + 1
+    while True:
+        target = model_dir / str(version)
+        if not target.exists():
+            try:
+                os.rename(staging, target)
+                return target
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        version += 1
+
+
+def _sync(folder: Path) -> None:
+    """Every file of `folder` on disk before the rename makes it visible (a crash then leaves no torn version)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
