@@ -108,3 +108,42 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_bundle(path: Path) -> bool:
+    """`path` is one bundle (its manifest.json at the top), not a repository of them."""
+    return (path / "manifest.json").is_file()
+
+
+def scan(repo: Path) -> tuple[dict[str, dict[int, Path]], dict[str, str]]:
+    """({model name: {version: folder}}, {model name: why its folder is not usable}) of a repository.
+
+    A model folder is usable when its name is a model name and it holds version folders only (positive integers;
+    names starting with "." are ignored: a publish in progress, an editor's leftovers)."""
+    if not repo.is_dir():
+        raise ConfigError(f"{repo} is not a folder; expected a bundle or a model repository REPO/<name>/<version>/")
+    models: dict[str, dict[int, Path]] = {}
+    problems: dict[str, str] = {}
+    for folder in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        name = folder.name
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        bad = [p.name for p in entries if not (p.is_dir() and p.name.isdigit() and int(p.name) > 0)]
+        if not NAME_RE.match(name):
+            problems[name] = (
+                f"{folder}: {name!r} is not a model name (letters, digits, '.', '_' or '-', at most 64, "
+                "starting with a letter or digit)"
+            )
+        elif bad:
+            problems[name] = (
+                f"{folder}: {', '.join(repr(b) for b in bad)} is not a version folder; a model folder holds only "
+                f"versions named by positive integers ({folder}/1/manifest.json ...)"
+            )
+        elif not entries:
+            problems[name] = f"{folder} holds no version; expected {folder}/1/manifest.json ..."
+        else:
+            models[name] = {int(p.name): p for p in entries}
+    if not models and not problems:
+        raise ConfigError(
+            f"{repo} holds no model; expected a bundle (its manifest.json) or a repository REPO/<name>/<version>/"
+        )
+    return models, problems

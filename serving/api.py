@@ -1,9 +1,8 @@
-"""The LitServe pieces: `ModelshipSpec` (HTTP side: endpoints, validation, responses) and `ModelshipAPI` (inference
-worker side: dynamic batches through the backend).
+"""The HTTP side of LitServe: `HTTPSpec` (endpoints, validation, responses) for every model version the server holds.
 
-A request is parsed and validated in the API server process, then only a float32 array is queued; workers gather
-arrays from many requests into one forward pass (in chunks of at most the bundle's max batch) and send each caller
-its own rows back. Hooks run in LitServe's order: setup -> decode_request -> batch -> predict -> unbatch -> encode.
+A request is parsed and validated in the API server process against the version it is routed to
+(modelship.serving.catalog), then only a float32 array is queued, tagged with that version; workers gather arrays from
+many requests of one version into one forward pass (modelship.serving.worker) and send each caller its own rows back.
 """
 
 from __future__ import annotations
@@ -12,13 +11,10 @@ import asyncio
 import functools
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import litserve as ls
 import numpy as np
 import pydantic_core
 from fastapi import Request, Response
@@ -28,9 +24,8 @@ from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 import modelship
-from modelship.manifest import read_manifest
-from modelship.serving import broker, compat, lifeline, local, protocol, transport
-from modelship.serving.backends import PLATFORMS, Backend, load_backend
+from modelship.serving import broker, compat, control, local, models, protocol, transport
+from modelship.serving.catalog import Catalog, Served
 from modelship.serving.metrics import exposition, metrics
 from modelship.serving.middleware import CLIENT_CLOSED, JSON_HEADERS, Answer, Route, Scope, error_answer
 
@@ -41,7 +36,9 @@ log = logging.getLogger(__name__)
 class Settings:
     """What both sides need to know; pickled into every worker process."""
 
-    bundle: str
+    run_dir: str  # the server's private folder: the model table, the transport's sockets
+    source: str  # what was served: a bundle or a repository (its folder's name only is shown)
+    model_control: str
     backend: str
     max_batch_size: int
     batch_timeout: float
@@ -60,15 +57,8 @@ class Settings:
         return int(self.max_payload_mb * (1 << 20))
 
 
-def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest without this machine's paths."""
-    source = {k: v for k, v in manifest["source"].items() if k != "checkpoint"}
-    return {**manifest, "source": source}
-
-
-JSON_NUMBER_BYTES = 26  # the longest float32 in JSON, "-1.2345678e-38" at most, with room for ", " and exponent forms
-JSON_ENVELOPE_BYTES = 1 << 16  # names, datatype, shape, parameters around the numbers
-V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+V2_POST = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/(infer|predict)$")
+REPOSITORY_POST = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)$")
 
 
 def raw(status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> Response:
@@ -95,33 +85,24 @@ def handled(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[R
     return wrapper
 
 
-class HTTPSpec(compat.LitSpec):
-    """The HTTP side: /, /predict, KServe v2, /info and /metrics on top of LitServe's queues."""
+def json_answer(doc: Any, status: int = 200) -> Answer:
+    return status, JSON_HEADERS, pydantic_core.to_json(doc)
 
-    def __init__(self, manifest: dict[str, Any], settings: Settings, model: protocol.ServedModel) -> None:
+
+class HTTPSpec(compat.LitSpec):
+    """The HTTP side: /, /predict, KServe v2 with its repository extension, /info and /metrics."""
+
+    def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.api_path = "/predict"
         self.settings = settings
+        self.catalog = Catalog(settings.run_dir, settings.backend)
         self.addresses: transport.Addresses | None = None  # set by the server before the API servers fork
-        # how this API server reaches the model: its own (--in-process, set by the server after the fork) or the
+        # how this API server reaches the models: its own (--in-process, set by the server after the fork) or the
         # workers' transport (made on the first request, inside this process's event loop)
         self.client: transport.Client | local.Runner | None = None
-        self.model = model
-        self.manifest = public_manifest(manifest)
-        c, h, w = model.shape
-        artifact = manifest["artifacts"][settings.backend]
-        datatype = {"float32": "FP32", "float16": "FP16"}[artifact.get("io", manifest["input"]["dtype"])]
-        self.v2_metadata = {
-            "name": model.name,
-            "versions": ["1"],
-            "platform": PLATFORMS[settings.backend],
-            "inputs": [{"name": model.input_name, "datatype": datatype, "shape": [-1, c, h, w]}],
-            "outputs": [{"name": model.output_name, "datatype": datatype, "shape": [-1, len(model.classes)]}],
-        }
-        # the largest JSON body a v2 request can legitimately have: the largest batch, every number at its longest
-        self.max_json_bytes = model.max_batch * c * h * w * JSON_NUMBER_BYTES + JSON_ENVELOPE_BYTES
-        # POST /predict and v2 infer are answered by the guard (fast_route), before FastAPI; these are the rest
-        self.routes: dict[str, tuple[Route, Route | None]] = {"/predict": (Route(self.predict_body), None)}
+        # the POST routes, answered by the guard (fast_route) before FastAPI; FastAPI serves the rest
+        self.routes, self.routes_generation = self.fixed_routes(), -1
         self.add_endpoint("/", self.root, ["GET"])
         self.add_endpoint("/health", self.health, ["GET", "HEAD"])
         self.add_endpoint("/info", self.info, ["GET"])
@@ -133,6 +114,12 @@ class HTTPSpec(compat.LitSpec):
             self.add_endpoint(prefix, self.v2_model, ["GET"])
             self.add_endpoint(prefix + "/ready", self.v2_model_ready, ["GET", "HEAD"])
 
+    def fixed_routes(self) -> dict[str, tuple[Route, Route | None]]:
+        return {
+            "/predict": (Route(self.predict_body), None),
+            "/v2/repository/index": (Route(self.repository_index), None),
+        }
+
     # LitSpec asks for these; modelship's endpoints talk to the workers through `infer`
     def decode_request(self, request: Any, context_kwargs: dict | None = None) -> Any:
         return request
@@ -143,47 +130,57 @@ class HTTPSpec(compat.LitSpec):
     # ------------------------------------------------------------------------------------------ plumbing
 
     def ready(self) -> bool:
-        """This API server can answer now: its own model is loaded (--in-process), or the broker is up and at least
-        one worker has asked it for work (Kubernetes' readiness: a restarting worker beside a serving one is not
-        a reason to leave the load balancer)."""
+        """This API server can answer now: every model asked for at start has loaded (or failed) and one is READY,
+        and its own models are loaded (--in-process) or the broker is up and at least one worker has asked it for
+        work (Kubernetes' readiness: a restarting worker beside a serving one is not a reason to leave the load
+        balancer)."""
+        table = self.catalog.table
+        if not (table.started and table.names()):
+            return False
         if isinstance(self.client, local.Runner):
             return self.client.up
         return broker.broker_ready()
 
-    async def infer(self, x: np.ndarray) -> np.ndarray:
-        """Send one validated array to the model (the inference workers, or this process's own) for its logits."""
+    async def infer(self, served: Served, x: np.ndarray, protocol_name: str) -> np.ndarray:
+        """Send one validated array to a model version (the inference workers, or this process's own) for its
+        logits."""
         if self.client is None:
             assert self.addresses is not None
             self.client = transport.Client(self.addresses, self.response_queue_id)
         try:
-            return await self.client.call(x, self.settings.timeout)
+            logits = await self.client.call(served.key, x, self.settings.timeout)
         except TimeoutError:
             raise protocol.RequestError(
                 f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
             ) from None
         except transport.WorkerError as e:
-            if e.status >= 500:
+            if e.status >= 500 and e.status != 503:
                 log.error("inference failed: %s", e.detail)
             raise protocol.RequestError(e.detail, e.status) from None
+        metrics().inferences.labels(served.model.name, served.version, protocol_name).inc()
+        return logits
 
     # ------------------------------------------------------------------------------------------ endpoints
 
     @handled
     async def root(self, request: Request) -> Response:
         """What this server is and where to go next."""
-        name = self.model.name
+        names = self.catalog.names()
+        only = names[0] if len(names) == 1 else None
         return JSONResponse(
             {
                 "project": "modelship",
                 "version": modelship.__version__,
-                "model": name,
+                "model": only,
+                "models": names,
                 "backend": self.settings.backend,
                 "ready": self.ready(),
                 "links": {
                     "docs": "/docs",
                     "openapi": "/openapi.json",
-                    "predict": "/predict",
-                    "v2": f"/v2/models/{name}",
+                    "predict": "/predict" if only else "/v2/models/{name}/predict",
+                    "v2": f"/v2/models/{only or '{name}'}",
+                    "repository": "/v2/repository/index",
                     "health": "/health",
                     "info": "/info",
                     "metrics": "/metrics",
@@ -198,22 +195,31 @@ class HTTPSpec(compat.LitSpec):
         return Response("ok" if ready else "not ready", status_code=200 if ready else 503)
 
     async def predict_body(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
-        """POST /predict: one image as JSON {"image" | "inputs", "top_k"?}, a multipart field `file`, or a raw image/*
-        body."""
+        """POST /predict: the only model's newest version."""
+        return await self.predict_for(self.catalog.only(), headers, body)
+
+    async def predict_for(self, served: Served, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """One image as JSON {"image" | "inputs", "top_k"?}, a multipart field `file`, or a raw image/* body."""
+        model = served.model
         ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower().decode("latin-1")
         if ctype == "application/json":
-            req = protocol.parse_predict_json(body, self.model)
+            req = protocol.parse_predict_json(body, model)
         elif ctype.startswith("image/"):
-            req = protocol.PredictRequest(self.model.default_top_k, image=body)
+            req = protocol.PredictRequest(model.default_top_k, image=body)
         elif ctype == "multipart/form-data":
-            req = await self.parse_multipart(headers, body)
+            req = await self.parse_multipart(headers, body, model)
         else:
             raise protocol.RequestError(
                 f"Content-Type {ctype} is not supported; send application/json, multipart/form-data or image/*", 415
             )
-        return await self.answer_predict(req)
+        # decoding a large image takes long enough to stall every other request on this event loop
+        x = req.tensor if req.tensor is not None else await asyncio.to_thread(req.to_tensor, model)
+        logits = await self.infer(served, x, "http")
+        answer = protocol.predict_response(logits[0], model, req.top_k)
+        return json_answer({**answer, "model_name": model.name, "model_version": served.version})
 
-    async def parse_multipart(self, headers: dict[bytes, bytes], body: bytes) -> protocol.PredictRequest:
+    async def parse_multipart(self, headers: dict[bytes, bytes], body: bytes,
+                              model: protocol.ServedModel) -> protocol.PredictRequest:  # fmt: skip
         async def chunks() -> Any:
             yield body
 
@@ -225,25 +231,29 @@ class HTTPSpec(compat.LitSpec):
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise protocol.RequestError("a multipart upload needs a file field named `file`")
-        top_k = protocol.parse_top_k(form.get("top_k"), self.model)
+        top_k = protocol.parse_top_k(form.get("top_k"), model)
         what = f"uploaded file {upload.filename or ''}".strip()
         return protocol.PredictRequest(top_k, image=await upload.read(), what=what)
 
-    async def answer_predict(self, req: protocol.PredictRequest) -> Answer:
-        # decoding a large image takes long enough to stall every other request on this event loop
-        x = req.tensor if req.tensor is not None else await asyncio.to_thread(req.to_tensor, self.model)
-        logits = await self.infer(x)
-        return 200, JSON_HEADERS, pydantic_core.to_json(protocol.predict_response(logits[0], self.model, req.top_k))
-
     @handled
     async def info(self, request: Request) -> Response:
-        """The manifest's public part and how this server batches."""
-        return JSONResponse({"model": self.manifest, "server": self.server_info()})
+        """Every model version the server holds (state, memory, the manifest's public part) and how it batches."""
+        table = self.catalog.table
+        held = []
+        for v in sorted(table.versions.values(), key=lambda v: (v.name, v.version)):
+            entry = {"name": v.name, "version": str(v.version), "state": v.state, "reason": v.reason,
+                     "resident_bytes": v.resident_bytes}  # fmt: skip
+            if v.state == models.READY:
+                entry["manifest"] = self.catalog.get(v).manifest
+            held.append(entry)
+        names = table.names()
+        only = self.catalog.resolve(names[0]).manifest if len(names) == 1 else None
+        return JSONResponse({"model": only, "models": held, "server": self.server_info()})
 
     def server_info(self) -> dict[str, Any]:
         """How this server batches and runs, without this machine's paths and process ids."""
-        settings = {k: v for k, v in asdict(self.settings).items() if k != "main_pid"}
-        return settings | {"bundle": Path(self.settings.bundle).name}
+        settings = {k: v for k, v in asdict(self.settings).items() if k not in ("main_pid", "run_dir", "source")}
+        return settings | {"serving": self.settings.source.rsplit("/", 1)[-1]}
 
     @handled
     async def metrics(self, request: Request) -> Response:
@@ -253,7 +263,11 @@ class HTTPSpec(compat.LitSpec):
     @handled
     async def v2_server(self, request: Request) -> Response:
         return JSONResponse(
-            {"name": "modelship", "version": modelship.__version__, "extensions": ["binary_tensor_data"]}
+            {
+                "name": "modelship",
+                "version": modelship.__version__,
+                "extensions": ["binary_tensor_data", "model_repository"],
+            }
         )
 
     @handled
@@ -265,121 +279,117 @@ class HTTPSpec(compat.LitSpec):
         ready = self.ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    def _model(self, name: str, version: str | None) -> None:
-        if name != self.model.name:
-            raise protocol.RequestError(f"unknown model {name!r}; this server serves {self.model.name!r}", 404)
-        if version not in (None, "", "1"):
-            raise protocol.RequestError(f"model {name!r} has no version {version!r}; its only version is '1'", 404)
-
     @handled
     async def v2_model(self, request: Request, name: str, version: str | None = None) -> Response:
-        self._model(name, version)
-        return JSONResponse(self.v2_metadata)
+        return JSONResponse(self.catalog.metadata(name, version))
 
     @handled
     async def v2_model_ready(self, request: Request, name: str, version: str | None = None) -> Response:
-        self._model(name, version)
-        ready = self.ready()
+        try:
+            self.catalog.resolve(name, version)
+            ready = self.ready()
+        except protocol.RequestError as e:
+            if e.status != 503:
+                raise
+            ready = False
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
     async def v2_body(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes) -> Answer:
         """POST /v2/models/{name}[/versions/{v}]/infer: a batch [N, C, H, W] as JSON data or with the binary tensor
         extension."""
-        self._model(name, version)
+        served = self.catalog.resolve(name, version)
         encoding = headers.get(b"content-encoding")
         body = protocol.decompress(body, encoding.decode() if encoding else None, self.settings.max_bytes)
         length = headers.get(b"inference-header-content-length")
-        req = protocol.parse_v2_infer(body, length.decode() if length is not None else None, self.model)
-        logits = await self.infer(req.tensor)
-        content, extra = protocol.v2_response(logits, req, self.model)
+        if length is None and len(body) > served.max_json_bytes:  # a gzip body is only measured once inflated
+            raise protocol.RequestError(too_big_json(served, len(body)), 413)
+        req = protocol.parse_v2_infer(body, length.decode() if length is not None else None, served.model)
+        logits = await self.infer(served, req.tensor, "http")
+        content, extra = protocol.v2_response(logits, req, served.model, served.version)
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
+
+    async def repository_index(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """POST /v2/repository/index: every model of the repository, each version with its state (Triton's
+        repository extension); {"ready": true} lists only what is READY."""
+        doc = protocol.parse_json(body) if body.strip() else {}
+        if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
+            raise protocol.RequestError('expected a JSON object, optionally {"ready": true}')
+        rows = models.index(self.catalog.table)
+        return json_answer([r for r in rows if r["state"] == models.READY] if doc.get("ready") else rows)
 
     def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Route | None:
         """The POST routes, answered by the guard itself without FastAPI's routing (BENCHMARKS.md, serving):
-        /predict and a model's v2 infer. None for everything else. A v2 JSON body (no binary tensor header) may be
-        no larger than the model's largest batch written out, refused before it is read or parsed."""
+        /predict, a model's v2 infer and predict, and the repository extension. None for everything else. A v2 JSON
+        body (no binary tensor header) may be no larger than the model's largest batch written out, refused from
+        its Content-Length before it is read or parsed."""
         if scope["method"] != "POST":
             return None
         path = scope["path"]
+        generation = self.catalog.table.generation
+        if generation != self.routes_generation:  # versions changed: limits and routes are worked out again
+            self.routes, self.routes_generation = self.fixed_routes(), generation
         routes = self.routes.get(path)
         if routes is None:
-            m = V2_INFER.match(path)
-            if m is None:
+            found = self.model_routes(path)
+            if found is None:
                 return None
-            routes = self.v2_routes(m.group(1), m.group(2))
-            if m.group(1) == self.model.name and len(self.routes) < 8:  # the served model's paths: a bounded few
+            routes, lasting = found
+            if lasting and len(self.routes) < 64:  # the served models' paths: a bounded few
                 self.routes[path] = routes
         binary, json_body = routes
         return binary if json_body is None or b"inference-header-content-length" in headers else json_body
 
-    def v2_routes(self, name: str, version: str | None) -> tuple[Route, Route]:
-        """A v2 infer path's routes: (with binary tensors, with a JSON body)."""
+    def model_routes(self, path: str) -> tuple[tuple[Route, Route | None], bool] | None:
+        """A per-model POST path's routes: (with binary tensors or any other body, with a v2 JSON body), and whether
+        they may be kept until the model table changes (not for a model that is not served now: no limit known)."""
+        m = V2_POST.match(path)
+        if m is not None:
+            name, version, op = m.groups()
+            if op == "predict":
+                return (Route(lambda h, b: self.predict_for(self.catalog.resolve(name, version), h, b)), None), True
 
-        async def handler(headers: dict[bytes, bytes], body: bytes) -> Answer:
-            return await self.v2_body(name, version, headers, body)
+            async def infer(headers: dict[bytes, bytes], body: bytes) -> Answer:
+                return await self.v2_body(name, version, headers, body)
 
-        c, h, w = self.model.shape
-        why = (
-            f"limit for a v2 JSON request to this model (its largest batch, {self.model.max_batch} x {c}x{h}x{w} "
-            "numbers); larger bodies are not a valid request"
-        )
-        return Route(handler), Route(handler, self.max_json_bytes, why)
+            try:
+                served = self.catalog.resolve(name, version)
+            except protocol.RequestError:
+                return (Route(infer), None), False  # the handler answers why
+            return (Route(infer), Route(infer, served.max_json_bytes, json_limit_why(served))), True
+        m = REPOSITORY_POST.match(path)
+        if m is None:
+            return None
+        name, op = m.groups()
+
+        async def change(headers: dict[bytes, bytes], body: bytes) -> Answer:
+            return await self.repository_change(op, name, body)
+
+        return (Route(change), None), False
+
+    async def repository_change(self, op: str, name: str, body: bytes) -> Answer:
+        """POST /v2/repository/models/{name}/load or /unload: asked of the controller in the main process, answered
+        once the change is done (loaded on every worker, or drained and unloaded) or has failed."""
+        if self.settings.model_control != "explicit":
+            raise protocol.RequestError(
+                f"the model repository is not under explicit control (--model-control {self.settings.model_control}"
+                "); start the server with --model-control explicit to load and unload models by request",
+                400,
+            )
+        doc = protocol.parse_json(body) if body.strip() else {}
+        params = doc.get("parameters", {}) if isinstance(doc, dict) else None
+        if not isinstance(params, dict) or any(k == "config" or k.startswith("file:") for k in params):
+            raise protocol.RequestError(f"{op} takes no model configuration or files here; send {{}} or no body")
+        status, doc = await asyncio.to_thread(control.ask, self.settings.run_dir, {"op": op, "name": name})
+        return json_answer(doc, status)
 
 
-class InferenceAPI(ls.LitAPI):
-    """The inference worker side: loads the backend, warms it up, and runs dynamic batches."""
+def json_limit_why(served: Served) -> str:
+    c, h, w = served.model.shape
+    return (
+        f"limit for a v2 JSON request to this model (its largest batch, {served.model.max_batch} x {c}x{h}x{w} "
+        "numbers); larger bodies are not a valid request"
+    )
 
-    def __init__(self, settings: Settings, spec: HTTPSpec) -> None:
-        super().__init__(
-            max_batch_size=settings.max_batch_size,
-            batch_timeout=settings.batch_timeout,
-            spec=spec,
-            loop=compat.ZMQLoop(),
-        )
-        self.settings = settings
-        self.chunk = spec.model.max_batch
-        self.shape = spec.model.shape
-        self.backend: Backend | None = None
-        self.addresses: transport.Addresses | None = None  # set by the server before the workers start
 
-    def setup(self, device: str) -> None:
-        lifeline.follow(self.settings.main_pid)  # never outlive the main process
-        # a spawned worker starts with no logging configuration
-        logging.basicConfig(level=self.settings.log_level.upper(), format="%(message)s")
-        manifest = read_manifest(Path(self.settings.bundle))
-        path = Path(self.settings.bundle) / manifest["artifacts"][self.settings.backend]["path"]
-        self.backend = load_backend(self.settings.backend, path, device, self.settings.threads)
-        # warm up at the largest batch before /health turns 200: first calls allocate and pick kernels
-        for n in (self.chunk, 1, self.chunk):
-            self.backend(np.zeros((n, *self.shape), np.float32))
-        log.info("model ready on %s: %s via %s", device, self.settings.backend, ", ".join(self.backend.providers))
-
-    def run(self, requests: list[transport.Request]) -> list[np.ndarray]:
-        """One dynamic batch: every request's rows through the model in chunks of at most the bundle's max batch,
-        each request's logits back in order."""
-        assert self.backend is not None
-        m = metrics()
-        start = time.monotonic()
-        for r in requests:
-            m.queue.observe(start - r.queued_at)
-        sizes = [len(r.x) for r in requests]
-        x = np.concatenate([r.x for r in requests]) if len(requests) > 1 else requests[0].x
-        outs = []
-        for i in range(0, len(x), self.chunk):
-            part = x[i : i + self.chunk]
-            outs.append(self.backend(part))
-            m.batch_size.observe(len(part))
-        m.batch_requests.observe(len(requests))
-        m.inference.observe(time.monotonic() - start)
-        logits = np.concatenate(outs) if len(outs) > 1 else outs[0]
-        return np.split(logits, np.cumsum(sizes)[:-1])
-
-    # LitAPI asks for these; modelship's loop (compat.ZMQLoop) calls `run` instead
-    def decode_request(self, request: Any, **kwargs: Any) -> Any:
-        return request
-
-    def predict(self, x: Any, **kwargs: Any) -> Any:
-        raise AssertionError("modelship's workers run batches through InferenceAPI.run")
-
-    def encode_response(self, output: Any, **kwargs: Any) -> Any:
-        return output
+def too_big_json(served: Served, size: int) -> str:
+    return f"the request body ({size} bytes or more) is over the {served.max_json_bytes} byte {json_limit_why(served)}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -26,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from modelship.serving.transport import ERROR, MAX_ATTEMPTS, Addresses, encode_answers, identity, pid_of, uids
+from modelship.serving.transport import ERROR, MAX_ATTEMPTS, Addresses, encode_answers, identity, pid_of, size, uids
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class Broker:
         self.hung = hung or HungPolicy()
         self.control: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.pulse = multiprocessing.RawArray("d", 2)  # [last beat (monotonic), workers able to answer]
+        # (each live worker's last status, requests outstanding per model version), renewed with every heartbeat
+        # for the model controller's thread
+        self.snapshot: tuple[dict[bytes, Any], dict[bytes, int]] = ({}, {})
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="modelship-request-broker", daemon=True)
 
@@ -106,6 +110,7 @@ class Broker:
             if now >= next_check:  # ten times a second, not on every message: the hot loop stays as it was
                 next_check = now + CHECK_EVERY
                 self.pulse[0], self.pulse[1] = now, len(state.credit)
+                self.snapshot = state.snapshot()
                 for who in state.hung(now):
                     log.error("inference worker %s has held a batch for over %.1f s; killing it, its requests go "
                               "to the next worker", who.decode(), state.threshold())  # fmt: skip
@@ -117,16 +122,17 @@ class Broker:
             if front in events:
                 for _ in range(1000):  # drain what is there without polling again for each message
                     try:
-                        state.waiting.append(front.recv_multipart(zmq.NOBLOCK, copy=False))
+                        state.arrived(front.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
             if back in events:
                 for _ in range(100):
                     try:
-                        who, _, size, acks = back.recv_multipart(zmq.NOBLOCK)
+                        who, _, credit, acks, *status = back.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    state.ready(who, struct.unpack("!I", size)[0], struct.unpack(f"!{len(acks) // 8}Q", acks))
+                    acked = struct.unpack(f"!{len(acks) // 8}Q", acks)
+                    state.ready(who, struct.unpack("!I", credit)[0], acked, status=status[0] if status else b"")
             for fd in [fd for fd in sentinels if fd in events]:  # a worker process ended
                 poller.unregister(fd)
                 state.dead(sentinels.pop(fd))
@@ -172,10 +178,33 @@ class _BrokerState:
         self.gone: set[bytes] = set()  # incarnations that died: a "ready" of theirs still in the socket is stale
         self.took: deque[float] = deque(maxlen=self.policy.recent)  # seconds from dispatch to acknowledgement
         self.seq = itertools.count(1)
+        self.status: dict[bytes, Any] = {}  # each worker's last report of the model versions it holds
+        self.outstanding: dict[bytes, int] = {}  # requests waiting or held, per model version
 
-    def ready(self, who: bytes, n: int, acked: tuple[int, ...] = (), now: float | None = None) -> None:
+    def arrived(self, frames: list[Any]) -> None:
+        key = frames[0].bytes
+        self.outstanding[key] = self.outstanding.get(key, 0) + size(frames)
+        self.waiting.append(frames)
+
+    def settled(self, frames: list[Any]) -> None:
+        """A message was answered (or refused): its requests are no longer outstanding."""
+        key = frames[0].bytes
+        left = self.outstanding.get(key, 0) - size(frames)
+        if left > 0:
+            self.outstanding[key] = left
+        else:
+            self.outstanding.pop(key, None)
+
+    def snapshot(self) -> tuple[dict[bytes, Any], dict[bytes, int]]:
+        live = set(self.credit) | set(self.held)
+        return {who: self.status.get(who) for who in live}, dict(self.outstanding)
+
+    def ready(self, who: bytes, n: int, acked: tuple[int, ...] = (), now: float | None = None,
+              status: bytes = b"") -> None:  # fmt: skip
         if who in self.gone:
             return
+        if status:
+            self.status[who] = json.loads(status)
         now = time.monotonic() if now is None else now
         held = self.held.setdefault(who, {})
         for seq in acked:
@@ -183,26 +212,29 @@ class _BrokerState:
             if entry is not None:
                 frames, sent = entry
                 self.took.append(now - sent)
+                self.settled(frames)
                 if self.attempts:
                     self.attempts.pop(uids(frames)[0], None)
         # messages sent after the worker asked are on their way to it: they use up the credit it asks for now
-        self.credit[who] = max(0, n - sum(len(frames) - 1 for frames, _ in held.values()))
+        self.credit[who] = max(0, n - sum(size(frames) for frames, _ in held.values()))
 
     def dead(self, who: bytes) -> None:
         self.gone.add(who)
+        self.status.pop(who, None)
         held = [frames for _, (frames, _) in sorted(self.held.pop(who, {}).items(), reverse=True)]
         self.credit.pop(who, None)
         for frames in held:  # newest first, each to the front: the oldest ends up first in line
-            ids, consumer = uids(frames), pickle.loads(frames[0].bytes)[0]
+            ids, consumer = uids(frames), pickle.loads(frames[1].bytes)[0]
             self.attempts[ids[0]] = self.attempts.get(ids[0], 0) + 1
             if self.attempts[ids[0]] >= MAX_ATTEMPTS:
                 self.attempts.pop(ids[0])
                 detail = "two inference workers died on this request; it is not retried again"
                 self.answers[consumer].send_multipart(encode_answers([(uid, ERROR, (503, detail)) for uid in ids]))
+                self.settled(frames)
             else:
                 self.waiting.appendleft(frames)
         if held:
-            n = sum(len(frames) - 1 for frames in held)
+            n = sum(size(frames) for frames in held)
             log.warning("an inference worker died holding %d request(s); they go to the next worker", n)
 
     def threshold(self) -> float:
@@ -231,5 +263,5 @@ class _BrokerState:
                 self.waiting.appendleft(frames)  # never reached it: not an attempt, and first in line still
                 del self.credit[who]  # a dead connection; its death is reported too
                 continue
-            self.credit[who] = max(0, self.credit[who] - (len(frames) - 1))  # a message is not split
+            self.credit[who] = max(0, self.credit[who] - size(frames))  # a message is not split
             self.held[who][seq] = (frames, now)

@@ -144,7 +144,7 @@ class ZMQLoop(LitLoop):
     """The inference worker's loop: batches from the broker, answers straight to the API servers."""
 
     def __call__(self, lit_api: Any, device: str, worker_id: int, *unused: Any) -> None:
-        worker = transport.Worker(lit_api.addresses, worker_id)
+        worker = transport.Worker(lit_api.addresses, worker_id, lit_api.refresh)
         transport.serve_batches(worker, lit_api.run, lit_api.max_batch_size, lit_api.batch_timeout,
                                 lit_api.request_timeout)  # fmt: skip
 
@@ -158,7 +158,7 @@ class Server(ls.LitServer):
     def __init__(self, *args: Any, front: Callable[[Any], Any], on_worker_failure: Callable[[], None],
                  sockets: str | None, hung: broker.HungPolicy, http: type,
                  in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
-                 **kwargs: Any) -> None:  # fmt: skip
+                 on_broker: Callable[[broker.Broker], None] | None = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
         self._front = front  # wraps the FastAPI app as each API server serves it
         self._sockets = sockets  # the directory for the transport's IPC sockets (None with --in-process)
@@ -166,6 +166,7 @@ class Server(ls.LitServer):
         self._http = http  # uvicorn's HTTP protocol class for the API servers (timeouts for slow clients)
         self._on_worker_failure = on_worker_failure
         self._in_api_server = in_api_server  # with --in-process: starts the model in a new API server process
+        self._on_broker = on_broker  # the model controller follows the workers through the broker
         self._broker: broker.Broker | None = None
         self._api_servers: dict[int, Any] = {}
         self._stopping = False
@@ -193,6 +194,8 @@ class Server(ls.LitServer):
             lit_api.spec.addresses = addresses
         self._broker = broker.Broker(addresses, self._hung)
         self._broker.start()
+        if self._on_broker is not None:
+            self._on_broker(self._broker)
         return manager
 
     def launch_inference_worker(self, lit_api: ls.LitAPI) -> Any:

@@ -14,6 +14,8 @@ from modelship.errors import ConfigError
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 BACKENDS = ("onnx", "onnx-fp16", "onnx-int8", "torchscript", "pt2")  # the artifact kinds a server can run
+MODEL_CONTROL = ("none", "explicit", "poll")  # Triton's --model-control-mode values
+VERSION_POLICIES = ("latest", "all")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CLIENT_URL = "http://127.0.0.1:8000"  # where `modelship predict --url` and Client() look by default
 CLIENT_TIMEOUT = 30.0
@@ -23,8 +25,12 @@ CLIENT_TIMEOUT = 30.0
 class ServeConfig:
     """Options of `modelship serve`; see README.md for each flag and BENCHMARKS.md for how defaults were chosen."""
 
-    bundle: Path
+    bundle: Path  # a bundle, or a model repository REPO/<name>/<version>/ of them
     backend: str = "onnx"
+    model_control: str = "none"  # Triton's modes: none | explicit | poll
+    load_models: tuple[str, ...] = ()  # --load-model, with explicit control ("*": every model)
+    poll_interval: float = 5.0
+    version_policy: str = "latest"  # latest | all
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -50,6 +56,22 @@ class ServeConfig:
                 raise ConfigError(msg)
 
         need(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        need(
+            self.model_control in MODEL_CONTROL,
+            f"--model-control must be one of {', '.join(MODEL_CONTROL)}, got {self.model_control!r}",
+        )
+        need(
+            self.version_policy in VERSION_POLICIES,
+            f"--version-policy must be one of {', '.join(VERSION_POLICIES)}, got {self.version_policy!r}",
+        )
+        need(self.poll_interval > 0, f"--poll-interval must be a positive number of seconds, got {self.poll_interval}")
+        need(
+            not self.load_models or self.model_control == "explicit",
+            "--load-model chooses what explicit model control loads at start; add --model-control explicit",
+        )
+        need(not self.in_process or self.model_control == "none",
+             "--in-process serves the models loaded at start (each API server holds its own copy); use "
+             "--model-control none, or leave out --in-process to load and unload models while serving")  # fmt: skip
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.host in HOSTS, f"--host must be one of {', '.join(HOSTS)} (LitServe binds these), got {self.host!r}")
         need(1024 <= self.port <= 65535, f"--port must be between 1024 and 65535, got {self.port}")

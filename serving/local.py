@@ -47,13 +47,13 @@ class Runner:
     def start(self) -> None:
         threading.Thread(target=self._main, name="modelship-inference", daemon=True).start()
 
-    async def call(self, x: np.ndarray, timeout: float) -> np.ndarray:
+    async def call(self, key: str, x: np.ndarray, timeout: float) -> np.ndarray:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self.ready:
             if self.broken is not None:
                 raise self.broken
-            self.queue.append((Request(b"", 0, time.monotonic(), x), future))
+            self.queue.append((Request(b"", 0, time.monotonic(), x, key), future))
             self.ready.notify()
         timer = loop.call_later(timeout, expire, future)
         try:

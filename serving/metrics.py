@@ -40,12 +40,29 @@ def metrics() -> SimpleNamespace:
         latency=Histogram(
             "modelship_request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS
         ),
-        batch_size=Histogram("modelship_batch_size", "samples per model forward pass", buckets=BATCH_BUCKETS),
-        batch_requests=Histogram("modelship_batch_requests", "requests per dynamic batch", buckets=BATCH_BUCKETS),
+        batch_size=Histogram(
+            "modelship_batch_size", "samples per model forward pass", ["model", "version"], buckets=BATCH_BUCKETS
+        ),
+        batch_requests=Histogram(
+            "modelship_batch_requests",
+            "requests per forward pass of a model version",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+        ),
         queue=Histogram(
             "modelship_queue_seconds", "time from request accepted to its batch starting", buckets=LATENCY_BUCKETS
         ),
-        inference=Histogram("modelship_inference_seconds", "model time per dynamic batch", buckets=LATENCY_BUCKETS),
+        inference=Histogram(
+            "modelship_inference_seconds",
+            "model time per batch of a model version",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+        ),
+        inferences=Counter(
+            "modelship_inferences",
+            "answered inference requests by model, version and protocol",
+            ["model", "version", "protocol"],
+        ),
     )
 
 

@@ -1,132 +1,47 @@
 """The OpenAPI document behind `/docs` and `/openapi.json`: every route with its real request and response schemas.
 
 LitSpec endpoints take a raw `Request` (bodies are parsed and validated by modelship.serving.protocol, which knows
-the model's shape), so FastAPI cannot infer their bodies; the schemas are pydantic models here, and `install_openapi`
-attaches them to the operations FastAPI lists. The examples are built for the served model, so they work when pasted.
+each model's shape), so FastAPI cannot infer their bodies; the schemas are pydantic models
+(modelship.serving.schemas), and `install_openapi` attaches them to the operations FastAPI lists. The examples are
+built for a served model, so they work when pasted; the description lists every model version the server holds.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import modelship
-
-Scalar = str | int | float | bool
-EXAMPLE_LIMIT = 16384  # a tensor example with more numbers than this would make /openapi.json megabytes long
-
-
-class Error(BaseModel):
-    error: str = Field(description="what was wrong and what was expected")
-
-
-class PredictImage(BaseModel):
-    image: str = Field(description="a PNG or JPEG file, base64-encoded (a data: URL works too)")
-    top_k: int | None = Field(None, ge=1, description="how many classes to list (default: up to 5)")
-
-
-class PredictTensor(BaseModel):
-    inputs: list[list[list[float]]] = Field(description="one preprocessed image, float [C][H][W]")
-    top_k: int | None = Field(None, ge=1)
-
-
-class Ranked(BaseModel):
-    label: str
-    index: int
-    score: float = Field(description="softmax probability")
-
-
-class Prediction(Ranked):
-    top_k: list[Ranked] = Field(description="the most likely classes, best first")
-
-
-class Root(BaseModel):
-    project: str
-    version: str
-    model: str
-    backend: str
-    ready: bool
-    links: dict[str, str]
-
-
-class Info(BaseModel):
-    model: dict[str, Any] = Field(description="the bundle's manifest, without the exporting machine's paths")
-    server: dict[str, Any] = Field(description="how this server batches and runs")
-
-
-class V2Tensor(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: Literal["FP32"]
-    parameters: dict[str, Scalar] | None = Field(None, description="binary_data_size with the binary extension")
-    data: list[float] | None = Field(None, description="row-major values, flat or nested")
-
-
-class V2RequestedOutput(BaseModel):
-    name: str
-    parameters: dict[str, Scalar] | None = Field(None, description="binary_data: answer this output in binary")
-
-
-class V2InferenceRequest(BaseModel):
-    id: str | None = None
-    parameters: dict[str, Scalar] | None = Field(None, description="binary_data_output: every output in binary")
-    inputs: list[V2Tensor] = Field(min_length=1, max_length=1)
-    outputs: list[V2RequestedOutput] | None = None
-
-
-class V2InferenceResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: str | None = None
-    outputs: list[V2Tensor]
-
-
-class V2TensorMetadata(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int] = Field(description="-1 is the batch dimension")
-
-
-class V2ModelMetadata(BaseModel):
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[V2TensorMetadata]
-    outputs: list[V2TensorMetadata]
-
-
-class V2ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class V2Live(BaseModel):
-    live: bool
-
-
-class V2Ready(BaseModel):
-    ready: bool
-
-
-class V2ModelReady(BaseModel):
-    name: str
-    ready: bool
-
-
-MODELS: list[type[BaseModel]] = [
-    Error, PredictImage, PredictTensor, Ranked, Prediction, Root, Info, V2Tensor, V2RequestedOutput,
-    V2InferenceRequest, V2InferenceResponse, V2TensorMetadata, V2ModelMetadata, V2ServerMetadata, V2Live, V2Ready,
+from modelship.errors import ModelshipError
+from modelship.serving.schemas import (
+    MODELS,
+    Error,
+    Info,
+    PredictImage,
+    Prediction,
+    PredictTensor,
+    RepositoryIndex,
+    Root,
+    V2InferenceRequest,
+    V2InferenceResponse,
+    V2Live,
+    V2ModelMetadata,
     V2ModelReady,
-]  # fmt: skip
+    V2Ready,
+    V2ServerMetadata,
+)
+
+EXAMPLE_LIMIT = 16384  # a tensor example with more numbers than this would make /openapi.json megabytes long
 
 
 def ref(model: type[BaseModel]) -> dict[str, str]:
@@ -234,19 +149,65 @@ def v2_model_operations(m: Any) -> dict[tuple[str, str], dict[str, Any]]:
         }
         model_ops[(prefix + "/infer", "post")] = {
             **v2,
-            "summary": f"inference on a batch [N, {', '.join(map(str, m.shape))}]",
+            "summary": f"inference on a batch [N, {', '.join(map(str, m.shape))}] (no version: the newest ready)",
             "requestBody": infer_body(m.input_name, m.shape),
             "responses": {
                 "200": json_body(V2InferenceResponse, "logits [N, classes]; binary when asked"),
                 **errors(400, 401, 404, 413, 415, 503, 504),
             },
         }
+        model_ops[(prefix + "/predict", "post")] = {
+            "tags": ["predict"], "summary": "classify one image with this model", "requestBody": predict_body(m.shape),
+            "responses": {
+                "200": json_body(Prediction, "the best class and the top_k, with softmax scores",
+                                 prediction_example(m.classes)),
+                **errors(400, 401, 404, 413, 415, 503, 504),
+            },
+        }  # fmt: skip
+    repository = {"tags": ["model repository"]}
+    model_ops[("/v2/repository/index", "post")] = {
+        **repository, "summary": "every model of the repository, each version with its state",
+        "responses": {"200": json_body(RepositoryIndex)},
+    }  # fmt: skip
+    for op in ("load", "unload"):
+        model_ops[(f"/v2/repository/models/{{name}}/{op}", "post")] = {
+            **repository, "summary": f"{op} a model (--model-control explicit); answered once done",
+            "responses": {"200": {"description": "done"}, **errors(400, 401, 404)},
+        }  # fmt: skip
     return model_ops
+
+
+PLACEHOLDER = SimpleNamespace(
+    name="{name}", classes=("class",), input_name="input", output_name="logits", shape=(3, 224, 224)
+)  # fmt: skip  (the examples' model while none is loaded)
+
+
+def example_model(spec: Any) -> Any:
+    """The model whose shape and classes the examples use: the first ready one, else any the table holds."""
+    table = spec.catalog.table
+    for v in sorted(table.versions.values(), key=lambda v: (v.state != "READY", v.name, -v.version)):
+        with contextlib.suppress(ModelshipError, OSError):
+            return spec.catalog.get(v).model
+    return PLACEHOLDER
+
+
+def describe_models(spec: Any) -> str:
+    """One line per model version the server holds: its state, classes and input."""
+    lines = []
+    for v in sorted(spec.catalog.table.versions.values(), key=lambda v: (v.name, v.version)):
+        try:
+            m = spec.catalog.get(v).model
+        except (ModelshipError, OSError):
+            lines.append(f"- `{v.name}` version {v.version}: {v.state} {v.reason}".rstrip())
+            continue
+        shape = ", ".join(map(str, m.shape))
+        lines.append(f"- `{v.name}` version {v.version} ({v.state}): {len(m.classes)} classes, input [N, {shape}]")
+    return "\n".join(lines) or "- none loaded yet (POST /v2/repository/models/{name}/load)"
 
 
 def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """(path, method) -> the OpenAPI fields modelship adds to FastAPI's operation."""
-    m = spec.model
+    m = example_model(spec)
     v2 = {"tags": ["KServe v2"]}
     model_ops = v2_model_operations(m)
     text = {"content": {"text/plain": {"schema": {"type": "string"}}}}
@@ -270,11 +231,12 @@ def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
         **model_ops,
         ("/", "get"): {**server, "summary": "what this server is, and links", "responses": {"200": json_body(Root)}},
         ("/health", "get"): {
-            **server, "summary": "readiness: 200 while the model can answer, 503 before", "security": [],
+            **server, "summary": "readiness: 200 while the models can answer, 503 before", "security": [],
             "responses": {"200": {"description": "ok", **text}, "503": {"description": "not ready", **text}},
         },
         ("/info", "get"): {
-            **server, "summary": "the manifest and the batching settings", "responses": {"200": json_body(Info)},
+            **server, "summary": "every model version held, with its manifest and memory, and the batching settings",
+            "responses": {"200": json_body(Info)},
         },
         ("/metrics", "get"): {
             **server, "summary": "Prometheus metrics, summed over every server process",
@@ -285,14 +247,13 @@ def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
 
 def build_openapi(app: FastAPI, spec: Any) -> dict[str, Any]:
     """FastAPI's document for the routes, completed with modelship's schemas, examples and security."""
-    m = spec.model
     doc = get_openapi(
-        title=f"modelship: {m.name}",
+        title=title(spec),
         version=modelship.__version__,
         description=(
-            f"Serves `{m.name}` ({spec.settings.backend}): {len(m.classes)} classes, input "
-            f"[N, {', '.join(map(str, m.shape))}]. `/predict` classifies one image; the KServe v2 routes take "
-            "batches and speak the protocol `tritonclient` uses."
+            f"Serves ({spec.settings.backend}):\n\n{describe_models(spec)}\n\n`/predict` classifies one image with "
+            "the only model (`/v2/models/{name}/predict` with any); the KServe v2 routes take batches and speak the "
+            "protocol `tritonclient` uses; a request without a version goes to the newest ready one."
         ),
         routes=app.routes,
     )
@@ -321,6 +282,7 @@ def build_openapi(app: FastAPI, spec: Any) -> dict[str, Any]:
     doc["tags"] = [
         {"name": "predict", "description": "one image in, its classes out"},
         {"name": "KServe v2", "description": "the Open Inference Protocol: batches of tensors, as tritonclient sends"},
+        {"name": "model repository", "description": "Triton's repository extension: what is loaded, load, unload"},
         {"name": "server", "description": "what is served, health, metrics"},
     ]
     if spec.settings.api_key_required:
@@ -337,15 +299,23 @@ def operation_id(path: str, method: str) -> str:
     return "_".join(part.strip("{}") for part in path.split("/") if part) + f"_{method}"
 
 
+def title(spec: Any) -> str:
+    names = sorted({v.name for v in spec.catalog.table.versions.values()})
+    return f"modelship: {', '.join(names)}" if names else "modelship"
+
+
 def install_openapi(app: FastAPI, spec: Any) -> None:
     """Serve `build_openapi`'s document at /openapi.json (and so in /docs), built once on first request."""
 
+    built = [-1]  # the table generation it was built for: versions come and go
+
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, spec)
+        generation = spec.catalog.table.generation
+        if app.openapi_schema is None or built[0] != generation:
+            app.openapi_schema, built[0] = build_openapi(app, spec), generation
         return app.openapi_schema
 
-    app.title = f"modelship: {spec.model.name}"  # the /docs page's title
+    app.title = title(spec)  # the /docs page's title
     app.openapi = openapi  # type: ignore[method-assign]
 
 

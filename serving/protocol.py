@@ -341,10 +341,10 @@ def _v2_input(t: Any, binary: bytes | memoryview, model: ServedModel) -> np.ndar
     return check_finite(np.frombuffer(binary, dtype=V2_DTYPES["FP32"]).reshape(shape), "input")
 
 
-def v2_response(logits: np.ndarray, req: V2Request, model: ServedModel) -> tuple[bytes, dict[str, str]]:
+def v2_response(logits: np.ndarray, req: V2Request, model: ServedModel, version: str) -> tuple[bytes, dict[str, str]]:
     """Body and extra headers: JSON data, or the JSON header followed by raw little-endian FP32 bytes."""
     out: dict[str, Any] = {"name": model.output_name, "datatype": "FP32", "shape": list(logits.shape)}
-    doc: dict[str, Any] = {"model_name": model.name, "model_version": "1", "outputs": [out]}
+    doc: dict[str, Any] = {"model_name": model.name, "model_version": version, "outputs": [out]}
     if req.id is not None:
         doc["id"] = req.id
     if not req.binary_output:

@@ -1,9 +1,10 @@
-"""The serving stage: `serve(cfg)` checks the bundle, then runs LitServe with modelship's spec, middleware, metrics.
+"""The serving stage: `serve(cfg)` checks the bundle or model repository, then runs LitServe with modelship's spec,
+middleware, metrics, and the model controller (modelship.serving.control).
 
-Start-up order: the LitServe version is checked, every artifact's sha256 is checked and a bundle that failed parity
-is refused before any process starts; the HTTP server comes up at once and answers /health 503 until every inference
-worker has loaded the model and warmed it up at the largest batch. A worker that dies is replaced; SIGTERM lets
-in-flight requests finish.
+Start-up order: the LitServe version is checked; every version to load has its sha256 checked and one that failed
+parity is refused before any process starts; the HTTP server comes up at once and answers /health 503 until the
+inference workers have loaded every model and warmed it up at its largest batch. A worker that dies is replaced;
+SIGTERM lets in-flight requests finish.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from modelship.devices import usable_gpus
-from modelship.errors import BundleError, ConfigError, ModelshipError
-from modelship.manifest import check_bundle, require_artifact
+from modelship.errors import ConfigError, ModelshipError
 from modelship.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -34,20 +34,13 @@ class ServeError(ModelshipError):
     exit_code = 1
 
 
-def load_bundle(cfg: ServeConfig) -> dict[str, Any]:
-    """The manifest of a bundle whose hashes match and whose parity passed, with the wanted backend."""
-    manifest = check_bundle(cfg.bundle)
-    if not manifest["parity"].get("passed"):
-        failed = "; ".join(manifest["parity"].get("failed", [])[:3])
-        raise BundleError(f"bundle {cfg.bundle} failed its parity check at export ({failed}); it must not be served")
-    require_artifact(manifest, cfg.bundle, cfg.backend)
+def check_backend(cfg: ServeConfig) -> None:
     needs = TORCH_BACKENDS.get(cfg.backend)
     if needs and not importable(needs):
         raise ConfigError(
             f"--backend {cfg.backend} runs on {needs}, which is not installed here; "
             "pip install 'modelship[serve,torch]', or serve the onnx artifact"
         )
-    return manifest
 
 
 def importable(module: str) -> bool:
@@ -81,7 +74,7 @@ def serve(cfg: ServeConfig) -> None:
     from modelship.serving import compat
 
     compat.check_version()
-    manifest = load_bundle(cfg)
+    check_backend(cfg)
     accelerator, n_devices = resolve_devices(cfg)
     if cfg.in_process and accelerator == "cuda":
         raise ConfigError(
@@ -90,23 +83,26 @@ def serve(cfg: ServeConfig) -> None:
         )
     check_port(cfg.host, cfg.port)
 
-    from modelship.serving import lifeline, metrics, transport
+    from modelship.serving import control, lifeline, metrics, transport
 
-    sockets = None if cfg.in_process else transport.socket_directory()  # the workers' transport needs them
+    run_dir = transport.socket_directory()  # the model table and the transport's sockets
     metrics_dir = metrics.init_dir()  # before prometheus_client is imported anywhere
     try:
+        controller = control.Controller(cfg.bundle, run_dir, cfg.backend, cfg.model_control, cfg.version_policy,
+                                        cfg.load_models, cfg.poll_interval, static=cfg.in_process)  # fmt: skip
+        table = controller.start_table()  # every version checked before any process starts
         failed = threading.Event()
-        server = build_server(cfg, manifest, accelerator, n_devices, failed, sockets)
+        server = build_server(cfg, accelerator, n_devices, failed, run_dir, controller)
         on_sigterm_drain()
         url_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         wait = f"waiting up to {cfg.batch_timeout:g}s for more" if cfg.batch_timeout else "of what is waiting"
         n = models(cfg, n_devices)
-        copies = f"the model in each of {n} API server(s)" if cfg.in_process else f"{n} worker(s)"
+        copies = f"the models in each of {n} API server(s)" if cfg.in_process else f"{n} worker(s)"
+        held = ", ".join(f"{v.name} {v.version}" for v in table.versions.values()) or "no model yet"
         log.info(
-            "serving %s (%s on %s, %s, batches of up to %d %s) at http://%s:%d — POST /predict, "
-            "POST /v2/models/%s/infer, docs at /docs; /health turns 200 once warmed up",
-            manifest["name"], cfg.backend, accelerator, copies, cfg.max_batch_size, wait, url_host, cfg.port,
-            manifest["name"],
+            "serving %s (%s on %s, %s, batches of up to %d %s, model control %s) at http://%s:%d — POST /predict, "
+            "POST /v2/models/{name}/infer, docs at /docs; /health turns 200 once warmed up",
+            held, cfg.backend, accelerator, copies, cfg.max_batch_size, wait, cfg.model_control, url_host, cfg.port,
         )  # fmt: skip
         lifeline.follow_in_forked_children()  # LitServe's Manager and the API servers end with this process
         server.run(
@@ -118,11 +114,10 @@ def serve(cfg: ServeConfig) -> None:
             access_log=cfg.access_log,
         )
         if failed.is_set():
-            raise ServeError("the model could not be loaded; the log above says why")
+            raise ServeError("a model could not be loaded; the log above says why")
     finally:
         metrics.remove_dir(metrics_dir)
-        if sockets is not None:
-            shutil.rmtree(sockets, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def api_servers(cfg: ServeConfig, n_devices: int) -> int:
@@ -135,12 +130,14 @@ def models(cfg: ServeConfig, n_devices: int) -> int:
     return api_servers(cfg, n_devices) if cfg.in_process else n_devices * cfg.workers_per_device
 
 
-def settings_for(cfg: ServeConfig, accelerator: str, n_devices: int) -> Any:
+def settings_for(cfg: ServeConfig, accelerator: str, n_devices: int, run_dir: str) -> Any:
     """What both the API servers and the workers need to know (pickled into every worker)."""
     from modelship.serving.api import Settings
 
     return Settings(
-        bundle=str(cfg.bundle.resolve()),
+        run_dir=run_dir,
+        source=str(cfg.bundle.resolve()),
+        model_control=cfg.model_control,
         backend=cfg.backend,
         max_batch_size=cfg.max_batch_size,
         batch_timeout=cfg.batch_timeout,
@@ -157,27 +154,25 @@ def settings_for(cfg: ServeConfig, accelerator: str, n_devices: int) -> Any:
 
 
 def build_server(
-    cfg: ServeConfig, manifest: dict[str, Any], accelerator: str, n_devices: int, failed: threading.Event,
-    sockets: str | None,
+    cfg: ServeConfig, accelerator: str, n_devices: int, failed: threading.Event, run_dir: str, controller: Any,
 ) -> Any:  # fmt: skip
     """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
     from starlette.middleware.cors import CORSMiddleware
 
     from modelship.serving import broker, compat, connections, local
-    from modelship.serving.api import HTTPSpec, InferenceAPI
+    from modelship.serving.api import HTTPSpec
     from modelship.serving.middleware import Guard
     from modelship.serving.openapi import install_errors, install_openapi
-    from modelship.serving.protocol import ServedModel
+    from modelship.serving.worker import InferenceAPI
 
-    settings = settings_for(cfg, accelerator, n_devices)
-    model = ServedModel.from_manifest(manifest, max_batch=int(manifest.get("max_batch", 64)))
-    spec = HTTPSpec(manifest, settings, model)
+    settings = settings_for(cfg, accelerator, n_devices, run_dir)
+    spec = HTTPSpec(settings)
     inference = InferenceAPI(settings, spec)
     in_api_server = None
     if cfg.in_process:
 
         def in_api_server(loaded: Callable[[bool], None]) -> None:
-            """In a new API server process: load the model on its own thread; requests wait for it."""
+            """In a new API server process: load the models on its own thread; requests wait for them."""
             runner = local.Runner(lambda: inference.setup("cpu"), inference.run, settings.max_batch_size,
                                   settings.batch_timeout, loaded)  # fmt: skip
             runner.start()
@@ -198,10 +193,11 @@ def build_server(
         restart_workers=True,
         front=front,
         on_worker_failure=failed.set,
-        sockets=sockets,
+        sockets=None if cfg.in_process else run_dir,
         hung=broker.HungPolicy(floor=cfg.hang_timeout),
         http=connections.protocol(cfg.header_timeout, cfg.body_timeout),
         in_api_server=in_api_server,
+        on_broker=controller.start,
     )
     install_errors(server.app)
     install_openapi(server.app, spec)

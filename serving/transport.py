@@ -36,6 +36,7 @@ import numpy as np
 import zmq
 
 from modelship.errors import ConfigError
+from modelship.serving.models import REFRESH
 
 log = logging.getLogger(__name__)
 
@@ -86,31 +87,39 @@ def _fit(directory: str, *names: str) -> tuple[str, ...]:
 
 @dataclass
 class Request:
-    """What a worker receives: who asked, when, and the float32 array [n, C, H, W]."""
+    """What a worker receives: who asked, when, for which model version, and the float32 array [n, C, H, W]."""
 
     uid: bytes
     consumer: int
     queued_at: float
     x: np.ndarray
+    key: str = ""  # the model version (models.key_of): a batch never mixes two
 
 
-def encode_requests(consumer: int, items: list[tuple[bytes, np.ndarray]]) -> list[Any]:
-    """One message for requests of one API server: (uid, array) each; the arrays as frames of their own."""
+def encode_requests(consumer: int, key: str, items: list[tuple[bytes, np.ndarray]]) -> list[Any]:
+    """One message for requests of one API server to one model version: the version as its first frame (the broker
+    counts what each version has outstanding without unpickling), then (uid, array) each, arrays as frames."""
     meta = pickle.dumps((consumer, time.monotonic(), [(uid, x.shape, x.dtype.str) for uid, x in items]))
-    return [meta, *(np.ascontiguousarray(x).data for _, x in items)]
+    return [key.encode(), meta, *(np.ascontiguousarray(x).data for _, x in items)]
 
 
 def decode_requests(frames: list[Any]) -> list[Request]:
-    consumer, queued_at, meta = pickle.loads(frames[0])
+    key = bytes(frames[0]).decode()
+    consumer, queued_at, meta = pickle.loads(frames[1])
     return [
-        Request(uid, consumer, queued_at, np.frombuffer(frame, dtype=np.dtype(dtype)).reshape(shape))
-        for (uid, shape, dtype), frame in zip(meta, frames[1:], strict=True)
+        Request(uid, consumer, queued_at, np.frombuffer(frame, dtype=np.dtype(dtype)).reshape(shape), key)
+        for (uid, shape, dtype), frame in zip(meta, frames[2:], strict=True)
     ]
 
 
 def uids(frames: list[Any]) -> list[bytes]:
     """The requests in a message, by id."""
-    return [uid for uid, *_ in pickle.loads(frames[0].bytes)[2]]
+    return [uid for uid, *_ in pickle.loads(frames[1].bytes)[2]]
+
+
+def size(frames: list[Any]) -> int:
+    """How many requests a message holds."""
+    return len(frames) - 2
 
 
 def encode_answers(items: list[tuple[bytes, int, Any]]) -> list[Any]:
@@ -142,20 +151,20 @@ class Client:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(addresses.answers[consumer])
         self.pending: dict[bytes, asyncio.Future] = {}
-        self.outbox: list[tuple[bytes, np.ndarray]] = []  # this turn of the event loop's requests
+        self.outbox: dict[str, list[tuple[bytes, np.ndarray]]] = {}  # this turn of the event loop's, by version
         self.prefix = secrets.token_bytes(8)  # unique to this process; a counter makes each request's id
         self.count = itertools.count()
         # ZeroMQ's descriptor signals "something changed", not "a message is here": drain on every signal
         self.loop.add_reader(self.pull.fileno(), self._read)
 
-    async def call(self, x: np.ndarray, timeout: float) -> np.ndarray:
-        """Send one array, wait for its answer: the array, or WorkerError / TimeoutError."""
+    async def call(self, key: str, x: np.ndarray, timeout: float) -> np.ndarray:
+        """Send one array to model version `key`, wait for its answer: the array, or WorkerError / TimeoutError."""
         uid = self.prefix + struct.pack("!Q", next(self.count))
         future = self.loop.create_future()
         self.pending[uid] = future
         if not self.outbox:
             self.loop.call_soon(self._send)  # after every request this turn of the loop has taken in
-        self.outbox.append((uid, x))
+        self.outbox.setdefault(key, []).append((uid, x))
         timer = self.loop.call_later(timeout, expire, future)
         try:
             return await future
@@ -164,8 +173,9 @@ class Client:
             del self.pending[uid]
 
     def _send(self) -> None:
-        items, self.outbox = self.outbox, []
-        self.push.send_multipart(encode_requests(self.consumer, items), copy=False)
+        outbox, self.outbox = self.outbox, {}
+        for key, items in outbox.items():
+            self.push.send_multipart(encode_requests(self.consumer, key, items), copy=False)
 
     def _read(self) -> None:
         while True:
@@ -218,7 +228,10 @@ class WorkerError(Exception):
 class Worker:
     """In an inference worker process: take batches on credit, send each API server its answers."""
 
-    def __init__(self, addresses: Addresses, worker_id: int):
+    def __init__(self, addresses: Addresses, worker_id: int, refresh: Callable[[], bytes | None] | None = None):
+        # refresh(): brings this worker's models up to the model table; its status (JSON) when that changed
+        self.refresh = refresh or (lambda: None)
+        self.status = self.refresh() or b""  # sent with the next "ready"
         self.ctx = zmq.Context()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.IDENTITY, identity(worker_id, os.getpid()))
@@ -239,10 +252,15 @@ class Worker:
         return batch
 
     def _take(self, max_batch: int, window: float) -> list[Request]:
-        self.dealer.send_multipart([b"ready", struct.pack("!I", max_batch), b"".join(self.received)])
+        status = self.refresh() or self.status  # the models may have changed while the last batch ran
+        self.status = b""
+        credit = struct.pack("!I", max_batch)
+        self.dealer.send_multipart([b"ready", credit, b"".join(self.received), status])
         self.received = []
-        while not self.dealer.poll(1000):
-            pass
+        while not self.dealer.poll(int(REFRESH * 1000)):
+            news = self.refresh()
+            if news:  # idle and loaded or unloaded a version: say so now (the same ask again, nothing to ack)
+                self.dealer.send_multipart([b"ready", credit, b"", news])
         batch = self._receive()
         deadline = time.monotonic() + window
         while len(batch) < max_batch:
@@ -291,11 +309,15 @@ def serve_batches(worker: Worker, run: Callable[[list[Request]], list[np.ndarray
         worker.answer(items)
 
 
-def run_batch(run: Callable[[list[Request]], list[np.ndarray]], batch: list[Request]) -> list[tuple[int, Any]]:
-    """(OK, logits) per request, or (ERROR, (500, detail)) for every one when the forward pass fails: requests are
-    validated before they are queued, so a failure here is the model's."""
+def run_batch(run: Callable[[list[Request]], list[Any]], batch: list[Request]) -> list[tuple[int, Any]]:
+    """(OK, logits) per request, (ERROR, (status, detail)) for a request `run` answered with a WorkerError (a model
+    version this worker does not hold), or (ERROR, (500, detail)) for every one when the forward pass fails: requests
+    are validated before they are queued, so a failure here is the model's."""
     try:
-        return [(OK, y) for _, y in zip(batch, run(batch), strict=True)]  # a count mismatch fails here too
+        return [
+            (ERROR, (y.status, y.detail)) if isinstance(y, WorkerError) else (OK, y)
+            for _, y in zip(batch, run(batch), strict=True)
+        ]  # fmt: skip  (a count mismatch fails here too)
     except Exception as e:
         log.exception("inference failed")
         return [(ERROR, (500, f"inference failed: {type(e).__name__}"))] * len(batch)

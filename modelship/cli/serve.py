@@ -16,7 +16,9 @@ from modelship.serving.config import (  # light: standard library only
     CLIENT_URL,
     HOSTS,
     LOG_LEVELS,
+    MODEL_CONTROL,
     PREDICT_FORMATS,
+    VERSION_POLICIES,
     EvaluateConfig,
     PredictConfig,
     ServeConfig,
@@ -29,10 +31,31 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     def d(name: str) -> Any:
         return default(ServeConfig, name)
 
-    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument(
+        "bundle", type=Path, metavar="PATH", help="a bundle, or a model repository REPO/<name>/<version>/ of bundles"
+    )
     p.add_argument(
         "--backend", choices=BACKENDS, default=d("backend"), help="which artifact to run (default %(default)s)"
     )
+    p.add_argument(
+        "--model-control", choices=MODEL_CONTROL, default=d("model_control"),
+        help="none: load every model at start, change nothing; poll: also rescan the repository every "
+        "--poll-interval and load/unload what appears/goes; explicit: --load-model at start, then the repository "
+        "API's load and unload (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--load-model", dest="load_models", action="append", default=[], metavar="NAME",
+        help="with --model-control explicit: a model to load at start (repeatable; * for every one)",
+    )  # fmt: skip
+    p.add_argument(
+        "--poll-interval", type=float, default=d("poll_interval"),
+        help="seconds between looks at the repository (poll; explicit: for the index) (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--version-policy", choices=VERSION_POLICIES, default=d("version_policy"),
+        help="latest: serve a model's newest version that loaded; all: every version, each addressable "
+        "(default %(default)s)",
+    )  # fmt: skip
     p.add_argument("--device", choices=DEVICES, default=d("device"), help="(default %(default)s)")
     p.add_argument("--host", default=d("host"), help=f"{', '.join(HOSTS)} (default %(default)s)")
     p.add_argument("--port", type=int, default=d("port"), help="(default %(default)s)")
@@ -121,7 +144,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from modelship.serving.server import serve
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("MODELSHIP_API_KEY")
-    serve(config_from(ServeConfig, args, api_key=api_key, cors_origins=tuple(args.cors_origins)))
+    serve(config_from(ServeConfig, args, api_key=api_key, cors_origins=tuple(args.cors_origins),
+                      load_models=tuple(args.load_models)))  # fmt: skip
     return 0
 
 

@@ -74,10 +74,12 @@ def test_every_answer_goes_back_to_its_own_request(batching_server: Server) -> N
     # two API server processes and two workers wrote these; the sums are over all of them
     assert delta('modelship_requests_total{route="/v2/models/{name}/infer",status="200"}') == CLIENTS
     assert delta('modelship_requests_total{route="/predict",status="200"}') == CLIENTS
-    assert delta("modelship_batch_size_sum") == samples
+    version = 'model="affine",version="1"'  # the batch metrics carry the model version they ran
+    assert delta(f"modelship_batch_size_sum{{{version}}}") == samples
     assert delta("modelship_queue_seconds_count") == 2 * CLIENTS
-    requests_batched = delta("modelship_batch_requests_sum")
-    batches = delta("modelship_batch_requests_count")
+    requests_batched = delta(f"modelship_batch_requests_sum{{{version}}}")
+    batches = delta(f"modelship_batch_requests_count{{{version}}}")
+    assert delta('modelship_inferences_total{model="affine",protocol="http",version="1"}') == 2 * CLIENTS
     assert requests_batched == 2 * CLIENTS
     assert batches < requests_batched / 2, "concurrent requests should share forward passes"
     assert len(batching_server.children()) == 2

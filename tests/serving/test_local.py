@@ -47,7 +47,7 @@ def test_waiting_requests_run_in_batches_of_at_most_max_batch_each_answered_with
 
     async def main() -> list[np.ndarray]:
         runner = model.runner(max_batch=2)
-        calls = [asyncio.ensure_future(runner.call(rows(i, i + 0.5), 5)) for i in range(5)]
+        calls = [asyncio.ensure_future(runner.call("m/1", rows(i, i + 0.5), 5)) for i in range(5)]
         await asyncio.sleep(0.05)  # all five queued while the model loads
         model.gate.set()
         return await asyncio.gather(*calls)
@@ -65,9 +65,9 @@ def test_the_batch_window_gathers_a_request_that_arrives_within_it() -> None:
 
     async def main() -> None:
         runner = model.runner(max_batch=4, window=0.5)
-        first = asyncio.ensure_future(runner.call(rows(1), 5))
+        first = asyncio.ensure_future(runner.call("m/1", rows(1), 5))
         await asyncio.sleep(0.1)
-        await asyncio.gather(first, runner.call(rows(2), 5))
+        await asyncio.gather(first, runner.call("m/1", rows(2), 5))
 
     asyncio.run(main())
     assert model.batches == [[1, 1]]
@@ -80,10 +80,10 @@ def test_a_failing_forward_pass_fails_its_batch_with_500_and_the_next_batch_runs
     async def main() -> np.ndarray:
         runner = model.runner()
         with pytest.raises(WorkerError) as e:
-            await runner.call(rows(1), 5)
+            await runner.call("m/1", rows(1), 5)
         assert (e.value.status, e.value.detail) == (500, "inference failed: RuntimeError")
         model.fail_run = False
-        return await runner.call(rows(3), 5)
+        return await runner.call("m/1", rows(3), 5)
 
     np.testing.assert_array_equal(asyncio.run(main()), rows(6))
 
@@ -94,9 +94,9 @@ def test_a_request_whose_caller_timed_out_is_not_run() -> None:
     async def main() -> None:
         runner = model.runner()
         with pytest.raises(TimeoutError):
-            await runner.call(rows(1), 0.05)  # the model is still loading
+            await runner.call("m/1", rows(1), 0.05)  # the model is still loading
         model.gate.set()
-        np.testing.assert_array_equal(await runner.call(rows(2), 5), rows(4))
+        np.testing.assert_array_equal(await runner.call("m/1", rows(2), 5), rows(4))
 
     asyncio.run(main())
     assert model.batches == [[1]]  # only the second request ran
@@ -107,12 +107,12 @@ def test_a_model_that_fails_to_load_answers_503_to_the_waiting_and_to_later_requ
 
     async def main() -> list[BaseException]:
         runner = model.runner()
-        waiting = asyncio.ensure_future(runner.call(rows(1), 5))
+        waiting = asyncio.ensure_future(runner.call("m/1", rows(1), 5))
         await asyncio.sleep(0.05)
         model.gate.set()
         errors = await asyncio.gather(waiting, return_exceptions=True)
         with pytest.raises(WorkerError) as later:
-            await runner.call(rows(2), 5)
+            await runner.call("m/1", rows(2), 5)
         return [*errors, later.value]
 
     errors = asyncio.run(main())

@@ -193,7 +193,7 @@ def test_v2_header_length_must_fit() -> None:
 
 def test_v2_responses_json_and_binary() -> None:
     logits = np.array([[1.5, -2.0, 0.25]], np.float32)
-    content, headers = v2_response(logits, V2Request(np.zeros(1), id="7"), SPEC)
+    content, headers = v2_response(logits, V2Request(np.zeros(1), id="7"), SPEC, "1")
     doc = json.loads(content)
     assert doc == {
         "model_name": "m",
@@ -201,7 +201,7 @@ def test_v2_responses_json_and_binary() -> None:
         "id": "7",
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 3], "data": [1.5, -2.0, 0.25]}],
     }
-    content, headers = v2_response(logits, V2Request(np.zeros(1), binary_output=True), SPEC)
+    content, headers = v2_response(logits, V2Request(np.zeros(1), binary_output=True), SPEC, "1")
     n = int(headers["inference-header-content-length"])
     assert json.loads(content[:n])["outputs"][0]["parameters"] == {"binary_data_size": 12}
     assert np.array_equal(np.frombuffer(content[n:], "<f4").reshape(1, 3), logits)

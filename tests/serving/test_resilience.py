@@ -89,12 +89,12 @@ def test_a_crashed_worker_is_replaced_and_the_server_keeps_answering(tiny_bundle
 def test_sigterm_lets_in_flight_requests_finish_and_exits_0_leaving_no_files(
     tiny_bundle: Path, tmp_path: Path, mode
 ) -> None:
-    scratch = tmp_path / "tmp"  # the server's temporary directory: its sockets and metric files go there
+    scratch = tmp_path / "tmp"  # the server's temporary directory: its model table, sockets and metric files
     scratch.mkdir()
     # a long batch window keeps requests in flight when the signal arrives
     with running_server(tiny_bundle, "--batch-timeout", "1.0", "--max-batch-size", "64", *mode, tmp=tmp_path,
                         env={"TMPDIR": str(scratch)}) as s:  # fmt: skip
-        assert ours(scratch) == (["modelship-metrics"] if mode else ["modelship-metrics", "modelship-sock"])
+        assert ours(scratch) == ["modelship-metrics", "modelship-sock"]
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(predict, s.url) for _ in range(8)]
             time.sleep(0.3)
@@ -137,7 +137,7 @@ def test_a_model_that_fails_to_load_stops_the_server_with_exit_1(tiny_bundle: Pa
     bundle = copy_bundle(tiny_bundle, tmp_path / "b", unloadable)
     r = run_modelship("serve", str(bundle), "--port", str(free_port()), *mode, timeout=120)
     assert r.code == 1, r.err[-3000:]
-    assert r.last_line == "modelship serve: error: the model could not be loaded; the log above says why"
+    assert r.last_line == "modelship serve: error: a model could not be loaded; the log above says why"
 
 
 def ours(directory: Path) -> list[str]:
@@ -222,8 +222,8 @@ def test_missing_bundle(tmp_path: Path, cli) -> None:
     r = cli("serve", tmp_path / "nope")
     assert r.code == 2
     assert r.last_line == (
-        f"modelship serve: error: bundle {tmp_path / 'nope'} is not a directory; "
-        "expected the folder `modelship export --out` wrote"
+        f"modelship serve: error: {tmp_path / 'nope'} is not a folder; "
+        "expected a bundle or a model repository REPO/<name>/<version>/"
     )
 
 

@@ -53,7 +53,7 @@ def test_health_info_and_v2_metadata(server: Server, tiny_bundle: Path) -> None:
         "threads": threads,
     }
     assert {k: info["server"][k] for k in expected} == expected
-    assert httpx.get(server.url + "/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert httpx.get(server.url + "/v2").json()["extensions"] == ["binary_tensor_data", "model_repository"]
     assert httpx.get(server.url + "/v2/health/live").status_code == 200
     assert httpx.get(server.url + "/v2/health/ready").status_code == 200
     meta = httpx.get(server.url + "/v2/models/shapes-cnn").json()
@@ -266,6 +266,7 @@ def test_metrics_count_requests_batches_and_queue_time(server: Server) -> None:
     assert after[key] - before.get(key, 0) == 5
     bad = 'modelship_requests_total{route="/predict",status="400"}'
     assert after[bad] - before.get(bad, 0) == 1
-    assert after["modelship_batch_size_sum"] - before.get("modelship_batch_size_sum", 0) == 5  # samples run
+    batch = 'modelship_batch_size_sum{model="shapes-cnn",version="1"}'
+    assert after[batch] - before.get(batch, 0) == 5  # samples run, labelled by the model version
     assert after["modelship_queue_seconds_count"] - before.get("modelship_queue_seconds_count", 0) == 5
     assert 'modelship_request_duration_seconds_bucket{le="0.1",route="/predict"}' in after

@@ -47,7 +47,9 @@ def sockets(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket, zmq.So
 
 def message(*ids: bytes) -> list[zmq.Frame]:
     """One API server's message holding a request per id, each one row of its id's last byte."""
-    return [zmq.Frame(f) for f in encode_requests(0, [(i, np.full((1, 2), float(i[-1]), np.float32)) for i in ids])]
+    return [
+        zmq.Frame(f) for f in encode_requests(0, "m/1", [(i, np.full((1, 2), float(i[-1]), np.float32)) for i in ids])
+    ]
 
 
 def worker_socket(ctx: zmq.Context, name: str, pid: int) -> zmq.Socket:
@@ -254,8 +256,9 @@ def test_a_worker_runs_a_message_larger_than_its_batch_in_batches_and_asks_again
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(worker.next_batch, 1, 0.0)
         assert router.poll(5000)
-        who, ready, size, acks = router.recv_multipart()
-        assert (who, ready, struct.unpack("!I", size), acks) == (identity(0, os.getpid()), b"ready", (1,), b"")
+        who, ready, size, acks, status = router.recv_multipart()
+        assert (who, ready, struct.unpack("!I", size), acks, status) == (identity(0, os.getpid()), b"ready", (1,), b"",
+                                                                         b"")  # fmt: skip
         router.send_multipart([who, struct.pack("!Q", 7), *message(b"r0", b"r1", b"r2")])
         assert [r.uid for r in first.result(5)] == [b"r0"]
         assert [r.uid for r in worker.next_batch(1, 0.0)] == [b"r1"]
@@ -263,9 +266,31 @@ def test_a_worker_runs_a_message_larger_than_its_batch_in_batches_and_asks_again
         assert not router.poll(200)  # it held the message until every request in it ran: no "ready" before
         pool.submit(worker.next_batch, 1, 0.0)
         assert router.poll(5000)
-        _, ready, _, acks = router.recv_multipart()
+        _, ready, _, acks, _ = router.recv_multipart()
         assert ready == b"ready" and struct.unpack("!Q", acks) == (7,)  # it acknowledges the message it ran
         router.send_multipart([who, struct.pack("!Q", 8), *message(b"r3")])  # lets the waiting call return
+    worker.ctx.destroy(linger=0)
+
+
+def test_a_worker_says_what_it_holds_with_its_ask_and_again_when_that_changes_while_idle(tmp_path: Path) -> None:
+    addresses = Addresses.fresh(str(tmp_path), 1)
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.bind(addresses.requests_out)
+    news = [b'{"generation": 1}', None, None, b'{"generation": 2}']  # what refresh() finds, call after call
+
+    def refresh() -> bytes | None:
+        return news.pop(0) if news else None
+
+    worker = Worker(addresses, 0, refresh)  # its first status, from start-up, goes with its first ask
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(worker.next_batch, 4, 0.0)
+        assert router.poll(5000)
+        who, _, _, acks, status = router.recv_multipart()
+        assert (acks, status) == (b"", b'{"generation": 1}')
+        assert router.poll(5000)  # idle, it loaded a version: the same ask again, with the news
+        _, ready, size, acks, status = router.recv_multipart()
+        assert (ready, struct.unpack("!I", size), acks, status) == (b"ready", (4,), b"", b'{"generation": 2}')
+        router.send_multipart([who, struct.pack("!Q", 1), *message(b"r0")])  # lets the waiting call return
     worker.ctx.destroy(linger=0)
 
 
@@ -290,7 +315,7 @@ def test_an_api_server_keeps_reading_answers_after_an_error_only_message_and_a_m
         answers.connect(addresses.answers[0])
 
         async def ask_and_answer(answer: Callable[[bytes], tuple[int, Any]]) -> np.ndarray:
-            call = asyncio.ensure_future(client.call(np.zeros((1, 2), np.float32), 5.0))
+            call = asyncio.ensure_future(client.call("m/1", np.zeros((1, 2), np.float32), 5.0))
             [uid] = uids(await asyncio.to_thread(requests.recv_multipart, copy=False))
             answers.send_multipart(encode_answers([(uid, *answer(uid))]))
             return await call

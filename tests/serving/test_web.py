@@ -20,7 +20,9 @@ ROUTES = {
     ("/v2/health/live", "get"), ("/v2/health/ready", "get"), ("/v2/models/{name}", "get"),
     ("/v2/models/{name}/ready", "get"), ("/v2/models/{name}/infer", "post"),
     ("/v2/models/{name}/versions/{version}", "get"), ("/v2/models/{name}/versions/{version}/ready", "get"),
-    ("/v2/models/{name}/versions/{version}/infer", "post"),
+    ("/v2/models/{name}/versions/{version}/infer", "post"), ("/v2/models/{name}/predict", "post"),
+    ("/v2/models/{name}/versions/{version}/predict", "post"), ("/v2/repository/index", "post"),
+    ("/v2/repository/models/{name}/load", "post"), ("/v2/repository/models/{name}/unload", "post"),
 }  # fmt: skip
 
 
@@ -52,6 +54,8 @@ def test_openapi_describes_every_route_with_its_schemas(server: Server) -> None:
     infer = doc["paths"]["/v2/models/{name}/infer"]["post"]
     assert infer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/V2InferenceRequest")
     assert "application/octet-stream" in infer["requestBody"]["content"]
+    assert "`shapes-cnn` version 1 (READY): 5 classes, input [N, 3, 32, 32]" in doc["info"]["description"]
+    assert doc["info"]["title"] == "modelship: shapes-cnn"
     assert "Swagger UI" in httpx.get(server.url + "/docs").text
 
 

@@ -1,0 +1,122 @@
+"""An API server's view of the models it serves: the model table (modelship.serving.models), and for each READY
+version what validating and answering a request needs (its ServedModel, v2 metadata, JSON size limit).
+
+`resolve(name, version)` is the routing rule: no version means the newest READY one; a version that exists but is
+not READY is 503 (loading, unloading: retry), one that does not exist 404, each with a message naming what there is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelship.manifest import read_manifest
+from modelship.serving import models
+from modelship.serving.backends import PLATFORMS
+from modelship.serving.protocol import RequestError, ServedModel
+
+JSON_NUMBER_BYTES = 26  # the longest float32 in JSON, "-1.2345678e-38" at most, with room for ", " and exponent forms
+JSON_ENVELOPE_BYTES = 1 << 16  # names, datatype, shape, parameters around the numbers
+
+
+@dataclass(frozen=True)
+class Served:
+    """One READY model version as an API server answers for it."""
+
+    key: str
+    version: str
+    model: ServedModel
+    manifest: dict[str, Any]  # without this machine's paths
+    max_json_bytes: int  # the largest JSON body a v2 request can legitimately have
+    datatype: str
+
+
+def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest without this machine's paths."""
+    source = {k: v for k, v in manifest["source"].items() if k != "checkpoint"}
+    return {**manifest, "source": source}
+
+
+def served(entry: models.Version, backend: str) -> Served:
+    manifest = read_manifest(Path(entry.path))
+    model = ServedModel.from_manifest({**manifest, "name": entry.name}, max_batch=int(manifest.get("max_batch", 64)))
+    c, h, w = model.shape
+    artifact = manifest["artifacts"][backend]
+    datatype = {"float32": "FP32", "float16": "FP16"}[artifact.get("io", manifest["input"]["dtype"])]
+    limit = model.max_batch * c * h * w * JSON_NUMBER_BYTES + JSON_ENVELOPE_BYTES
+    return Served(entry.key, str(entry.version), model, public_manifest(manifest), limit, datatype)
+
+
+class Catalog:
+    """The table as this process last read it, and the Served of each READY version (built once per version)."""
+
+    def __init__(self, run_dir: str, backend: str):
+        self.reader = models.Reader(run_dir)
+        self.backend = backend
+        self.cache: dict[str, Served] = {}
+
+    @property
+    def table(self) -> models.Table:
+        return self.reader.current()
+
+    def names(self) -> list[str]:
+        return self.table.names()
+
+    def get(self, entry: models.Version) -> Served:
+        found = self.cache.get(entry.key)
+        if found is None:
+            if len(self.cache) > 256:  # versions come and go for the life of the server
+                live = self.table.versions
+                self.cache = {k: v for k, v in self.cache.items() if k in live}
+            found = self.cache[entry.key] = served(entry, self.backend)
+        return found
+
+    def resolve(self, name: str, version: str | None = None) -> Served:
+        """The version a request for `name` (and `version`, if given) goes to, or RequestError 404 / 503."""
+        table = self.table
+        ready = table.ready(name)
+        versions = sorted((v for v in table.versions.values() if v.name == name), key=lambda v: v.version)
+        if not versions:
+            if name in table.known:
+                raise RequestError(
+                    f"model {name!r} is not loaded; POST /v2/repository/models/{name}/load loads it", 404
+                )
+            have = ", ".join(repr(n) for n in table.names()) or "none yet"
+            raise RequestError(f"unknown model {name!r}; this server serves {have}", 404)
+        if version in (None, ""):
+            if not ready:
+                states = ", ".join(f"{v.version} {v.state}" for v in versions)
+                raise RequestError(f"model {name!r} has no version ready ({states}); retry shortly", 503)
+            return self.get(ready[0])
+        match = next((v for v in versions if str(v.version) == version), None)
+        if match is None:
+            listed = ", ".join(repr(str(v.version)) for v in versions)
+            raise RequestError(f"model {name!r} has no version {version!r}; its versions are {listed}", 404)
+        if match.state != models.READY:
+            why = f": {match.reason}" if match.reason else "; retry shortly, or leave out the version"
+            raise RequestError(f"version {version} of model {name!r} is {match.state}{why}", 503)
+        return self.get(match)
+
+    def only(self) -> Served:
+        """The model `/predict` answers for: the only one served, or RequestError naming the per-model route."""
+        names = self.names()
+        if len(names) != 1:
+            if not names:
+                raise RequestError("no model is ready yet; retry shortly", 503)
+            raise RequestError(
+                f"this server serves {len(names)} models ({', '.join(names)}); POST /v2/models/{{name}}/predict", 400
+            )
+        return self.resolve(names[0])
+
+    def metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        """The v2 model metadata: the versions that are READY, the platform, the tensors."""
+        s = self.resolve(name, version)
+        c, h, w = s.model.shape
+        return {
+            "name": name,
+            "versions": [str(v.version) for v in self.table.ready(name)] if version is None else [s.version],
+            "platform": PLATFORMS[self.backend],
+            "inputs": [{"name": s.model.input_name, "datatype": s.datatype, "shape": [-1, c, h, w]}],
+            "outputs": [{"name": s.model.output_name, "datatype": s.datatype, "shape": [-1, len(s.model.classes)]}],
+        }

@@ -1,0 +1,303 @@
+"""The model controller: a thread of the server's main process that owns the model table (modelship.serving.models)
+and decides what the workers hold, by Triton's model-control modes.
+
+- `none`: every model of the repository (or the one bundle) is loaded at start; nothing changes after.
+- `poll`: the same at start, then the repository is scanned every --poll-interval seconds: a version that appears is
+  loaded, one whose folder goes is drained and unloaded.
+- `explicit`: the --load-model models at start, then what POST /v2/repository/models/{name}/load and /unload ask.
+
+An update never fails a request: a new version is checked (sha256, parity passed, the --backend artifact) and added
+LOADING; every worker loads and warms it up beside what it serves; it turns READY (routed) only when every live worker
+has it. Under --version-policy latest the version it replaces then turns UNLOADING: no new requests, and once the
+broker holds none of its requests (and the API servers have seen the change) it leaves the table and the workers
+unload it. A version that fails to load never serves: it is UNAVAILABLE with the reason, and what served stays.
+
+API servers reach the controller over a ZeroMQ socket in the server's run folder (`ask`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from modelship import repository
+from modelship.errors import ConfigError, ModelshipError
+from modelship.serving.models import HELD, LOADING, READY, UNAVAILABLE, UNLOADING, Table, Version, key_of
+
+log = logging.getLogger(__name__)
+
+DRAIN_MIN = 0.5  # seconds an UNLOADING version stays at least: every API server has read the table by then
+ASK_TIMEOUT = 300.0  # how long a load or unload request waits for its versions to settle
+
+
+def address(run_dir: str) -> str:
+    return f"ipc://{os.path.join(run_dir, 'ctl')}"
+
+
+def ask(run_dir: str, request: dict[str, Any]) -> tuple[int, Any]:
+    """In an API server: (HTTP status, answer) of the controller for a load or unload request."""
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address(run_dir))
+    try:
+        sock.send(json.dumps(request).encode())
+        if not sock.poll(int(ASK_TIMEOUT * 1000) + 5000):
+            return 503, {"error": "the model controller did not answer; see the server log"}
+        status, doc = json.loads(sock.recv())
+        return int(status), doc
+    finally:
+        sock.close()
+
+
+@dataclass
+class Waiting:
+    """A load or unload request, answered when its versions have settled."""
+
+    who: list[bytes]  # the ROUTER envelope
+    op: str
+    name: str
+    keys: list[str]
+    deadline: float = field(default_factory=lambda: time.monotonic() + ASK_TIMEOUT)
+
+
+def verify(path: Path, backend: str) -> dict[str, Any]:
+    """The manifest of a version that may be served: hashes match, parity passed, it has the --backend artifact."""
+    from modelship.manifest import check_bundle, require_artifact
+
+    manifest = check_bundle(path)
+    if not manifest["parity"].get("passed"):
+        failed = "; ".join(manifest["parity"].get("failed", [])[:3])
+        raise ConfigError(f"bundle {path} failed its parity check at export ({failed}); it must not be served")
+    require_artifact(manifest, path, backend)
+    return manifest
+
+
+def wanted(versions: dict[int, Path], policy: str) -> dict[int, Path]:
+    """The versions a model serves: its newest (latest), or every one (all)."""
+    if policy == "all":
+        return dict(versions)
+    newest = max(versions)
+    return {newest: versions[newest]}
+
+
+class Controller:
+    def __init__(self, source: Path, run_dir: str, backend: str, mode: str = "none", policy: str = "latest",
+                 load: tuple[str, ...] = (), poll_interval: float = 5.0, static: bool = False) -> None:  # fmt: skip
+        self.source, self.run_dir, self.backend = source, run_dir, backend
+        self.mode, self.policy, self.load, self.poll_interval = mode, policy, load, poll_interval
+        self.static = static  # --in-process: each API server loads the start table itself; it never changes
+        self.table = Table()
+        self.broker: Any = None  # set when the broker is up (its snapshot says what the workers hold)
+        self.waiting: list[Waiting] = []
+        self.since: dict[str, float] = {}  # UNLOADING versions: since when
+        self.next_scan = 0.0
+        self.dirty = False
+
+    # ------------------------------------------------------------------------------------------ start
+
+    def start_table(self) -> Table:
+        """The table at start, written to the run folder; ConfigError / BundleError (exit 2) when a model asked for
+        cannot be served: a layout problem of the repository, a version failing its checks, an unknown name."""
+        if repository.is_bundle(self.source):
+            if self.mode != "none":
+                raise ConfigError(f"--model-control {self.mode} needs a model repository; {self.source} is a bundle")
+            name = verify(self.source, self.backend)["name"]
+            self.table.known = [name]
+            self.add(name, 1, self.source)
+        else:
+            found, problems = repository.scan(self.source)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise ConfigError(f"model repository {self.source}: {next(iter(problems.values()))}{more}")
+            names = self.start_names(found)
+            self.table.known = sorted(found)
+            for name in names:
+                for version, path in wanted(found[name], self.policy).items():
+                    verify(path, self.backend)
+                    self.add(name, version, path)
+        if self.static:
+            for v in self.table.versions.values():
+                v.state = READY
+        self.table.started = self.static or not self.table.versions
+        self.write()
+        return self.table
+
+    def start_names(self, found: dict[str, dict[int, Path]]) -> list[str]:
+        if self.mode != "explicit" or "*" in self.load:
+            return sorted(found)
+        unknown = [n for n in self.load if n not in found]
+        if unknown:
+            raise ConfigError(
+                f"--load-model {unknown[0]}: no such model in {self.source} (it has {', '.join(sorted(found))})"
+            )
+        return sorted(set(self.load))
+
+    def add(self, name: str, version: int, path: Path, state: str = LOADING, reason: str = "") -> None:
+        entry = Version(name, version, str(path.resolve()), state, reason, added=self.table.generation + 1)
+        self.table.versions[entry.key] = entry
+        self.dirty = True
+
+    def write(self) -> None:
+        self.table.generation += 1
+        self.table.write(self.run_dir)
+        self.dirty = False
+
+    # ------------------------------------------------------------------------------------------ the thread
+
+    def start(self, broker: Any) -> None:
+        self.broker = broker
+        threading.Thread(target=self._run, name="modelship-model-controller", daemon=True).start()
+
+    def _run(self) -> None:
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.bind(address(self.run_dir))
+        while True:
+            try:
+                if sock.poll(100):
+                    self.take(sock, sock.recv_multipart())
+                self.step(time.monotonic())
+                self.answer(sock)
+            except Exception:
+                log.exception("the model controller failed a step; it carries on")
+                time.sleep(0.1)
+
+    def step(self, now: float) -> None:
+        """Promote what every worker loaded, mark what failed, remove what drained, rescan when due; write the
+        table when anything changed."""
+        live, outstanding = self.broker.snapshot if self.broker is not None else ({}, {})
+        reports = [s for s in live.values() if s is not None]
+        for v in [v for v in self.table.versions.values() if v.state == LOADING]:
+            failed = [r["failed"][v.key] for r in reports if v.key in r.get("failed", {})]
+            if failed:
+                self.set(v, UNAVAILABLE, failed[0])
+                log.error("model %s version %d did not load: %s", v.name, v.version, failed[0])
+            elif reports and len(reports) == len(live) and all(r["generation"] >= v.added for r in reports):
+                self.set(v, READY)
+                log.info("model %s version %d is ready on every worker", v.name, v.version)
+                if self.policy == "latest":
+                    for old in self.table.ready(v.name):
+                        if old.version < v.version:
+                            self.set(old, UNLOADING)
+        for v in self.table.versions.values():
+            rss = sum(r.get("rss", {}).get(v.key, 0) for r in reports)
+            if v.state == READY and rss and rss != v.resident_bytes:
+                v.resident_bytes, self.dirty = rss, True
+        for v in [v for v in self.table.versions.values() if v.state == UNLOADING]:
+            if now - self.since.get(v.key, now) >= DRAIN_MIN and not outstanding.get(v.key.encode()):
+                del self.table.versions[v.key]
+                self.since.pop(v.key, None)
+                self.dirty = True
+                log.info("model %s version %d drained and unloaded", v.name, v.version)
+        if self.mode != "none" and now >= self.next_scan:
+            self.next_scan = now + self.poll_interval
+            self.rescan()
+        if not self.table.started and not any(v.state == LOADING for v in self.table.versions.values()):
+            self.table.started = self.dirty = True
+        if self.dirty:
+            self.write()
+
+    def set(self, v: Version, state: str, reason: str = "") -> None:
+        v.state, v.reason = state, reason
+        if state == UNLOADING:
+            self.since[v.key] = time.monotonic()
+        self.dirty = True
+
+    # ------------------------------------------------------------------------------------------ the repository
+
+    def rescan(self, only: str | None = None) -> dict[str, dict[int, Path]]:
+        """Read the repository again: its models and problems for the index; under poll (or for a load request's
+        model), load what is wanted and not held, and unload what is held and gone. What serves stays when the
+        repository cannot be read or a model's folder has a problem."""
+        try:
+            found, problems = repository.scan(self.source)
+        except ModelshipError as e:
+            log.warning("the model repository cannot be read (%s); what is loaded keeps serving", e)
+            return {}
+        if problems != self.table.problems or sorted(found) != self.table.known:
+            self.table.problems, self.table.known, self.dirty = problems, sorted(found), True
+        for name in [only] if only else (found if self.mode == "poll" else []):
+            if name in found:
+                self.follow(name, found[name])
+        if self.mode == "poll":
+            for v in list(self.table.versions.values()):
+                gone = v.name not in problems and v.version not in found.get(v.name, {})
+                if gone and v.state in (LOADING, READY):
+                    self.set(v, UNLOADING)
+                elif gone and v.state == UNAVAILABLE:
+                    del self.table.versions[v.key]
+                    self.dirty = True
+        return found
+
+    def follow(self, name: str, versions: dict[int, Path]) -> None:
+        """Add the versions of `name` the policy wants and the table lacks (a version that failed stays UNAVAILABLE
+        until its folder goes)."""
+        for version, path in wanted(versions, self.policy).items():
+            held = self.table.versions.get(key_of(name, version))
+            if held is not None and held.state == UNLOADING:  # wanted again before it drained: it serves on
+                self.set(held, READY)
+                self.since.pop(held.key, None)
+            if held is not None:
+                continue
+            try:
+                verify(path, self.backend)
+            except ModelshipError as e:
+                self.add(name, version, path, UNAVAILABLE, str(e))
+                log.error("model %s version %d cannot be served: %s", name, version, e)
+                continue
+            self.add(name, version, path)
+            log.info("model %s version %d found; loading it on every worker", name, version)
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def take(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        *who, body = frames
+        request = json.loads(body)
+        op, name = request.get("op"), request.get("name", "")
+        if op == "load":
+            for v in [v for v in self.table.versions.values() if v.name == name and v.state == UNAVAILABLE]:
+                del self.table.versions[v.key]  # asked again: a version that failed is tried again
+            found = self.rescan(only=name)
+            if name in self.table.problems:
+                self.reply(sock, who, 400, {"error": self.table.problems[name]})
+                return
+            if name not in found:
+                self.reply(sock, who, 404, {"error": f"no model {name!r} in the repository {self.source}"})
+                return
+            keys = [key_of(name, v) for v in wanted(found[name], self.policy)]
+        else:
+            keys = [v.key for v in self.table.versions.values() if v.name == name and v.state in HELD]
+            if not keys:
+                self.reply(sock, who, 400, {"error": f"model {name!r} is not loaded"})
+                return
+            for key in keys:
+                self.set(self.table.versions[key], UNLOADING)
+        self.waiting.append(Waiting(who, op, name, keys))
+
+    def answer(self, sock: zmq.Socket) -> None:
+        """Reply to the requests whose versions have settled (or waited too long)."""
+        now, still = time.monotonic(), []
+        for w in self.waiting:
+            states = {k: self.table.versions[k] for k in w.keys if k in self.table.versions}
+            failed = [v for v in states.values() if v.state == UNAVAILABLE]
+            loaded = len(states) == len(w.keys) and all(v.state == READY for v in states.values())
+            if w.op == "load" and failed:
+                self.reply(sock, w.who, 400, {"error": f"failed to load {w.name!r}: {failed[0].reason}"})
+            elif loaded if w.op == "load" else not states:
+                self.reply(sock, w.who, 200, {})
+            elif now > w.deadline:
+                self.reply(sock, w.who, 504, {"error": f"{w.op} of {w.name!r} did not finish in {ASK_TIMEOUT:g}s"})
+            else:
+                still.append(w)
+        self.waiting = still
+
+    @staticmethod
+    def reply(sock: zmq.Socket, who: list[bytes], status: int, doc: Any) -> None:
+        sock.send_multipart([*who, json.dumps([status, doc]).encode()])

@@ -1,0 +1,149 @@
+"""The model table: which model versions a server holds, in which state, shared by all of its processes.
+
+The main process owns it (`modelship.serving.controller`) and writes it as one JSON file, replaced atomically, in the
+server's private run folder; every inference worker and API server reads it when it changes:
+
+- a worker loads every version the table lists as LOADING, READY or UNLOADING (and warms it up), unloads the others,
+  and reports the table generation it has reached (and any version that failed to load) with its next request for
+  work, so the controller knows when a version is loaded everywhere;
+- an API server routes requests to READY versions only: a request without a version goes to the newest.
+
+Versions: LOADING (being loaded on every worker; not routed), READY (routed), UNLOADING (no new requests; drained,
+then removed), UNAVAILABLE (failed to load, with the reason; or in the repository and not loaded). Standard library
+only, so the API servers' hot path imports nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+HELD = (LOADING, READY, UNLOADING)  # the states whose versions the workers hold
+TABLE = "models.json"
+REFRESH = 0.1  # seconds between an API server's or idle worker's looks at the table
+
+
+def key_of(name: str, version: int) -> str:
+    """A version's name on the transport and in the workers: name/version."""
+    return f"{name}/{version}"
+
+
+@dataclass
+class Version:
+    name: str
+    version: int
+    path: str  # the bundle's folder
+    state: str
+    reason: str = ""
+    added: int = 0  # the table generation that asked for it: loaded once every worker has reached it
+    resident_bytes: int = 0  # what loading it added to the workers' memory, summed over them
+
+    @property
+    def key(self) -> str:
+        return key_of(self.name, self.version)
+
+
+@dataclass
+class Table:
+    generation: int = 0
+    versions: dict[str, Version] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)  # model folders the repository scan could not use
+    known: list[str] = field(default_factory=list)  # every model in the repository, loaded or not
+    started: bool = False  # every version asked for at start has loaded or failed
+
+    def held(self) -> dict[str, Version]:
+        return {k: v for k, v in self.versions.items() if v.state in HELD}
+
+    def ready(self, name: str) -> list[Version]:
+        """The READY versions of a model, newest first."""
+        found = [v for v in self.versions.values() if v.name == name and v.state == READY]
+        return sorted(found, key=lambda v: -v.version)
+
+    def names(self) -> list[str]:
+        """Models with a READY version."""
+        return sorted({v.name for v in self.versions.values() if v.state == READY})
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["versions"] = list(doc["versions"].values())
+        return json.dumps(doc)
+
+    @classmethod
+    def from_json(cls, text: str) -> Table:
+        doc = json.loads(text)
+        versions = {key_of(v["name"], v["version"]): Version(**v) for v in doc.pop("versions")}
+        return cls(versions=versions, **doc)
+
+    def write(self, folder: str) -> None:
+        """Replace the table file in one rename: a reader sees the old table or the new one, never half."""
+        tmp = os.path.join(folder, f".{TABLE}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, os.path.join(folder, TABLE))
+
+
+class Reader:
+    """A process's view of the table: `current()` re-reads the file when it changed, at most every REFRESH seconds."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, TABLE)
+        self.table = Table()
+        self.stamp: tuple[int, int] | None = None
+        self.checked = 0.0
+
+    def current(self) -> Table:
+        self.poll()
+        return self.table
+
+    def poll(self) -> bool:
+        """Re-read the table if REFRESH seconds passed since the last look and it changed; whether it did."""
+        now = time.monotonic()
+        if now - self.checked < REFRESH:
+            return False
+        self.checked = now
+        return self.reload()
+
+    def reload(self) -> bool:
+        """Read the file if it changed since the last read; whether it had."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        stamp = (st.st_mtime_ns, st.st_ino)  # a rename gives a new inode even within one mtime tick
+        if stamp == self.stamp:
+            return False
+        with open(self.path) as f:
+            self.table = Table.from_json(f.read())
+        self.stamp = stamp
+        return True
+
+
+def index(table: Table) -> list[dict[str, Any]]:
+    """The repository index as Triton answers POST /v2/repository/index: every model, with its versions' states."""
+    rows = [{"name": v.name, "version": str(v.version), "state": v.state, "reason": v.reason,
+             "resident_bytes": v.resident_bytes} for v in table.versions.values()]  # fmt: skip
+    listed = {v.name for v in table.versions.values()}
+    rows += [{"name": n, "version": "", "state": UNAVAILABLE, "reason": why} for n, why in table.problems.items()]
+    listed |= set(table.problems)
+    rows += [{"name": n, "version": "", "state": UNAVAILABLE, "reason": "unloaded"} for n in table.known
+             if n not in listed]  # fmt: skip
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"] or 0)))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere), in bytes."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def entries_for(path: Path, name: str) -> dict[str, Any]:
+    """What the table says of a new version, before it is loaded."""
+    return {"name": name, "path": str(path.resolve())}

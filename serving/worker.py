@@ -1,0 +1,163 @@
+"""The inference worker side of LitServe: `InferenceAPI` holds every model version the model table lists (loaded and
+warmed up before it counts as loaded) and runs dynamic batches, one forward pass per version.
+
+A worker follows the table (modelship.serving.models) between batches and while idle: it loads what was added,
+unloads what was removed, and reports the generation it reached (with any version that failed to load here and the
+memory each one took) with its next request for work, which is how the controller knows a version is loaded
+everywhere before any request is routed to it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+import numpy as np
+
+from modelship.manifest import read_manifest
+from modelship.serving import compat, lifeline, models, transport
+from modelship.serving.api import HTTPSpec, Settings
+from modelship.serving.backends import Backend, load_backend
+from modelship.serving.metrics import metrics
+
+log = logging.getLogger(__name__)
+
+
+class InferenceAPI(ls.LitAPI):
+    """The inference worker side: holds every model version the model table lists (loaded and warmed up), and runs
+    dynamic batches, one forward pass per version."""
+
+    def __init__(self, settings: Settings, spec: HTTPSpec) -> None:
+        super().__init__(
+            max_batch_size=settings.max_batch_size,
+            batch_timeout=settings.batch_timeout,
+            spec=spec,
+            loop=compat.ZMQLoop(),
+        )
+        self.settings = settings
+        self.addresses: transport.Addresses | None = None  # set by the server before the workers start
+        self.device = "cpu"
+        self.held: dict[str, Held] = {}  # model version -> its backend
+        self.failed: dict[str, str] = {}  # model version -> why it did not load here
+        self.reader: models.Reader | None = None
+        self.unreported = True
+
+    def setup(self, device: str) -> None:
+        lifeline.follow(self.settings.main_pid)  # never outlive the main process
+        # a spawned worker starts with no logging configuration
+        logging.basicConfig(level=self.settings.log_level.upper(), format="%(message)s")
+        self.device = device
+        self.reader = models.Reader(self.settings.run_dir)
+        self.reader.reload()  # the table as it is now; then at most every REFRESH seconds (refresh)
+        self.apply(self.reader.table)
+        # a version asked for at start (with --in-process every version is): the server must not start without it
+        if self.failed and (self.settings.in_process or not self.reader.table.started):
+            raise RuntimeError("; ".join(f"{k}: {why}" for k, why in self.failed.items()))
+
+    def refresh(self) -> bytes | None:
+        """Called between batches and while idle: follow the model table; this worker's status when it changed."""
+        assert self.reader is not None
+        if self.reader.poll():
+            self.apply(self.reader.table)
+        elif not self.unreported:
+            return None
+        self.unreported = False
+        rss = {k: h.resident_bytes for k, h in self.held.items()}
+        return json.dumps({"generation": self.reader.table.generation, "failed": self.failed, "rss": rss}).encode()
+
+    def apply(self, table: models.Table) -> None:
+        """Load what the table holds and this worker does not (each warmed up at its largest batch before it counts
+        as loaded: first calls allocate and pick kernels), and unload what it no longer holds."""
+        wanted = table.held()
+        for key in [k for k in self.held if k not in wanted]:
+            del self.held[key]
+            gc.collect()
+            log.info("model %s unloaded", key)
+        self.failed = {k: why for k, why in self.failed.items() if k in wanted}
+        for key, version in wanted.items():
+            if key in self.held or key in self.failed:
+                continue
+            before = models.resident_bytes()
+            try:
+                self.held[key] = load_version(Path(version.path), self.settings, self.device)
+            except Exception as e:  # any failure of a runtime to load a file: the version is unavailable
+                log.exception("model %s failed to load", key)
+                self.failed[key] = f"failed to load on a worker: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                continue
+            self.held[key].resident_bytes = max(0, models.resident_bytes() - before)
+            log.info("model %s ready on %s: %s via %s", key, self.device, self.settings.backend,
+                     ", ".join(self.held[key].backend.providers))  # fmt: skip
+
+    def run(self, requests: list[transport.Request]) -> list[Any]:
+        """One dynamic batch: each model version's requests through its backend together, in chunks of at most its
+        max batch (a forward pass never mixes versions); every request's logits back in order."""
+        out: list[Any] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.key, []).append(i)
+        for key, idx in groups.items():
+            held = self.held.get(key)
+            if held is None:  # routed in the instant it was unloaded, or failed here: not served by this worker
+                error = transport.WorkerError(503, f"model version {key} is not loaded; retry")
+                for i in idx:
+                    out[i] = error
+                continue
+            for i, logits in zip(idx, held.run([requests[i] for i in idx], key), strict=True):
+                out[i] = logits
+        return out
+
+    # LitAPI asks for these; modelship's loop (compat.ZMQLoop) calls `run` instead
+    def decode_request(self, request: Any, **kwargs: Any) -> Any:
+        return request
+
+    def predict(self, x: Any, **kwargs: Any) -> Any:
+        raise AssertionError("modelship's workers run batches through InferenceAPI.run")
+
+    def encode_response(self, output: Any, **kwargs: Any) -> Any:
+        return output
+
+
+@dataclass
+class Held:
+    """One model version in a worker: its backend, input shape and largest batch."""
+
+    backend: Backend
+    shape: tuple[int, ...]
+    chunk: int
+    resident_bytes: int = 0
+
+    def run(self, requests: list[transport.Request], key: str) -> list[np.ndarray]:
+        m = metrics()
+        name, version = key.rsplit("/", 1)
+        start = time.monotonic()
+        for r in requests:
+            m.queue.observe(start - r.queued_at)
+        sizes = [len(r.x) for r in requests]
+        x = np.concatenate([r.x for r in requests]) if len(requests) > 1 else requests[0].x
+        outs = []
+        for i in range(0, len(x), self.chunk):
+            part = x[i : i + self.chunk]
+            outs.append(self.backend(part))
+            m.batch_size.labels(name, version).observe(len(part))
+        m.batch_requests.labels(name, version).observe(len(requests))
+        m.inference.labels(name, version).observe(time.monotonic() - start)
+        logits = np.concatenate(outs) if len(outs) > 1 else outs[0]
+        return np.split(logits, np.cumsum(sizes)[:-1])
+
+
+def load_version(path: Path, settings: Settings, device: str) -> Held:
+    """A bundle's artifact for --backend, loaded and warmed up at its largest batch, 1, and the largest again."""
+    manifest = read_manifest(path)
+    artifact = path / manifest["artifacts"][settings.backend]["path"]
+    backend = load_backend(settings.backend, artifact, device, settings.threads)
+    shape = tuple(int(v) for v in manifest["input"]["shape"][1:])
+    chunk = int(manifest.get("max_batch", 64))
+    for n in (chunk, 1, chunk):
+        backend(np.zeros((n, *shape), np.float32))
+    return Held(backend, shape, chunk)
