@@ -39,8 +39,9 @@ def affine_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.bias.fill_(0.0)
     torch.save(model.state_dict(), d / "affine.pt")
     out = d / "affine"
-    assert main(["export", str(d / "affine.pt"), "--out", str(out), "--model", "tests.helpers:affine_identity",
-                 "--input-shape", "1,2,2", "--classes", "a,b,c,d", "--max-batch", "16", "--formats", "onnx"]) == 0  # fmt: skip
+    args = ["--model", "tests.helpers:affine_identity", "--input-shape", "1,2,2", "--classes", "a,b,c,d",
+            "--max-batch", "16", "--formats", "onnx"]  # fmt: skip
+    assert main(["export", str(d / "affine.pt"), "--out", str(out), *args]) == 0
     return out
 
 
