@@ -64,7 +64,7 @@ async def drive(url: str, body: bytes, headers: dict[str, str], clients: int, st
             tally.sent += 1
             writer.write(request)
             try:
-                status = await asyncio.wait_for(_read_response(reader), CLIENT_TIMEOUT)
+                status, _ = await asyncio.wait_for(_read_response(reader), CLIENT_TIMEOUT)
             except asyncio.TimeoutError:
                 tally.lost += 1
                 status = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,7 +47,7 @@ def build_request(url: str, body: bytes, headers: dict[str, str]) -> tuple[str, 
     return parts.hostname or "127.0.0.1", parts.port or 80, ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split()[1])
@@ -54,14 +55,16 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     for line in lines[1:]:
         if line[:15].lower() == b"content-length:":
             length = int(line[15:])
-    if length:
-        await reader.readexactly(length)
-    return status
+    return status, (await reader.readexactly(length)) if length else b""
+
+
+Record = Callable[[float, int, bytes], None]  # (when it arrived, status, body) of every answer
 
 
 async def _run(
-    url: str, body: bytes, headers: dict[str, str], clients: int, seconds: float, warmup: float
-) -> LoadResult:
+    url: str, body: bytes, headers: dict[str, str], clients: int, seconds: float, warmup: float,
+    record: Record | None = None,
+) -> LoadResult:  # fmt: skip
     host, port, request = build_request(url, body, headers)
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -80,13 +83,17 @@ async def _run(
                     return
                 writer.write(request)
                 try:
-                    status = await _read_response(reader)
+                    status, answer = await _read_response(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     errors += 1
+                    if record is not None:
+                        record(time.perf_counter(), 0, b"")  # a connection lost mid-request
                     writer.close()
                     reader, writer = await asyncio.open_connection(host, port)
                     continue
                 t1 = time.perf_counter()
+                if record is not None:
+                    record(t1, status, answer)
                 if measure_from <= t1 <= stop:  # every answer the window saw, whenever it was asked
                     latencies.append(t1 - t0)
                     statuses[status] = statuses.get(status, 0) + 1
@@ -100,12 +107,14 @@ async def _run(
 
 
 def run_load(
-    url: str, body: bytes, headers: dict[str, str], clients: int, seconds: float, warmup: float = 2.0
-) -> LoadResult:
-    """Drive `url` with `clients` concurrent connections for `seconds` (after `warmup`), POSTing `body`."""
+    url: str, body: bytes, headers: dict[str, str], clients: int, seconds: float, warmup: float = 2.0,
+    record: Record | None = None,
+) -> LoadResult:  # fmt: skip
+    """Drive `url` with `clients` concurrent connections for `seconds` (after `warmup`), POSTing `body`; `record`
+    sees every answer as it arrives."""
     try:
         import uvloop
 
-        return uvloop.run(_run(url, body, headers, clients, seconds, warmup))
+        return uvloop.run(_run(url, body, headers, clients, seconds, warmup, record))
     except ImportError:
-        return asyncio.run(_run(url, body, headers, clients, seconds, warmup))
+        return asyncio.run(_run(url, body, headers, clients, seconds, warmup, record))

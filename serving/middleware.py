@@ -25,8 +25,9 @@ Send = Callable[[Message], Awaitable[None]]
 OPEN_PATHS = frozenset(
     {"/health", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 )
-KNOWN_PATHS = frozenset({"/", "/predict", "/info", "/metrics", "/v2", *OPEN_PATHS})
-MODEL_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/infer)?$")
+KNOWN_PATHS = frozenset({"/", "/predict", "/info", "/metrics", "/v2", "/v2/repository/index", *OPEN_PATHS})
+MODEL_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/infer|/predict)?$")
+REPOSITORY_PATH = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
 
 
 class PayloadTooLarge(RequestError):
@@ -43,6 +44,9 @@ def route_label(path: str) -> str:
     m = MODEL_PATH.match(path)
     if m:
         return "/v2/models/{name}" + (m.group(1) or "")
+    m = REPOSITORY_PATH.match(path)
+    if m:
+        return "/v2/repository/models/{name}/" + m.group(1)
     return "other"
 
 

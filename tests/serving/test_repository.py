@@ -5,10 +5,12 @@ The versions are affine models whose outputs show which version answered: versio
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,6 +21,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from modelship.cli import main
+from modelship.files import sha256_file
 from modelship.repository import publish
 from tests.helpers import Server, free_port, running_server
 from tests.serving.test_server import val_png
@@ -86,6 +89,11 @@ def test_every_version_is_addressable_and_no_version_means_the_newest(all_versio
         assert version == answered and np.array_equal(logits, ANSWERS[answered])
     assert client.is_model_ready("affine", "1") and client.is_model_ready("affine") and client.is_server_ready()
     assert not client.is_model_ready("affine", "3")
+    url = all_versions.url.removeprefix("http://")
+    with ThreadPoolExecutor(8) as pool:  # both versions at once: a batch of one never carries the other's rows
+        answers = pool.map(lambda v: infer(triton.InferenceServerClient(url), v), "12" * 20)
+        for asked, (answered, logits) in zip("12" * 20, answers, strict=True):
+            assert answered == asked and np.array_equal(logits, ANSWERS[asked])
     assert client.get_model_metadata("affine")["versions"] == ["2", "1"]
     assert triton_error(lambda: infer(client, "3")) == "model 'affine' has no version '3'; its versions are '1', '2'"
     assert "not under explicit control (--model-control none)" in triton_error(lambda: client.load_model("affine"))
@@ -126,6 +134,18 @@ def test_explicit_control_loads_and_unloads_by_request(tmp_path: Path, affine_bu
         version, logits = infer(client)
         assert version == "2" and np.array_equal(logits, ANSWERS["2"])
         assert [m["version"] for m in client.get_model_repository_index() if m["name"] == "affine"] == ["2"]
+        unloadable = repo / "affine" / "3"  # hashes that match a file no runtime can load: fails on the workers
+        shutil.copytree(affine_v2, unloadable)
+        (unloadable / "model.onnx").write_bytes(b"not an onnx graph")
+        manifest = json.loads((unloadable / "manifest.json").read_text())
+        manifest["artifacts"]["onnx"].update(sha256=sha256_file(unloadable / "model.onnx"), bytes=17)
+        (unloadable / "manifest.json").write_text(json.dumps(manifest))
+        assert "failed to load 'affine': failed to load on a worker: " in triton_error(
+            lambda: client.load_model("affine")
+        )
+        rows = {m["version"]: m["state"] for m in client.get_model_repository_index() if m["name"] == "affine"}
+        assert rows == {"2": "READY", "3": "UNAVAILABLE"} and infer(client)[0] == "2"  # version 2 serves on
+        shutil.rmtree(unloadable)
         client.unload_model("affine")  # answered once drained and unloaded
         assert not client.is_model_ready("affine")
         assert client.is_model_ready("shapes")  # the other model serves on
