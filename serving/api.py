@@ -135,8 +135,8 @@ class HTTPSpec(compat.LitSpec):
         work (Kubernetes' readiness: a restarting worker beside a serving one is not a reason to leave the load
         balancer)."""
         table = self.catalog.table
-        if not (table.started and table.names()):
-            return False
+        if not (table.started and (table.names() or self.settings.model_control == "explicit")):
+            return False  # (explicit control may start with nothing loaded, and take load requests: as Triton)
         if isinstance(self.client, local.Runner):
             return self.client.up
         return broker.broker_ready()

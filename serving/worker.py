@@ -1,10 +1,11 @@
 """The inference worker side of LitServe: `InferenceAPI` holds every model version the model table lists (loaded and
 warmed up before it counts as loaded) and runs dynamic batches, one forward pass per version.
 
-A worker follows the table (modelship.serving.models) between batches and while idle: it loads what was added,
-unloads what was removed, and reports the generation it reached (with any version that failed to load here and the
-memory each one took) with its next request for work, which is how the controller knows a version is loaded
-everywhere before any request is routed to it.
+A worker follows the table (modelship.serving.models) between batches and while idle: it loads what was added on a
+thread of its own while it goes on answering with what it holds, unloads what was removed, and reports the
+generation it holds everything of (with any version that failed to load here, and the memory each one took) with
+its next request for work: that is how the controller knows a version is loaded everywhere before any request is
+routed to it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gc
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from modelship.serving.backends import Backend, load_backend
 from modelship.serving.metrics import metrics
 
 log = logging.getLogger(__name__)
+
+Loaded = tuple[int, dict[str, "Held"], dict[str, str]]  # (table generation, loaded, failed)
 
 
 class InferenceAPI(ls.LitAPI):
@@ -46,6 +50,9 @@ class InferenceAPI(ls.LitAPI):
         self.held: dict[str, Held] = {}  # model version -> its backend
         self.failed: dict[str, str] = {}  # model version -> why it did not load here
         self.reader: models.Reader | None = None
+        self.applied = 0  # the table generation this worker holds everything of
+        self.loading: Future[Loaded] | None = None  # versions being loaded on a thread beside the serving
+        self.loader: ThreadPoolExecutor | None = None
         self.unreported = True
 
     def setup(self, device: str) -> None:
@@ -53,46 +60,79 @@ class InferenceAPI(ls.LitAPI):
         # a spawned worker starts with no logging configuration
         logging.basicConfig(level=self.settings.log_level.upper(), format="%(message)s")
         self.device = device
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="modelship-loader")
         self.reader = models.Reader(self.settings.run_dir)
         self.reader.reload()  # the table as it is now; then at most every REFRESH seconds (refresh)
-        self.apply(self.reader.table)
+        self.absorb(self.load(self.reader.table))  # at start there is nothing to serve meanwhile
         # a version asked for at start (with --in-process every version is): the server must not start without it
         if self.failed and (self.settings.in_process or not self.reader.table.started):
             raise RuntimeError("; ".join(f"{k}: {why}" for k, why in self.failed.items()))
 
     def refresh(self) -> bytes | None:
-        """Called between batches and while idle: follow the model table; this worker's status when it changed."""
-        assert self.reader is not None
+        """Called between batches and while idle: follow the model table, loading new versions on a thread while
+        this worker keeps answering with what it holds; this worker's status when it changed."""
+        assert self.reader is not None and self.loader is not None
+        news = self.unreported
         if self.reader.poll():
-            self.apply(self.reader.table)
-        elif not self.unreported:
+            news = self.unload(self.reader.table) or news
+        if self.loading is not None and self.loading.done():
+            self.absorb(self.loading.result())
+            self.loading, news = None, True
+        table = self.reader.table
+        if self.loading is None and self.missing(table):
+            self.loading = self.loader.submit(self.load, table)
+        elif self.loading is None and self.applied != table.generation:
+            self.applied, news = table.generation, True
+        if not news:
             return None
         self.unreported = False
         rss = {k: h.resident_bytes for k, h in self.held.items()}
-        return json.dumps({"generation": self.reader.table.generation, "failed": self.failed, "rss": rss}).encode()
+        return json.dumps({"generation": self.applied, "failed": self.failed, "rss": rss}).encode()
 
-    def apply(self, table: models.Table) -> None:
-        """Load what the table holds and this worker does not (each warmed up at its largest batch before it counts
-        as loaded: first calls allocate and pick kernels), and unload what it no longer holds."""
+    def missing(self, table: models.Table) -> list[str]:
+        return [k for k in table.held() if k not in self.held and k not in self.failed]
+
+    def unload(self, table: models.Table) -> bool:
+        """Drop what the table no longer holds (the controller removes a version only once it has drained)."""
         wanted = table.held()
-        for key in [k for k in self.held if k not in wanted]:
+        gone = [k for k in self.held if k not in wanted]
+        for key in gone:
             del self.held[key]
-            gc.collect()
             log.info("model %s unloaded", key)
+        if gone:
+            gc.collect()
         self.failed = {k: why for k, why in self.failed.items() if k in wanted}
-        for key, version in wanted.items():
-            if key in self.held or key in self.failed:
-                continue
+        return bool(gone)
+
+    def load(self, table: models.Table) -> Loaded:
+        """Load every version `table` holds and this worker lacks, each warmed up at its largest batch before it
+        counts as loaded (first calls allocate and pick kernels): (the table's generation, loaded, failed)."""
+        held: dict[str, Held] = {}
+        failed: dict[str, str] = {}
+        for key in self.missing(table):
+            version = table.versions[key]
             before = models.resident_bytes()
             try:
-                self.held[key] = load_version(Path(version.path), self.settings, self.device)
+                held[key] = load_version(Path(version.path), self.settings, self.device)
             except Exception as e:  # any failure of a runtime to load a file: the version is unavailable
                 log.exception("model %s failed to load", key)
-                self.failed[key] = f"failed to load on a worker: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                failed[key] = f"failed to load on a worker: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 continue
-            self.held[key].resident_bytes = max(0, models.resident_bytes() - before)
+            held[key].resident_bytes = max(0, models.resident_bytes() - before)
             log.info("model %s ready on %s: %s via %s", key, self.device, self.settings.backend,
-                     ", ".join(self.held[key].backend.providers))  # fmt: skip
+                     ", ".join(held[key].backend.providers))  # fmt: skip
+        return table.generation, held, failed
+
+    def absorb(self, loaded: Loaded) -> None:
+        """Take in what a load brought, as far as the table (which may have moved on meanwhile) still holds it."""
+        generation, held, failed = loaded
+        assert self.reader is not None
+        wanted = self.reader.table.held()
+        self.held.update({k: h for k, h in held.items() if k in wanted})
+        self.failed.update({k: why for k, why in failed.items() if k in wanted})
+        # everything of the load's table is held (or failed); of the table now, too when nothing more is missing
+        table = self.reader.table
+        self.applied = table.generation if not self.missing(table) else max(self.applied, generation)
 
     def run(self, requests: list[transport.Request]) -> list[Any]:
         """One dynamic batch: each model version's requests through its backend together, in chunks of at most its

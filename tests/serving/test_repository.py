@@ -244,3 +244,16 @@ def test_model_control_flags_are_checked(tmp_path: Path, affine_bundle: Path, cl
     assert r.code == 2 and r.last_line.endswith(f"--load-model nope: no such model in {repo} (it has affine)")
     r = cli("serve", repo, "--poll-interval", "0")
     assert r.code == 2 and r.last_line.endswith("--poll-interval must be a positive number of seconds, got 0.0")
+
+
+def test_in_process_api_servers_serve_a_repository_loaded_at_start(tmp_path: Path, affine_bundle: Path,
+                                                                   affine_v2: Path) -> None:  # fmt: skip
+    repo = make_repo(tmp_path / "repo", {"affine": [affine_bundle, affine_v2], "copy": [affine_bundle]})
+    with running_server(repo, "--in-process", "--version-policy", "all", tmp=tmp_path) as s:
+        client = triton.InferenceServerClient(s.url.removeprefix("http://"))
+        for asked in ("1", "2", ""):
+            version, logits = infer(client, asked)
+            assert np.array_equal(logits, ANSWERS[version]) and version == (asked or "2")
+        inp = triton.InferInput("input", list(X.shape), "FP32")
+        inp.set_data_from_numpy(X, binary_data=True)
+        assert np.array_equal(client.infer("copy", [inp]).as_numpy("logits"), ANSWERS["1"])
