@@ -315,7 +315,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def resnet_bundle(plan: Plan, work: Path) -> Path:
-    """resnet18 with seeded random weights (no download), exported to onnx, torchscript and pt2."""
+    """resnet18 with seeded random weights (no download), exported to onnx and the served torch backends."""
     bundle = work / "bundle-resnet18"
     if (bundle / "manifest.json").is_file():
         return bundle
@@ -327,7 +327,7 @@ def resnet_bundle(plan: Plan, work: Path) -> Path:
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), state)
     size = plan.resnet_size
     timed([sys.executable, "-m", "modelship.cli", "export", str(state), "--out", str(bundle), "--model", "resnet18",
-           "--input-shape", f"3,{size},{size}", "--formats", "onnx,torchscript,pt2", "--max-batch", "32",
+           "--input-shape", f"3,{size},{size}", "--formats", ",".join(("onnx", *plan.backends)), "--max-batch", "32",
            "--device", "cpu"])  # fmt: skip
     return bundle
 
