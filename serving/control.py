@@ -182,10 +182,11 @@ class Controller:
             elif reports and len(reports) == len(live) and all(r["generation"] >= v.added for r in reports):
                 self.set(v, READY)
                 log.info("model %s version %d is ready on every worker", v.name, v.version)
-                if self.policy == "latest":
-                    for old in self.table.ready(v.name):
-                        if old.version < v.version:
-                            self.set(old, UNLOADING)
+        if self.policy == "latest":  # a model's newest READY version serves; what is older goes
+            for v in list(self.table.versions.values()):
+                ready = self.table.ready(v.name)
+                if ready and v.version < ready[0].version and v.state in (READY, LOADING):
+                    self.set(v, UNLOADING)
         for v in self.table.versions.values():
             rss = sum(r.get("rss", {}).get(v.key, 0) for r in reports)
             if v.state == READY and rss and rss != v.resident_bytes:

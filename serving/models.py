@@ -19,7 +19,6 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
@@ -143,7 +142,3 @@ def resident_bytes() -> int:
     except (OSError, ValueError, IndexError):
         return 0
 
-
-def entries_for(path: Path, name: str) -> dict[str, Any]:
-    """What the table says of a new version, before it is loaded."""
-    return {"name": name, "path": str(path.resolve())}

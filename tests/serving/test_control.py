@@ -1,0 +1,72 @@
+"""The model controller's rules on its own state: what the workers report (the broker's snapshot) decides each
+version's state; a version leaves the table only once drained."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+from modelship.serving.control import DRAIN_MIN, Controller
+from modelship.serving.models import Reader
+
+
+def controller(tmp_path: Path, bundle: Path) -> tuple[Controller, SimpleNamespace]:
+    shutil.copytree(bundle, tmp_path / "repo" / "m" / "1")
+    c = Controller(tmp_path / "repo", str(tmp_path), "onnx")
+    c.start_table()
+    broker = SimpleNamespace(snapshot=({}, {}))  # what the broker's heartbeat publishes: worker reports, outstanding
+    c.broker = broker
+    return c, broker
+
+
+def report(generation: int, failed: dict | None = None) -> dict:
+    return {"generation": generation, "failed": failed or {}, "rss": {}}
+
+
+def states(c: Controller) -> dict[str, str]:
+    return {k: v.state for k, v in c.table.versions.items()}
+
+
+def test_a_version_is_ready_once_every_worker_has_it_and_the_one_it_replaces_drains(
+    tmp_path: Path, affine_bundle: Path
+) -> None:
+    c, broker = controller(tmp_path, affine_bundle)
+    broker.snapshot = ({b"w1": report(1), b"w2": None}, {})  # w2 has not reported yet
+    c.step(0.0)
+    assert states(c) == {"m/1": "LOADING"} and not c.table.started
+    broker.snapshot = ({b"w1": report(1), b"w2": report(1)}, {})
+    c.step(0.0)
+    assert states(c) == {"m/1": "READY"} and c.table.started
+    c.add("m", 2, tmp_path / "repo" / "m" / "1")
+    c.write()
+    added = c.table.versions["m/2"].added
+    broker.snapshot = ({b"w1": report(added), b"w2": report(added - 1)}, {})
+    c.step(1.0)
+    assert states(c) == {"m/1": "READY", "m/2": "LOADING"}
+    broker.snapshot = ({b"w1": report(added), b"w2": report(added)}, {b"m/1": 3})  # version 1 still holds 3 requests
+    c.step(2.0)
+    assert states(c) == {"m/1": "UNLOADING", "m/2": "READY"}
+    assert Reader(str(tmp_path)).current().versions["m/1"].state == "UNLOADING"  # written for every process
+    since = c.since["m/1"]
+    c.step(since + DRAIN_MIN + 1)
+    assert "m/1" in c.table.versions  # not drained yet
+    broker.snapshot = ({b"w1": report(added), b"w2": report(added)}, {})
+    c.step(since + DRAIN_MIN + 1)
+    assert states(c) == {"m/2": "READY"}
+
+
+def test_a_version_a_worker_failed_is_unavailable_and_no_older_version_outlives_the_newest_ready(
+    tmp_path: Path, affine_bundle: Path
+) -> None:
+    c, broker = controller(tmp_path, affine_bundle)
+    broker.snapshot = ({b"w1": report(1)}, {})
+    c.step(0.0)
+    for v in (2, 3):
+        c.add("m", v, tmp_path / "repo" / "m" / "1")
+    c.write()
+    broker.snapshot = ({b"w1": report(c.table.generation, {"m/3": "failed to load on a worker: boom"})}, {})
+    c.step(1.0)
+    # 3 failed; 2 is loaded everywhere and is now the newest READY, so 1 goes; 2 serves
+    assert states(c) == {"m/1": "UNLOADING", "m/2": "READY", "m/3": "UNAVAILABLE"}
+    assert c.table.versions["m/3"].reason == "failed to load on a worker: boom"
