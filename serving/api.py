@@ -135,6 +135,8 @@ class HTTPSpec(compat.LitSpec):
         work (Kubernetes' readiness: a restarting worker beside a serving one is not a reason to leave the load
         balancer)."""
         table = self.catalog.table
+        if not table.started:
+            table = self.catalog.fresh()  # starting: another API server may already have seen the models load
         if not (table.started and (table.names() or self.settings.model_control == "explicit")):
             return False  # (explicit control may start with nothing loaded, and take load requests: as Triton)
         if isinstance(self.client, local.Runner):
@@ -314,7 +316,7 @@ class HTTPSpec(compat.LitSpec):
         doc = protocol.parse_json(body) if body.strip() else {}
         if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
             raise protocol.RequestError('expected a JSON object, optionally {"ready": true}')
-        rows = models.index(self.catalog.table)
+        rows = models.index(self.catalog.fresh())
         return json_answer([r for r in rows if r["state"] == models.READY] if doc.get("ready") else rows)
 
     def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Route | None:

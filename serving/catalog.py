@@ -73,7 +73,22 @@ class Catalog:
         return found
 
     def resolve(self, name: str, version: str | None = None) -> Served:
-        """The version a request for `name` (and `version`, if given) goes to, or RequestError 404 / 503."""
+        """The version a request for `name` (and `version`, if given) goes to, or RequestError 404 / 503. A request
+        this process's view cannot route reads the table again first: another API server may have seen a version
+        turn READY up to REFRESH seconds before this one did."""
+        try:
+            return self._resolve(name, version)
+        except RequestError:
+            if not self.reader.reload():
+                raise
+        return self._resolve(name, version)
+
+    def fresh(self) -> models.Table:
+        """The table as it is now (for the index and readiness: a stale view would contradict another process's)."""
+        self.reader.reload()
+        return self.reader.table
+
+    def _resolve(self, name: str, version: str | None) -> Served:
         table = self.table
         ready = table.ready(name)
         versions = sorted((v for v in table.versions.values() if v.name == name), key=lambda v: v.version)
