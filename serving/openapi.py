@@ -55,11 +55,11 @@ def json_body(model: type[BaseModel], description: str = "", example: Any = None
     return {"description": description or model.__name__, "content": {"application/json": media}}
 
 
-def prediction_example(classes: tuple[str, ...]) -> dict[str, Any]:
-    """What /predict answers, with this model's class names."""
-    scores = [0.9, 0.06, 0.02, 0.01, 0.01][: len(classes)]
-    ranked = [{"label": c, "index": i, "score": s} for i, (c, s) in enumerate(zip(classes, scores, strict=False))]
-    return {**ranked[0], "top_k": ranked}
+def prediction_example(m: Any) -> dict[str, Any]:
+    """What /predict answers, with this model's name and class names."""
+    scores = [0.9, 0.06, 0.02, 0.01, 0.01][: len(m.classes)]
+    ranked = [{"label": c, "index": i, "score": s} for i, (c, s) in enumerate(zip(m.classes, scores, strict=False))]
+    return {**ranked[0], "top_k": ranked, "model_name": m.name, "model_version": "1"}
 
 
 def errors(*codes: int) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def v2_model_operations(m: Any) -> dict[tuple[str, str], dict[str, Any]]:
             "tags": ["predict"], "summary": "classify one image with this model", "requestBody": predict_body(m.shape),
             "responses": {
                 "200": json_body(Prediction, "the best class and the top_k, with softmax scores",
-                                 prediction_example(m.classes)),
+                                 prediction_example(m)),
                 **errors(400, 401, 404, 413, 415, 503, 504),
             },
         }  # fmt: skip
@@ -217,7 +217,7 @@ def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
             "tags": ["predict"], "summary": "classify one image", "requestBody": predict_body(m.shape),
             "responses": {
                 "200": json_body(Prediction, "the best class and the top_k, with softmax scores",
-                                 prediction_example(m.classes)),
+                                 prediction_example(m)),
                 **errors(400, 401, 413, 415, 503, 504),
             },
         },

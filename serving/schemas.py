@@ -33,6 +33,8 @@ class Ranked(BaseModel):
 
 class Prediction(Ranked):
     top_k: list[Ranked] = Field(description="the most likely classes, best first")
+    model_name: str = Field(description="the model that answered")
+    model_version: str = Field(description="its version that answered")
 
 
 class Root(BaseModel):

@@ -50,7 +50,8 @@ def test_openapi_describes_every_route_with_its_schemas(server: Server) -> None:
         "$ref": "#/components/schemas/Prediction"
     }
     assert {"400", "413", "415", "504"} <= set(predict["responses"])
-    assert set(schemas["Prediction"]["properties"]) == {"label", "index", "score", "top_k"}
+    assert set(schemas["Prediction"]["properties"]) == {"label", "index", "score", "top_k", "model_name",
+                                                        "model_version"}  # fmt: skip
     infer = doc["paths"]["/v2/models/{name}/infer"]["post"]
     assert infer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/V2InferenceRequest")
     assert "application/octet-stream" in infer["requestBody"]["content"]
