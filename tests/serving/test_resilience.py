@@ -34,6 +34,9 @@ def test_api_key_guards_every_route_but_health(tiny_bundle: Path, tmp_path: Path
             ("GET", "/v2"),
             ("GET", "/v2/models/shapes-cnn"),
             ("POST", "/v2/models/shapes-cnn/infer"),
+            ("POST", "/v2/models/shapes-cnn/predict"),
+            ("POST", "/v2/repository/index"),
+            ("POST", "/v2/repository/models/shapes-cnn/unload"),
         ):
             r = httpx.request(method, s.url + path)
             assert r.status_code == 401, path
@@ -41,6 +44,7 @@ def test_api_key_guards_every_route_but_health(tiny_bundle: Path, tmp_path: Path
             assert httpx.request(method, s.url + path, headers={"X-API-Key": "wrong"}).status_code == 401
         assert predict(s.url, headers={"X-API-Key": KEY}).status_code == 200
         assert predict(s.url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.post(s.url + "/v2/repository/index", headers={"X-API-Key": KEY}).json()[0]["state"] == "READY"
         for path in ("/health", "/v2/health/live", "/v2/health/ready"):
             assert httpx.get(s.url + path).status_code == 200
         # the payload limit applies too, and before the body is read
