@@ -91,6 +91,8 @@ class Catalog:
     def _resolve(self, name: str, version: str | None) -> Served:
         table = self.table
         ready = table.ready(name)
+        if ready and version in (None, ""):  # the common request: the newest READY version, nothing else to look at
+            return self.get(ready[0])
         versions = sorted((v for v in table.versions.values() if v.name == name), key=lambda v: v.version)
         if not versions:
             if name in table.known:
@@ -100,10 +102,8 @@ class Catalog:
             have = ", ".join(repr(n) for n in table.names()) or "none yet"
             raise RequestError(f"unknown model {name!r}; this server serves {have}", 404)
         if version in (None, ""):
-            if not ready:
-                states = ", ".join(f"{v.version} {v.state}" for v in versions)
-                raise RequestError(f"model {name!r} has no version ready ({states}); retry shortly", 503)
-            return self.get(ready[0])
+            states = ", ".join(f"{v.version} {v.state}" for v in versions)
+            raise RequestError(f"model {name!r} has no version ready ({states}); retry shortly", 503)
         match = next((v for v in versions if str(v.version) == version), None)
         if match is None:
             listed = ", ".join(repr(str(v.version)) for v in versions)

@@ -183,9 +183,9 @@ class Controller:
                 self.set(v, READY)
                 log.info("model %s version %d is ready on every worker", v.name, v.version)
         if self.policy == "latest":  # a model's newest READY version serves; what is older goes
-            for v in list(self.table.versions.values()):
-                ready = self.table.ready(v.name)
-                if ready and v.version < ready[0].version and v.state in (READY, LOADING):
+            newest = {name: self.table.ready(name)[0].version for name in self.table.names()}
+            for v in self.table.versions.values():
+                if v.state in (READY, LOADING) and v.version < newest.get(v.name, 0):
                     self.set(v, UNLOADING)
         for v in self.table.versions.values():
             rss = sum(r.get("rss", {}).get(v.key, 0) for r in reports)

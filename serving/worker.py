@@ -63,7 +63,8 @@ class InferenceAPI(ls.LitAPI):
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="modelship-loader")
         self.reader = models.Reader(self.settings.run_dir)
         self.reader.reload()  # the table as it is now; then at most every REFRESH seconds (refresh)
-        self.absorb(self.load(self.reader.table))  # at start there is nothing to serve meanwhile
+        table = self.reader.table
+        self.absorb(self.load(table, self.missing(table)))  # at start there is nothing to serve meanwhile
         # a version asked for at start (with --in-process every version is): the server must not start without it
         if self.failed and (self.settings.in_process or not self.reader.table.started):
             raise RuntimeError("; ".join(f"{k}: {why}" for k, why in self.failed.items()))
@@ -79,8 +80,9 @@ class InferenceAPI(ls.LitAPI):
             self.absorb(self.loading.result())
             self.loading, news = None, True
         table = self.reader.table
-        if self.loading is None and self.missing(table):
-            self.loading = self.loader.submit(self.load, table)
+        missing = self.missing(table) if self.loading is None else []
+        if missing:  # worked out here: the loading thread reads nothing this one changes
+            self.loading = self.loader.submit(self.load, table, missing)
         elif self.loading is None and self.applied != table.generation:
             self.applied, news = table.generation, True
         if not news:
@@ -104,12 +106,13 @@ class InferenceAPI(ls.LitAPI):
         self.failed = {k: why for k, why in self.failed.items() if k in wanted}
         return bool(gone)
 
-    def load(self, table: models.Table) -> Loaded:
-        """Load every version `table` holds and this worker lacks, each warmed up at its largest batch before it
-        counts as loaded (first calls allocate and pick kernels): (the table's generation, loaded, failed)."""
+    def load(self, table: models.Table, keys: list[str]) -> Loaded:
+        """Load the versions `keys` of `table` (those it holds and this worker lacks), each warmed up at its largest
+        batch before it counts as loaded (first calls allocate and pick kernels): (the table's generation, loaded,
+        failed)."""
         held: dict[str, Held] = {}
         failed: dict[str, str] = {}
-        for key in self.missing(table):
+        for key in keys:
             version = table.versions[key]
             before = models.resident_bytes()
             try:
