@@ -4,9 +4,11 @@ version's state; a version leaves the table only once drained."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from modelship.serving.catalog import Catalog
 from modelship.serving.control import DRAIN_MIN, Controller
 from modelship.serving.models import Reader
 
@@ -70,3 +72,17 @@ def test_a_version_a_worker_failed_is_unavailable_and_no_older_version_outlives_
     # 3 failed; 2 is loaded everywhere and is now the newest READY, so 1 goes; 2 serves
     assert states(c) == {"m/1": "UNLOADING", "m/2": "READY", "m/3": "UNAVAILABLE"}
     assert c.table.versions["m/3"].reason == "failed to load on a worker: boom"
+
+
+def test_an_api_server_whose_view_is_stale_reads_the_table_again_before_it_refuses(
+    tmp_path: Path, affine_bundle: Path
+) -> None:
+    c, broker = controller(tmp_path, affine_bundle)
+    catalog = Catalog(str(tmp_path), "onnx")
+    assert catalog.table.versions["m/1"].state == "LOADING"  # this API server's view: not routable yet
+    catalog.reader.checked = time.monotonic() + 3600  # and no timed look again: the stale view stays, by force
+    broker.snapshot = ({b"w1": report(1)}, {})
+    c.step(0.0)  # another API server can now route it
+    assert catalog.table.versions["m/1"].state == "LOADING"
+    assert catalog.resolve("m").version == "1"  # refused by the stale view, so read again: routed
+    assert catalog.table.versions["m/1"].state == "READY"
