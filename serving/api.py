@@ -375,18 +375,16 @@ class HTTPSpec(compat.LitSpec):
     async def repository_change(self, op: str, name: str, body: bytes) -> Answer:
         """POST /v2/repository/models/{name}/load or /unload: asked of the controller in the main process, answered
         once the change is done (loaded on every worker, or drained and unloaded) or has failed."""
-        if self.settings.model_control != "explicit":
-            raise protocol.RequestError(
-                f"the model repository is not under explicit control (--model-control {self.settings.model_control}"
-                "); start the server with --model-control explicit to load and unload models by request",
-                400,
-            )
         doc = protocol.parse_json(body) if body.strip() else {}
         params = doc.get("parameters", {}) if isinstance(doc, dict) else None
-        if not isinstance(params, dict) or any(k == "config" or k.startswith("file:") for k in params):
+        if not isinstance(params, dict):
             raise protocol.RequestError(f"{op} takes no model configuration or files here; send {{}} or no body")
-        status, doc = await asyncio.to_thread(control.ask, self.settings.run_dir, {"op": op, "name": name})
-        return json_answer(doc, status)
+        return json_answer(*await self.repository_ask(op, name, list(params)))
+
+    async def repository_ask(self, op: str, name: str, parameters: list[str]) -> tuple[Any, int]:
+        """(answer, status) of the controller for a load or unload (HTTP or gRPC)."""
+        return await asyncio.to_thread(control.change, self.settings.run_dir, self.settings.model_control, op, name,
+                                       parameters)  # fmt: skip
 
 
 def json_limit_why(served: Served) -> str:

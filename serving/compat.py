@@ -158,8 +158,10 @@ class Server(ls.LitServer):
     def __init__(self, *args: Any, front: Callable[[Any], Any], on_worker_failure: Callable[[], None],
                  sockets: str | None, hung: broker.HungPolicy, http: type,
                  in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
-                 on_broker: Callable[[broker.Broker], None] | None = None, **kwargs: Any) -> None:  # fmt: skip
+                 on_broker: Callable[[broker.Broker], None] | None = None, grpc: Any = None,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
+        self._grpc = grpc  # the gRPC service each API server starts beside HTTP (--grpc-port), or None
         self._front = front  # wraps the FastAPI app as each API server serves it
         self._sockets = sockets  # the directory for the transport's IPC sockets (None with --in-process)
         self._hung = hung  # when the broker counts a worker as hung
@@ -264,7 +266,8 @@ class Server(ls.LitServer):
         self._prepare_app_run(app)
         config = uvicorn.Config(app=self._front(app), host=address[0], port=port, log_level=log_level, http=self._http,
                                 timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)  # fmt: skip
-        server = _Server(config=config)
+        server = APIServer(config=config)
+        server.beside = self._grpc
         own = [reuseport_socket(family, address)]
         process = mp.get_context("fork").Process(
             target=self._run_api_server, args=(server, consumer, own), name=f"LitServer-{consumer}"
@@ -314,6 +317,24 @@ class Server(ls.LitServer):
                 log.info("ready: %d cop%s of the model warmed up; /health is 200", n, "y" if n == 1 else "ies")
                 return
             time.sleep(0.05)
+
+
+class APIServer(_Server):
+    """LitServe's uvicorn server with the gRPC service (--grpc-port) started before HTTP and drained beside it: on
+    SIGTERM both refuse new requests at once and answer what they hold."""
+
+    beside: Any = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.beside is not None:
+            await self.beside.start()
+        await super().startup(sockets)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.beside is None:
+            await super().shutdown(sockets)
+        else:
+            await asyncio.gather(super().shutdown(sockets), self.beside.stop(self.config.timeout_graceful_shutdown))
 
 
 def in_process_key(consumer: int) -> str:

@@ -34,6 +34,7 @@ class ServeConfig:
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int | None = None  # also serve KServe v2 over gRPC here (serving/grpc_service.py)
     max_batch_size: int = 32
     batch_timeout: float = 0.0  # take what is waiting: under load batches fill while the model runs (BENCHMARKS.md)
     workers_per_device: int = 2
@@ -75,6 +76,9 @@ class ServeConfig:
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.host in HOSTS, f"--host must be one of {', '.join(HOSTS)} (LitServe binds these), got {self.host!r}")
         need(1024 <= self.port <= 65535, f"--port must be between 1024 and 65535, got {self.port}")
+        need(self.grpc_port is None or 1024 <= self.grpc_port <= 65535,
+             f"--grpc-port must be between 1024 and 65535, got {self.grpc_port}")  # fmt: skip
+        need(self.grpc_port != self.port, f"--grpc-port must differ from --port (both are {self.port})")
         need(
             1 <= self.max_batch_size <= 1024, f"--max-batch-size must be between 1 and 1024, got {self.max_batch_size}"
         )
@@ -159,6 +163,11 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.url is None and self.bundle is None:
             raise ConfigError("give --url (a running server), --bundle (offline), or both (v2 inference at --url)")
+        if self.url is not None and self.url.startswith("grpc://") and self.bundle is None:
+            raise ConfigError(
+                f"--url {self.url} needs --bundle: gRPC carries tensors, so the bundle's preprocessing runs here "
+                "(or give the server's http:// URL to send it the images)"
+            )
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.format not in PREDICT_FORMATS:

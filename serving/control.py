@@ -31,6 +31,7 @@ import zmq
 from modelship import repository
 from modelship.errors import ConfigError, ModelshipError
 from modelship.serving.models import HELD, LOADING, READY, UNAVAILABLE, UNLOADING, Table, Version, key_of
+from modelship.serving.protocol import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,20 @@ def ask(run_dir: str, request: dict[str, Any]) -> tuple[int, Any]:
         return int(status), doc
     finally:
         sock.close()
+
+
+def change(run_dir: str, model_control: str, op: str, name: str, parameters: list[str]) -> tuple[Any, int]:
+    """(answer, HTTP status) of a load or unload request (with these parameter names) from an API server."""
+    if model_control != "explicit":
+        raise RequestError(
+            f"the model repository is not under explicit control (--model-control {model_control}); start the "
+            "server with --model-control explicit to load and unload models by request",
+            400,
+        )
+    if any(k == "config" or k.startswith("file:") for k in parameters):
+        raise RequestError(f"{op} takes no model configuration or files here; send no parameters")
+    status, doc = ask(run_dir, {"op": op, "name": name})
+    return doc, status
 
 
 @dataclass

@@ -58,6 +58,10 @@ def metrics() -> SimpleNamespace:
             ["model", "version"],
             buckets=LATENCY_BUCKETS,
         ),
+        grpc_requests=Counter("modelship_grpc_requests", "gRPC calls by method and status code", ["method", "code"]),
+        grpc_latency=Histogram(
+            "modelship_grpc_request_duration_seconds", "gRPC call latency", ["method"], buckets=LATENCY_BUCKETS
+        ),
         inferences=Counter(
             "modelship_inferences",
             "answered inference requests by model, version and protocol",

@@ -84,6 +84,15 @@ def error_answer(e: Exception) -> Answer:
     return 500, JSON_HEADERS, json.dumps({"error": "internal server error; see the server log"}).encode()
 
 
+def authorized(api_key: bytes, headers: dict[bytes, bytes]) -> bool:
+    """The API key is given as X-API-Key or Authorization: Bearer (HTTP headers, or gRPC metadata, lower-cased)."""
+    given = headers.get(b"x-api-key")
+    if given is None:
+        auth = headers.get(b"authorization", b"")
+        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else None
+    return given is not None and hmac.compare_digest(given, api_key)
+
+
 class Guard:
     """Counts and times every request; checks the API key; refuses bodies over the limit without reading them; and
     answers the hot routes itself (`fast`: the spec's `fast_route`), without FastAPI's per-request routing."""
@@ -96,14 +105,6 @@ class Guard:
         self.api_key = api_key.encode() if api_key else None
         self.max_bytes = max_bytes
         self.fast = fast
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        assert self.api_key is not None
-        given = headers.get(b"x-api-key")
-        if given is None:
-            auth = headers.get(b"authorization", b"")
-            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else None
-        return given is not None and hmac.compare_digest(given, self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,7 +123,7 @@ class Guard:
 
         try:
             headers = dict(scope["headers"])
-            if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            if self.api_key is not None and scope["path"] not in OPEN_PATHS and not authorized(self.api_key, headers):
                 await send_error(
                     send_tracked, 401, "missing or wrong API key; send it as X-API-Key or Authorization: Bearer"
                 )

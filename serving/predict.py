@@ -51,9 +51,9 @@ def batch_runner(cfg: PredictConfig, manifest: dict[str, Any]) -> Callable[[np.n
     """float32 [N, C, H, W] -> logits: the local artifact, or v2 inference at --url."""
     assert cfg.bundle is not None
     if cfg.url is not None:
-        from modelship.serving.client import Client
+        from modelship.serving.grpc_client import connect
 
-        client = Client(cfg.url, cfg.api_key, cfg.timeout)
+        client = connect(cfg.url, cfg.api_key, cfg.timeout)
         names = (manifest["input"]["name"], manifest["output"]["name"])
         return lambda x: client.infer(manifest["name"], x, input_name=names[0], output_name=names[1])
     artifact = require_artifact(manifest, cfg.bundle, cfg.backend)

@@ -310,19 +310,11 @@ def _v2_input(t: Any, binary: bytes | memoryview, model: ServedModel) -> np.ndar
     _v2_type(t, dict, "inputs[0]", "an object")
     _v2_fields(t, V2_INPUT_FIELDS, "inputs[0]")
     _v2_type(t.get("name"), str, "inputs[0].name", "a string")
-    if t["name"] != model.input_name:
-        raise RequestError(f"unknown input {t['name']!r}; this model's input is {model.input_name!r}")
     _v2_type(t.get("datatype"), str, "inputs[0].datatype", "a string")
-    if t["datatype"] not in V2_DTYPES:
-        raise RequestError(f"input datatype {t['datatype']!r} is not supported; expected FP32")
     shape = t.get("shape")
-    expected = f"[N, {', '.join(map(str, model.shape))}]"
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise RequestError(f"inputs[0].shape must be an array of integers {expected}, got {shape!r}")
-    if len(shape) != 4 or tuple(shape[1:]) != model.shape or shape[0] < 1:
-        raise RequestError(f"input shape {shape} does not fit the model; expected {expected}")
-    if shape[0] > model.max_batch:
-        raise RequestError(f"input batch of {shape[0]} is over this server's limit of {model.max_batch}")
+        raise RequestError(f"inputs[0].shape must be an array of integers {expected_shape(model)}, got {shape!r}")
+    v2_check_input(t["name"], t["datatype"], shape, model)
     params = _v2_parameters(t.get("parameters"), "inputs[0].parameters")
     if "binary_data_size" not in params:
         if binary:
@@ -330,15 +322,36 @@ def _v2_input(t: Any, binary: bytes | memoryview, model: ServedModel) -> np.ndar
         if "data" not in t:
             raise RequestError("input needs data (a list of numbers) or binary_data_size with the binary extension")
         return tensor_from_json(t["data"], "input data", tuple(shape), flat_ok=True)
-    size, need = params["binary_data_size"], math.prod(shape) * 4
-    if isinstance(size, bool) or not isinstance(size, int) or size != len(binary) or size != need:
-        raise RequestError(
-            f"binary input is {len(binary)} bytes (binary_data_size {size!r}); shape {shape} FP32 needs {need} bytes"
-        )
+    size = params["binary_data_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size != len(binary):
+        raise RequestError(f"binary input is {len(binary)} bytes but its binary_data_size is {size!r}")
     if "data" in t:
         raise RequestError("input has both binary data and a data field; send one")
-    # little-endian float32 already: a view of the body, not a copy
-    return check_finite(np.frombuffer(binary, dtype=V2_DTYPES["FP32"]).reshape(shape), "input")
+    return v2_raw_tensor(binary, shape, "binary input")
+
+
+def expected_shape(model: ServedModel) -> str:
+    return f"[N, {', '.join(map(str, model.shape))}]"
+
+
+def v2_check_input(name: str, datatype: str, shape: list[int], model: ServedModel) -> None:
+    """The checks every v2 input tensor passes, over HTTP or gRPC, with the same messages."""
+    if name != model.input_name:
+        raise RequestError(f"unknown input {name!r}; this model's input is {model.input_name!r}")
+    if datatype not in V2_DTYPES:
+        raise RequestError(f"input datatype {datatype!r} is not supported; expected FP32")
+    if len(shape) != 4 or tuple(shape[1:]) != model.shape or shape[0] < 1:
+        raise RequestError(f"input shape {shape} does not fit the model; expected {expected_shape(model)}")
+    if shape[0] > model.max_batch:
+        raise RequestError(f"input batch of {shape[0]} is over this server's limit of {model.max_batch}")
+
+
+def v2_raw_tensor(data: bytes | memoryview, shape: list[int], what: str) -> np.ndarray:
+    """Raw little-endian FP32 bytes of a checked shape -> the array, a view of the bytes (no copy)."""
+    need = math.prod(shape) * 4
+    if len(data) != need:
+        raise RequestError(f"{what} is {len(data)} bytes; shape {shape} FP32 needs {need} bytes")
+    return check_finite(np.frombuffer(data, dtype=V2_DTYPES["FP32"]).reshape(shape), what)
 
 
 def v2_response(logits: np.ndarray, req: V2Request, model: ServedModel, version: str) -> tuple[bytes, dict[str, str]]:

@@ -57,7 +57,7 @@ def resolve_devices(cfg: ServeConfig) -> tuple[str, int]:
     return ("cuda", gpus) if gpus else ("cpu", 1)
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, flag: str = "--port") -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -65,7 +65,7 @@ def check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise ConfigError(
-                f"cannot listen on {host}:{port} ({e.strerror}); is another server using it? Pick --port"
+                f"cannot listen on {host}:{port} ({e.strerror}); is another server using it? Pick {flag}"
             ) from None
 
 
@@ -82,6 +82,8 @@ def serve(cfg: ServeConfig) -> None:
             "add --device cpu, or leave out --in-process to serve on the GPU"
         )
     check_port(cfg.host, cfg.port)
+    if cfg.grpc_port is not None:
+        check_port(cfg.host, cfg.grpc_port, "--grpc-port")
 
     from modelship.serving import control, lifeline, metrics, transport
 
@@ -104,6 +106,9 @@ def serve(cfg: ServeConfig) -> None:
             "POST /v2/models/{name}/infer, docs at /docs; /health turns 200 once warmed up",
             held, cfg.backend, accelerator, copies, cfg.max_batch_size, wait, cfg.model_control, url_host, cfg.port,
         )  # fmt: skip
+        if cfg.grpc_port is not None:
+            log.info("and KServe v2 over gRPC at %s:%d (inference.GRPCInferenceService, grpc.health.v1.Health)",
+                     url_host, cfg.grpc_port)  # fmt: skip
         lifeline.follow_in_forked_children()  # LitServe's Manager and the API servers end with this process
         server.run(
             host=cfg.host,
@@ -184,6 +189,11 @@ def build_server(
         guarded = Guard(app, api_key=cfg.api_key, max_bytes=cfg.max_bytes, fast=spec.fast_route)
         return CORSMiddleware(guarded, **cors_options(cfg.cors_origins)) if cfg.cors_origins else guarded
 
+    grpc = None
+    if cfg.grpc_port is not None:
+        from modelship.serving.grpc_service import Service
+
+        grpc = Service(spec, cfg.host, cfg.grpc_port, cfg.api_key, cfg.max_bytes)
     server = compat.Server(
         inference,
         accelerator=accelerator,
@@ -198,6 +208,7 @@ def build_server(
         http=connections.protocol(cfg.header_timeout, cfg.body_timeout),
         in_api_server=in_api_server,
         on_broker=controller.start,
+        grpc=grpc,
     )
     install_errors(server.app)
     install_openapi(server.app, spec)

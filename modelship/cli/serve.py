@@ -60,6 +60,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=d("host"), help=f"{', '.join(HOSTS)} (default %(default)s)")
     p.add_argument("--port", type=int, default=d("port"), help="(default %(default)s)")
     p.add_argument(
+        "--grpc-port", type=int, default=d("grpc_port"), metavar="P",
+        help="also serve KServe v2 over gRPC on this port, e.g. 8001 (default: HTTP only)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-batch-size",
         type=int,
         default=d("max_batch_size"),
@@ -154,7 +158,11 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
         return default(PredictConfig, name)
 
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files, and folders of them (recursively)")
-    p.add_argument("--url", help=f"a server: its /predict, or with --bundle its v2 API (e.g. {CLIENT_URL})")
+    p.add_argument(
+        "--url",
+        help=f"a server: its /predict, or with --bundle its v2 API over HTTP (e.g. {CLIENT_URL}) or gRPC "
+        "(grpc://HOST:PORT)",
+    )
     p.add_argument(
         "--bundle", type=Path, metavar="BUNDLE_DIR", help="preprocess with this bundle; alone: run it offline"
     )

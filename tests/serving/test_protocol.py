@@ -163,7 +163,7 @@ def test_v2_binary_extension() -> None:
         (
             v2_doc([1, 3, 4, 4], parameters={"binary_data_size": 100}),
             b"\0" * 100,
-            "binary input is 100 bytes (binary_data_size 100); shape [1, 3, 4, 4] FP32 needs 192 bytes",
+            "binary input is 100 bytes; shape [1, 3, 4, 4] FP32 needs 192 bytes",
         ),
         (
             v2_doc([1, 3, 4, 4], data=[0] * 48) | {"outputs": [{"name": "probs"}]},

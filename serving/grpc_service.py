@@ -1,0 +1,288 @@
+"""KServe v2 over gRPC (`inference.GRPCInferenceService`, with Triton's repository calls) and `grpc.health.v1.Health`.
+
+Every API server process serves it beside HTTP, on the same event loop, on its own SO_REUSEPORT socket of the gRPC
+port. It answers through the HTTP spec: the same catalog resolves a model version, the same checks (the same
+messages) validate a tensor, and ModelInfer awaits the spec's `infer`, so a gRPC request joins the batches HTTP
+requests join. A client mistake is a status code with the message HTTP would give (`CODES`); the request bytes are
+parsed here rather than by grpc, so a malformed message is INVALID_ARGUMENT naming the message, not INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError, Message
+
+import modelship
+from modelship.serving import models, protocol
+from modelship.serving.metrics import metrics
+from modelship.serving.middleware import authorized
+from modelship.serving.protos import health_pb2 as health
+from modelship.serving.protos import inference_pb2 as pb
+
+if TYPE_CHECKING:
+    from modelship.serving.api import HTTPSpec
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+HEALTH = "grpc.health.v1.Health"
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+OPEN = frozenset({"ServerLive", "ServerReady"})  # as /v2/health/live and /v2/health/ready: no API key needed
+ENVELOPE_BYTES = 1 << 16  # names, shape, parameters around a request's tensor bytes
+WATCH_EVERY = 0.5  # seconds between the readiness looks of a health Watch
+Handler = Callable[[Any], Awaitable[Message]]
+
+
+class Service:
+    """The gRPC server of one API server process: made before the fork, started inside the process's event loop."""
+
+    def __init__(self, spec: HTTPSpec, host: str, port: int, api_key: str | None, max_bytes: int) -> None:
+        self.spec = spec
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.api_key = api_key.encode() if api_key else None
+        self.max_bytes = max_bytes
+        self.server: grpc.aio.Server | None = None
+        self.counters: dict[tuple[str, str], Any] = {}
+
+    async def start(self) -> None:
+        options = [
+            ("grpc.so_reuseport", 1),  # every API server binds the port; the kernel balances connections
+            ("grpc.max_receive_message_length", self.max_bytes),  # --max-payload-mb, as HTTP; per model below
+            ("grpc.max_send_message_length", -1),
+        ]
+        self.server = grpc.aio.server(options=options)
+        self.server.add_generic_rpc_handlers((self.inference_handler(), self.health_handler()))
+        if self.server.add_insecure_port(self.address) == 0:
+            raise OSError(f"gRPC cannot listen on {self.address}")
+        await self.server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        """Refuse new calls at once; answer those in flight for up to `grace` seconds."""
+        if self.server is not None:
+            await self.server.stop(grace)
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def inference_handler(self) -> grpc.GenericRpcHandler:
+        calls: dict[str, tuple[type[Message], Handler]] = {
+            "ServerLive": (pb.ServerLiveRequest, self.server_live),
+            "ServerReady": (pb.ServerReadyRequest, self.server_ready),
+            "ModelReady": (pb.ModelReadyRequest, self.model_ready),
+            "ServerMetadata": (pb.ServerMetadataRequest, self.server_metadata),
+            "ModelMetadata": (pb.ModelMetadataRequest, self.model_metadata),
+            "ModelInfer": (pb.ModelInferRequest, self.model_infer),
+            "RepositoryIndex": (pb.RepositoryIndexRequest, self.repository_index),
+            "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.repository_load),
+            "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_unload),
+        }
+        return grpc.method_handlers_generic_handler(
+            SERVICE, {name: grpc.unary_unary_rpc_method_handler(self.unary(name, *c)) for name, c in calls.items()}
+        )
+
+    def health_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            HEALTH,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(self.unary("Check", health.HealthCheckRequest,
+                                                                        self.health_check, service=HEALTH)),
+                "Watch": grpc.unary_stream_rpc_method_handler(self.health_watch),
+            },
+        )  # fmt: skip
+
+    def unary(self, name: str, kind: type[Message], fn: Handler, service: str = SERVICE) -> Callable[..., Any]:
+        """A method: the API key, the message parsed, the answer serialized, mistakes as status codes, metrics."""
+        needs_key = self.api_key is not None and name not in OPEN and service == SERVICE
+        method = f"/{service}/{name}"
+
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                if needs_key:
+                    assert self.api_key is not None
+                    given = {k.encode(): v.encode() for k, v in context.invocation_metadata() or ()
+                             if isinstance(v, str)}  # fmt: skip
+                    if not authorized(self.api_key, given):
+                        raise protocol.RequestError(
+                            "missing or wrong API key; send it as x-api-key or authorization: Bearer metadata", 401
+                        )
+                try:
+                    request = kind.FromString(raw)
+                except DecodeError as e:
+                    raise protocol.RequestError(f"the {kind.__name__} message cannot be parsed ({e})") from None
+                return (await fn(request)).SerializeToString()
+            except protocol.RequestError as e:
+                code = CODES.get(e.status, grpc.StatusCode.INTERNAL)
+                message = e.message
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                log.exception("unhandled error answering %s", method)
+                code, message = grpc.StatusCode.INTERNAL, "internal server error; see the server log"
+            finally:
+                self.count(method, code, time.perf_counter() - start)
+            await context.abort(code, message)
+            raise AssertionError("unreachable: abort raises")
+
+        return handle
+
+    def count(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        key = (method, code.name)
+        if key not in self.counters:
+            m = metrics()
+            self.counters[key] = (m.grpc_requests.labels(method, code.name), m.grpc_latency.labels(method))
+        counter, latency = self.counters[key]
+        counter.inc()
+        latency.observe(seconds)
+
+    # ------------------------------------------------------------------------------------------ the service
+
+    async def server_live(self, request: pb.ServerLiveRequest) -> Message:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: pb.ServerReadyRequest) -> Message:
+        return pb.ServerReadyResponse(ready=self.spec.ready())
+
+    async def model_ready(self, request: pb.ModelReadyRequest) -> Message:
+        try:
+            self.spec.catalog.resolve(request.name, request.version or None)
+        except protocol.RequestError as e:
+            if e.status != 503:
+                raise
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.spec.ready())
+
+    async def server_metadata(self, request: pb.ServerMetadataRequest) -> Message:
+        return pb.ServerMetadataResponse(name="modelship", version=modelship.__version__,
+                                         extensions=["binary_tensor_data", "model_repository"])  # fmt: skip
+
+    async def model_metadata(self, request: pb.ModelMetadataRequest) -> Message:
+        doc = self.spec.catalog.metadata(request.name, request.version or None)
+        tensors = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=doc["name"], versions=doc["versions"], platform=doc["platform"],
+            inputs=[tensors(**t) for t in doc["inputs"]], outputs=[tensors(**t) for t in doc["outputs"]],
+        )  # fmt: skip
+
+    async def model_infer(self, request: pb.ModelInferRequest) -> Message:
+        served = self.spec.catalog.resolve(request.model_name, request.model_version or None)
+        model = served.model
+        c, h, w = model.shape
+        limit = model.max_batch * c * h * w * 4 + ENVELOPE_BYTES
+        size = request.ByteSize()
+        if size > limit:
+            raise protocol.RequestError(
+                f"the request is {size} bytes, over the {limit} byte limit for model {model.name!r} (its largest "
+                f"batch, {model.max_batch} x {c}x{h}x{w} FP32)", 413,
+            )  # fmt: skip
+        x = infer_input(request, model)
+        for o in request.outputs:
+            if o.name != model.output_name:
+                raise protocol.RequestError(f"unknown output {o.name!r}; this model's output is {model.output_name!r}")
+        logits = await self.spec.infer(served, x, "grpc")
+        response = pb.ModelInferResponse(model_name=model.name, model_version=served.version, id=request.id)
+        response.outputs.add(name=model.output_name, datatype="FP32", shape=logits.shape)
+        response.raw_output_contents.append(np.ascontiguousarray(logits, "<f4").tobytes())
+        return response
+
+    async def repository_index(self, request: pb.RepositoryIndexRequest) -> Message:
+        rows = models.index(self.spec.catalog.fresh())
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[index(name=r["name"], version=r["version"], state=r["state"], reason=r["reason"] or "")
+                    for r in rows if not request.ready or r["state"] == models.READY]
+        )  # fmt: skip
+
+    async def repository_load(self, request: pb.RepositoryModelLoadRequest) -> Message:
+        await self.repository_change("load", request.model_name, list(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_unload(self, request: pb.RepositoryModelUnloadRequest) -> Message:
+        await self.repository_change("unload", request.model_name, list(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+    async def repository_change(self, op: str, name: str, parameters: list[str]) -> None:
+        doc, status = await self.spec.repository_ask(op, name, parameters)
+        if status != 200:
+            raise protocol.RequestError(doc.get("error", f"{op} failed") if isinstance(doc, dict) else str(doc),
+                                        status)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ health
+
+    def serving_status(self, service: str) -> health.HealthCheckResponse.ServingStatus:
+        """SERVING while `service` can answer: the server ("" or the inference service) or one model by name."""
+        if service in ("", SERVICE):
+            ready = self.spec.ready()
+        else:
+            try:
+                self.spec.catalog.resolve(service)
+                ready = self.spec.ready()
+            except protocol.RequestError as e:
+                if e.status == 404:
+                    return health.HealthCheckResponse.SERVICE_UNKNOWN
+                ready = False
+        return health.HealthCheckResponse.SERVING if ready else health.HealthCheckResponse.NOT_SERVING
+
+    async def health_check(self, request: health.HealthCheckRequest) -> Message:
+        status = self.serving_status(request.service)
+        if status == health.HealthCheckResponse.SERVICE_UNKNOWN:
+            raise protocol.RequestError(f"unknown service {request.service!r}; ask for '' or a model's name", 404)
+        return health.HealthCheckResponse(status=status)
+
+    async def health_watch(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """The status now, then each change, until the client goes (grpc.health.v1's Watch)."""
+        try:
+            service = health.HealthCheckRequest.FromString(raw).service
+        except DecodeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the HealthCheckRequest cannot be parsed ({e})")
+        last = None
+        while True:
+            status = self.serving_status(service)
+            if status != last:
+                yield health.HealthCheckResponse(status=status).SerializeToString()
+                last = status
+            await asyncio.sleep(WATCH_EVERY)
+
+
+def infer_input(request: pb.ModelInferRequest, model: protocol.ServedModel) -> np.ndarray:
+    """The one input tensor of a ModelInfer -> float32 [N, C, H, W]: `raw_input_contents` (a view, no copy) or
+    typed `contents.fp32_contents`, checked as HTTP checks a v2 input."""
+    if len(request.inputs) != 1:
+        raise protocol.RequestError(f"inputs must be a list with one tensor named {model.input_name!r}")
+    t = request.inputs[0]
+    shape = list(t.shape)
+    protocol.v2_check_input(t.name, t.datatype, shape, model)
+    typed = [f.name for f, _ in t.contents.ListFields()]
+    if request.raw_input_contents:
+        if typed:
+            raise protocol.RequestError("input has both raw_input_contents and contents; send one")
+        if len(request.raw_input_contents) != 1:
+            raise protocol.RequestError(
+                f"raw_input_contents has {len(request.raw_input_contents)} entries; expected one, for the one input"
+            )
+        return protocol.v2_raw_tensor(request.raw_input_contents[0], shape, "raw_input_contents[0]")
+    if not typed:
+        raise protocol.RequestError("input needs contents.fp32_contents or raw_input_contents")
+    if typed != ["fp32_contents"]:
+        raise protocol.RequestError(f"input contents hold {', '.join(typed)}; an FP32 input takes fp32_contents")
+    values = np.asarray(t.contents.fp32_contents, dtype=np.float32)
+    if values.size != int(np.prod(shape)):
+        raise protocol.RequestError(f"contents.fp32_contents has {values.size} values; shape {shape} needs "
+                                    f"{int(np.prod(shape))}")  # fmt: skip
+    return protocol.check_finite(values.reshape(shape), "input")
