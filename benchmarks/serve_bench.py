@@ -8,6 +8,10 @@ Every contender runs alone while it is measured, with the same load generator (b
 payloads: one image as JSON `{"inputs": [...]}` (64 KB for 3x32x32) and as a KServe v2 binary request. Rounds
 interleave the contenders and the median round is reported, so drift in a shared machine's speed hits all alike.
 
+- `--payloads ...,grpc`: the same image as a KServe v2 gRPC ModelInfer (raw_input_contents), to modelship serve
+  with `--grpc-port`; with `--ceilings`, also to a bare grpc.aio server of the same service that parses each request
+  and answers a fixed output (benchmarks/bare_grpc.py), as many processes as modelship's API servers, driven by the
+  same gRPC load generator (benchmarks/loadgen.py, one HTTP/2 connection per 8 clients).
 - `--ceilings`: a bare uvicorn ASGI app that reads (and, for JSON, parses with pydantic-core, as modelship does)
   each body and answers a fixed JSON, with as many processes as modelship's API servers: what no server can beat
   (benchmarks/bare_server.py); and the same app parsing JSON with the standard library's json.loads.
@@ -47,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.loadgen import LoadResult, run_load
+from benchmarks.loadgen import LoadResult, run_grpc_load, run_load
 
 REPO = Path(__file__).resolve().parents[1]
 PATH = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []  # kept: packages put there (--target)
@@ -61,21 +65,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_ready(proc: subprocess.Popen, log: IO[bytes], port: int) -> None:
+def _ready(port: int, grpc: bool) -> bool:
+    if not grpc:
+        with contextlib.suppress(OSError):
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        return False
+    import grpc as g
+
+    from modelship.serving.protos import inference_pb2 as pb
+
+    with g.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ServerReady",
+                                   response_deserializer=pb.ServerReadyResponse.FromString)  # fmt: skip
+        with contextlib.suppress(g.RpcError):
+            return bool(call(b"", timeout=2).ready)
+    return False
+
+
+def _wait_ready(proc: subprocess.Popen, log: IO[bytes], port: int, grpc: bool = False) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
             raise SystemExit(f"server exited: {log.read().decode()[-3000:]}")
-        with contextlib.suppress(OSError):
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                return
+        if _ready(port, grpc):
+            return
         time.sleep(0.1)
     raise SystemExit("server did not become ready")
 
 
 @contextlib.contextmanager
-def started(cmd: list[str], port: int, checkout: Path = REPO) -> Iterator[subprocess.Popen]:
+def started(cmd: list[str], port: int, checkout: Path = REPO, grpc: bool = False) -> Iterator[subprocess.Popen]:
     """Run a server (from `checkout`: another one measures an earlier commit side by side) for the duration of the
     block; its output is shown only if it dies."""
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(checkout), *PATH])}
@@ -84,7 +104,7 @@ def started(cmd: list[str], port: int, checkout: Path = REPO) -> Iterator[subpro
             cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            _wait_ready(proc, log, port)
+            _wait_ready(proc, log, port, grpc)
             yield proc
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -101,9 +121,16 @@ def payloads(manifest: dict) -> dict[str, Payload]:
     tensor = {"name": "input", "shape": [1, c, h, w], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
     header = json.dumps({"inputs": [tensor], "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]})
     binary_headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    from modelship.serving.protos import inference_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=manifest["name"])
+    request.inputs.add(name="input", datatype="FP32", shape=[1, c, h, w])
+    request.outputs.add(name="logits")
+    request.raw_input_contents.append(x.tobytes())
     return {
         "json": ("/predict", json.dumps({"inputs": x.tolist()}).encode(), {"Content-Type": "application/json"}),
         "v2-binary": (f"/v2/models/{manifest['name']}/infer", header.encode() + x.tobytes(), binary_headers),
+        "grpc": ("/inference.GRPCInferenceService/ModelInfer", request.SerializeToString(), {}),
     }
 
 
@@ -116,7 +143,11 @@ def measure(name: str, kind: str, port: int, payload: Payload, args: argparse.Na
               for at in (WARMUP, WARMUP + args.seconds) if args.cpu and server is not None]  # fmt: skip
     for timer in timers:
         timer.start()
-    r: LoadResult = run_load(f"http://127.0.0.1:{port}{path}", body, headers, args.clients, args.seconds, WARMUP)
+    r: LoadResult = (
+        run_grpc_load(f"127.0.0.1:{port}", path, body, args.clients, args.seconds, WARMUP)
+        if kind == "grpc"
+        else run_load(f"http://127.0.0.1:{port}{path}", body, headers, args.clients, args.seconds, WARMUP)
+    )
     for timer in timers:
         timer.join()
     row = {"server": name, "payload": kind, "req_per_s": round(r.throughput, 1),
@@ -195,7 +226,13 @@ def round_of(bundle: Path, manifest: dict, loads: dict[str, Payload], args: argp
                    str(args.bare_workers), "--parser", parser]  # fmt: skip
             name = "bare ASGI ceiling" if parser == "pydantic" else "bare ASGI, json.loads"
             with started(cmd, port):
-                out += [measure(name, kind, port, p, args) for kind, p in kinds.items()]
+                out += [measure(name, kind, port, p, args) for kind, p in kinds.items() if kind != "grpc"]
+        if "grpc" in loads:
+            port = free_port()
+            cmd = [sys.executable, "benchmarks/bare_grpc.py", "--port", str(port), "--workers", str(args.bare_workers),
+                   "--classes", str(len(manifest["classes"]))]  # fmt: skip
+            with started(cmd, port, grpc=True):
+                out.append(measure("bare gRPC ceiling", "grpc", port, loads["grpc"], args))
     if args.plain:
         port = free_port()
         checkpoint = args.checkpoint or Path(manifest["source"]["checkpoint"])
@@ -207,12 +244,14 @@ def round_of(bundle: Path, manifest: dict, loads: dict[str, Payload], args: argp
         port = free_port()
         with started(serve_cmd(bundle, port, ""), port, args.compare_checkout) as proc:
             name = "modelship serve (the other checkout)"
-            out += [measure(name, kind, port, p, args, proc.pid) for kind, p in loads.items()]
+            out += [measure(name, kind, port, p, args, proc.pid) for kind, p in loads.items() if kind != "grpc"]
     for extra in args.serve_args or [""]:
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         name = "modelship serve" + (f" {extra}" if extra else "")
-        with started(serve_cmd(bundle, port, extra), port) as proc:
-            out += [measure(name, kind, port, p, args, proc.pid) for kind, p in loads.items()]
+        grpc = f" --grpc-port {grpc_port}" if "grpc" in loads else ""
+        with started(serve_cmd(bundle, port, extra + grpc), port) as proc:
+            out += [measure(name, kind, grpc_port if kind == "grpc" else port, p, args, proc.pid)
+                    for kind, p in loads.items()]  # fmt: skip
     return out
 
 
@@ -263,7 +302,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement, after 2s of warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--serve-args", action="append", help="`modelship serve` flags; repeat to compare settings")
-    parser.add_argument("--payloads", default="json,v2-binary", help="which payloads to send (default both)")
+    parser.add_argument("--payloads", default="json,v2-binary",
+                        help="which of json, v2-binary, grpc to send (default json,v2-binary)")  # fmt: skip
     parser.add_argument("--ceilings", action="store_true", help="the bare ASGI app on the same payloads")
     parser.add_argument("--bare-workers", type=int, default=2, help="processes of the bare app (default 2)")
     parser.add_argument("--plain", action="store_true", help="the plain FastAPI + eager endpoint (JSON)")
@@ -307,7 +347,7 @@ def report(rows: list[dict], soaked: dict | None, manifest: dict, args: argparse
     print(f"{'server'.ljust(width)}  payload      req/s   p50 ms   p99 ms  errors  of bare  of json.loads  of in-proc"
           "  vs plain  (req/s per round)")  # fmt: skip
     for r in rows:
-        bare = find("bare ASGI ceiling", r["payload"])
+        bare = find("bare gRPC ceiling" if r["payload"] == "grpc" else "bare ASGI ceiling", r["payload"])
         json_loads = ratio(r, loads) if r["payload"] == "json" else "-"
         vs_plain = ratio(r, plain, "x") if r["payload"] == "json" else "-"
         p50, p99 = (f"{r[k]:.2f}" if r[k] == r[k] else "-" for k in ("p50_ms", "p99_ms"))

@@ -160,10 +160,11 @@ class Service:
         return pb.ServerReadyResponse(ready=self.spec.ready())
 
     async def model_ready(self, request: pb.ModelReadyRequest) -> Message:
+        """ready: false, not an error, for a model or version that is not READY or not there (as Triton answers)."""
         try:
             self.spec.catalog.resolve(request.name, request.version or None)
         except protocol.RequestError as e:
-            if e.status != 503:
+            if e.status not in (404, 503):
                 raise
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.spec.ready())

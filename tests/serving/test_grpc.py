@@ -26,6 +26,7 @@ from google.protobuf import descriptor_pb2
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from modelship.files import sha256_file
 from modelship.serving.protos import health_pb2, inference_pb2
 from tests.helpers import KEY, Server, free_port, run_modelship, running_server, scrape, wait_ready
 from tests.serving.test_repository import make_repo
@@ -51,7 +52,12 @@ class Both:
 @pytest.fixture(scope="module")
 def both(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, affine_bundle: Path) -> Iterator[Both]:
     tmp = tmp_path_factory.mktemp("grpc")
-    repo = make_repo(tmp / "repo", {"shapes-cnn": [tiny_bundle], "affine": [affine_bundle]})
+    repo = make_repo(tmp / "repo", {"shapes-cnn": [tiny_bundle], "affine": [affine_bundle], "broken": [affine_bundle]})
+    broken = repo / "broken" / "1"  # hashes that match a file no runtime can load: it fails on the workers
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["artifacts"]["onnx"].update(sha256=sha256_file(broken / "model.onnx"), bytes=17)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
     port = free_port()
     args = ("--grpc-port", str(port), "--model-control", "explicit", "--load-model", "shapes-cnn", "--api-key", KEY)
     with running_server(repo, *args, tmp=tmp) as s:
@@ -147,7 +153,7 @@ def test_every_call_answers_as_http_v2_does(both: Both) -> None:
     index = client.get_model_repository_index(headers=AUTH, as_json=True)["models"]
     assert [(m["name"], m.get("version", ""), m["state"]) for m in index] == [
         (m["name"], m["version"], m["state"]) for m in http.get_model_repository_index(headers=AUTH)
-    ] == [("affine", "", "UNAVAILABLE"), (MODEL, "1", "READY")]  # fmt: skip
+    ] == [("affine", "", "UNAVAILABLE"), ("broken", "", "UNAVAILABLE"), (MODEL, "1", "READY")]  # fmt: skip
 
 
 def test_model_infer_equals_http_v2_raw_and_typed(both: Both) -> None:
@@ -177,7 +183,7 @@ def test_the_aio_client_makes_every_call(both: Both) -> None:
             assert (await client.get_server_metadata(headers=AUTH)).name == "modelship"
             assert (await client.get_model_metadata(MODEL, headers=AUTH)).platform == "onnxruntime_onnx"
             index = await client.get_model_repository_index(headers=AUTH)
-            assert [m.name for m in index.models] == ["affine", MODEL]
+            assert [m.name for m in index.models] == ["affine", "broken", MODEL]
             xs = [batch(2, seed) for seed in range(8)]
             inputs = []
             for x in xs:
@@ -186,6 +192,10 @@ def test_the_aio_client_makes_every_call(both: Both) -> None:
             answers = await asyncio.gather(*(client.infer(MODEL, [i], headers=AUTH) for i in inputs))
             for x, r in zip(xs, answers, strict=True):  # concurrent calls, batched together, each its own rows
                 assert np.array_equal(r.as_numpy("logits"), http_logits(both, x))
+            await client.load_model("affine", headers=AUTH)
+            assert await client.is_model_ready("affine", headers=AUTH)
+            await client.unload_model("affine", headers=AUTH)
+            assert not await client.is_model_ready("affine", headers=AUTH)
         finally:
             await client.close()
 
@@ -205,8 +215,19 @@ def test_load_and_unload_over_grpc(both: Both) -> None:
     assert np.allclose(logits, 2 * x.reshape(2, -1) + 1)  # the affine bundle: 2x + 1
     client.unload_model("affine", headers=AUTH)
     states = {m.name: m.state for m in client.get_model_repository_index(headers=AUTH).models}
-    assert states == {"affine": "UNAVAILABLE", MODEL: "READY"}
+    assert states == {"affine": "UNAVAILABLE", "broken": "UNAVAILABLE", MODEL: "READY"}
     assert grpc_error(lambda: client.load_model("nothing", headers=AUTH))[0] == "StatusCode.NOT_FOUND"
+    # a version that failed to load is UNAVAILABLE, with the reason, and never serves
+    assert (
+        "failed to load 'broken': failed to load on a worker"
+        in grpc_error(lambda: client.load_model("broken", headers=AUTH))[1]
+    )
+    (row,) = [m for m in client.get_model_repository_index(headers=AUTH).models if m.name == "broken"]
+    assert (row.version, row.state) == ("1", "UNAVAILABLE") and row.reason
+    status, message = grpc_error(lambda: client.infer("broken", [i], model_version="1", headers=AUTH))
+    assert status == "StatusCode.UNAVAILABLE" and "version 1 of model 'broken' is UNAVAILABLE: " in message
+    status, message = grpc_error(lambda: client.infer("broken", [i], headers=AUTH))
+    assert status == "StatusCode.UNAVAILABLE" and "model 'broken' has no version ready (1 UNAVAILABLE)" in message
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -328,9 +349,10 @@ def listening(port: int, pids: list[int]) -> list[int]:
     return found
 
 
-def test_every_api_server_serves_grpc_and_a_replacement_does_too(tiny_bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [(), ("--in-process",)], ids=["workers", "in-process"])
+def test_every_api_server_serves_grpc_and_a_replacement_does_too(tiny_bundle: Path, tmp_path: Path, mode) -> None:
     port = free_port()
-    with running_server(tiny_bundle, "--grpc-port", str(port), tmp=tmp_path) as s:
+    with running_server(tiny_bundle, "--grpc-port", str(port), *mode, tmp=tmp_path) as s:
         client = tg.InferenceServerClient(f"127.0.0.1:{port}")
         servers = s.api_servers()
         assert len(servers) == 2 and listening(port, servers) == servers  # one SO_REUSEPORT socket each
