@@ -41,11 +41,11 @@ FROM base AS serve
 # the light install: no torch, no torchvision, no onnx exporter (this project; its pins are in pyproject.toml)
 # hadolint ignore=DL3013
 RUN pip install ".[serve]"
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=90s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 # exec form: modelship is PID 1 and gets SIGTERM, which drains in-flight requests before exiting
-CMD ["modelship", "serve", "/models/bundle", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["modelship", "serve", "/models/bundle", "--host", "0.0.0.0", "--port", "8000", "--grpc-port", "8001"]
 
 FROM serve AS serve-shapes
 COPY --from=shapes-bundle --chown=10001:10001 /tmp/run/bundle /models/bundle

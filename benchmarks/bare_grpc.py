@@ -37,7 +37,7 @@ async def serve(port: int, classes: int) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 << 20)])
     methods = {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer),
                "ServerReady": grpc.unary_unary_rpc_method_handler(ready)}  # fmt: skip
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", methods),))
+    server.add_registered_method_handlers("inference.GRPCInferenceService", methods)  # as modelship registers them
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()

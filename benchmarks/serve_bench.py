@@ -241,18 +241,20 @@ def round_of(bundle: Path, manifest: dict, loads: dict[str, Payload], args: argp
     if args.inprocess:
         out.append(inprocess(bundle, manifest, args.max_batch, args.seconds))
     if args.compare_checkout:
-        port = free_port()
-        with started(serve_cmd(bundle, port, ""), port, args.compare_checkout) as proc:
-            name = "modelship serve (the other checkout)"
-            out += [measure(name, kind, port, p, args, proc.pid) for kind, p in loads.items() if kind != "grpc"]
+        out += served("modelship serve (the other checkout)", bundle, "", loads, args, args.compare_checkout)
     for extra in args.serve_args or [""]:
-        port, grpc_port = free_port(), free_port()
-        name = "modelship serve" + (f" {extra}" if extra else "")
-        grpc = f" --grpc-port {grpc_port}" if "grpc" in loads else ""
-        with started(serve_cmd(bundle, port, extra + grpc), port) as proc:
-            out += [measure(name, kind, grpc_port if kind == "grpc" else port, p, args, proc.pid)
-                    for kind, p in loads.items()]  # fmt: skip
+        out += served("modelship serve" + (f" {extra}" if extra else ""), bundle, extra, loads, args)
     return out
+
+
+def served(name: str, bundle: Path, extra: str, loads: dict[str, Payload], args: argparse.Namespace,
+           checkout: Path = REPO) -> list[dict]:  # fmt: skip
+    """modelship serve (of `checkout`) under each payload; with gRPC on a second port when a payload is gRPC."""
+    port, grpc_port = free_port(), free_port()
+    grpc = f" --grpc-port {grpc_port}" if "grpc" in loads else ""
+    with started(serve_cmd(bundle, port, extra + grpc), port, checkout) as proc:
+        return [measure(name, kind, grpc_port if kind == "grpc" else port, p, args, proc.pid)
+                for kind, p in loads.items()]  # fmt: skip
 
 
 def tree_rss(pid: int) -> int:

@@ -67,7 +67,9 @@ class Service:
             ("grpc.max_send_message_length", -1),
         ]
         self.server = grpc.aio.server(options=options)
-        self.server.add_generic_rpc_handlers((self.inference_handler(), self.health_handler()))
+        # registered with grpc's core (as protoc's _pb2_grpc code does), not looked up as generic handlers per call
+        self.server.add_registered_method_handlers(SERVICE, self.inference_methods())
+        self.server.add_registered_method_handlers(HEALTH, self.health_methods())
         if self.server.add_insecure_port(self.address) == 0:
             raise OSError(f"gRPC cannot listen on {self.address}")
         await self.server.start()
@@ -79,7 +81,7 @@ class Service:
 
     # ------------------------------------------------------------------------------------------ plumbing
 
-    def inference_handler(self) -> grpc.GenericRpcHandler:
+    def inference_methods(self) -> dict[str, grpc.RpcMethodHandler]:
         calls: dict[str, tuple[type[Message], Handler]] = {
             "ServerLive": (pb.ServerLiveRequest, self.server_live),
             "ServerReady": (pb.ServerReadyRequest, self.server_ready),
@@ -91,19 +93,12 @@ class Service:
             "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.repository_load),
             "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_unload),
         }
-        return grpc.method_handlers_generic_handler(
-            SERVICE, {name: grpc.unary_unary_rpc_method_handler(self.unary(name, *c)) for name, c in calls.items()}
-        )
+        return {name: grpc.unary_unary_rpc_method_handler(self.unary(name, *c)) for name, c in calls.items()}
 
-    def health_handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            HEALTH,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(self.unary("Check", health.HealthCheckRequest,
-                                                                        self.health_check, service=HEALTH)),
-                "Watch": grpc.unary_stream_rpc_method_handler(self.health_watch),
-            },
-        )  # fmt: skip
+    def health_methods(self) -> dict[str, grpc.RpcMethodHandler]:
+        check = self.unary("Check", health.HealthCheckRequest, self.health_check, service=HEALTH)
+        return {"Check": grpc.unary_unary_rpc_method_handler(check),
+                "Watch": grpc.unary_stream_rpc_method_handler(self.health_watch)}  # fmt: skip
 
     def unary(self, name: str, kind: type[Message], fn: Handler, service: str = SERVICE) -> Callable[..., Any]:
         """A method: the API key, the message parsed, the answer serialized, mistakes as status codes, metrics."""

@@ -154,6 +154,8 @@ def test_every_call_answers_as_http_v2_does(both: Both) -> None:
     assert [(m["name"], m.get("version", ""), m["state"]) for m in index] == [
         (m["name"], m["version"], m["state"]) for m in http.get_model_repository_index(headers=AUTH)
     ] == [("affine", "", "UNAVAILABLE"), ("broken", "", "UNAVAILABLE"), (MODEL, "1", "READY")]  # fmt: skip
+    # Triton's other extensions are not served: grpc's own UNIMPLEMENTED, as for any unknown method
+    assert grpc_error(lambda: client.get_model_config(MODEL, headers=AUTH))[0] == "StatusCode.UNIMPLEMENTED"
 
 
 def test_model_infer_equals_http_v2_raw_and_typed(both: Both) -> None:
