@@ -10,6 +10,7 @@ parsed here rather than by grpc, so a malformed message is INVALID_ARGUMENT nami
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,6 +59,7 @@ class Service:
         self.api_key = api_key.encode() if api_key else None
         self.max_bytes = max_bytes
         self.server: grpc.aio.Server | None = None
+        self.stopping = asyncio.Event()
         self.counters: dict[tuple[str, str], Any] = {}
 
     async def start(self) -> None:
@@ -75,7 +77,9 @@ class Service:
         await self.server.start()
 
     async def stop(self, grace: float | None) -> None:
-        """Refuse new calls at once; answer those in flight for up to `grace` seconds."""
+        """Refuse new calls at once; answer those in flight for up to `grace` seconds (health watches end at once,
+        NOT_SERVING: a draining server is not a reason to wait)."""
+        self.stopping.set()
         if self.server is not None:
             await self.server.stop(grace)
 
@@ -248,12 +252,14 @@ class Service:
         except DecodeError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the HealthCheckRequest cannot be parsed ({e})")
         last = None
-        while True:
+        while not self.stopping.is_set():
             status = self.serving_status(service)
             if status != last:
                 yield health.HealthCheckResponse(status=status).SerializeToString()
                 last = status
-            await asyncio.sleep(WATCH_EVERY)
+            with contextlib.suppress(asyncio.TimeoutError):  # (TimeoutError itself from Python 3.11 on)
+                await asyncio.wait_for(self.stopping.wait(), WATCH_EVERY)
+        yield health.HealthCheckResponse(status=health.HealthCheckResponse.NOT_SERVING).SerializeToString()
 
 
 def infer_input(request: pb.ModelInferRequest, model: protocol.ServedModel) -> np.ndarray:

@@ -27,6 +27,8 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from modelship.files import sha256_file
+from modelship.serving.client import ClientError
+from modelship.serving.grpc_client import GRPCClient, connect
 from modelship.serving.protos import health_pb2, inference_pb2
 from tests.helpers import KEY, Server, free_port, run_modelship, running_server, scrape, wait_ready
 from tests.serving.test_repository import make_repo
@@ -357,7 +359,11 @@ def test_every_api_server_serves_grpc_and_a_replacement_does_too(tiny_bundle: Pa
     with running_server(tiny_bundle, "--grpc-port", str(port), *mode, tmp=tmp_path) as s:
         client = tg.InferenceServerClient(f"127.0.0.1:{port}")
         servers = s.api_servers()
-        assert len(servers) == 2 and listening(port, servers) == servers  # one SO_REUSEPORT socket each
+        assert len(servers) == 2
+        deadline = time.monotonic() + 30  # each binds the gRPC port as it starts (HTTP may be up on one already)
+        while listening(port, servers) != servers:  # one SO_REUSEPORT socket each
+            assert time.monotonic() < deadline, s.output()[-3000:]
+            time.sleep(0.1)
         for pid in servers:
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
@@ -382,12 +388,22 @@ def test_sigterm_answers_the_grpc_calls_in_flight_and_exits_0(tiny_bundle: Path,
             i.set_data_from_numpy(batch(1, seed))
             return tg.InferenceServerClient(f"127.0.0.1:{port}").infer("shapes-cnn", [i]).as_numpy("logits").shape
 
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                     response_deserializer=health_pb2.HealthCheckResponse.FromString)  # fmt: skip
+        statuses = watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(statuses).status == health_pb2.HealthCheckResponse.SERVING
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(one, seed) for seed in range(8)]
             time.sleep(0.5)
             s.proc.send_signal(signal.SIGTERM)
             assert [f.result() for f in futures] == [(1, 5)] * 8
-        assert s.proc.wait(timeout=40) == 0
+        # an open health watch hears NOT_SERVING and ends: it does not hold the drain for the graceful timeout
+        assert [r.status for r in statuses] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+        channel.close()
+        started = time.monotonic()
+        assert s.proc.wait(timeout=40) == 0 and time.monotonic() - started < 15
         assert "Traceback" not in s.output()
 
 
@@ -403,6 +419,22 @@ def test_predict_over_grpc_matches_http(both: Both, data_dir: Path, tiny_bundle:
     assert r.code == 2 and "needs --bundle: gRPC carries tensors" in r.last_line
     r = run_modelship(*common, "--url", f"grpc://127.0.0.1:{free_port()}", "--timeout", "3")
     assert r.code == 1 and "cannot reach grpc://127.0.0.1:" in r.last_line
+
+
+def test_the_python_client_speaks_grpc(both: Both) -> None:
+    client = connect(f"grpc://{both.grpc}", KEY)
+    assert isinstance(client, GRPCClient) and client.health()
+    x = batch(2, seed=3)
+    expected = http_logits(both, x)
+    assert np.array_equal(client.infer(MODEL, x), expected)
+    assert np.array_equal(client.infer(MODEL, x, binary=False), expected)  # typed fp32_contents
+    with pytest.raises(ClientError) as e:
+        client.infer("nope", x)
+    assert (e.value.status, e.value.exit_code) == (404, 2) and "NOT_FOUND: unknown model 'nope'" in str(e.value)
+    client.close()
+    with pytest.raises(ClientError) as e:
+        connect("grpc://127.0.0.1")
+    assert "is not a gRPC address; expected grpc://HOST:PORT" in str(e.value)
 
 
 def test_serve_refuses_a_busy_grpc_port_and_a_port_twice(tiny_bundle: Path, cli) -> None:
