@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import REPO, run_modelship, running_server
+from tests.helpers import REPO, free_port, run_modelship, running_server
 
 CLASSES = ("circle", "cross", "ring", "square", "triangle")
 HEAVY = ("torch", "torchvision", "onnx", "onnxscript", "tensorboard", "rich")
@@ -53,7 +53,12 @@ def test_serve_and_predict_an_onnx_bundle_without_torch(
 ) -> None:
     png = sorted(data_dir.glob("shapes-*/val/circle/*.png"))[0]
     assert run_modelship("--version", env=no_torch).out.startswith("modelship ")
-    with running_server(tiny_bundle, "--workers-per-device", "1", env=no_torch, tmp=tmp_path) as s:
+    grpc_port = free_port()
+    with running_server(tiny_bundle, "--workers-per-device", "1", "--grpc-port", str(grpc_port), env=no_torch,
+                        tmp=tmp_path) as s:  # fmt: skip
+        over_grpc = run_modelship("predict", "--bundle", str(tiny_bundle), "--url", f"grpc://127.0.0.1:{grpc_port}",
+                                  str(png), "--format", "jsonl", env=no_torch)  # fmt: skip
+        assert over_grpc.code == 0, over_grpc.err
         r = run_modelship("predict", "--url", s.url, str(png), "--format", "jsonl", env=no_torch)
         assert r.code == 0, r.err
         answer = json.loads(r.out)
@@ -61,6 +66,7 @@ def test_serve_and_predict_an_onnx_bundle_without_torch(
         assert sorted(t["label"] for t in answer["top_k"]) == sorted(CLASSES)
         batch = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3, 32, 32], "data": [0.5] * 6144}]}
         assert httpx.post(s.url + "/v2/models/shapes-cnn/infer", json=batch).status_code == 200
+        assert json.loads(over_grpc.out)["label"] == answer["label"]  # gRPC too, without torch
     assert "No module named" not in s.output() and "Traceback" not in s.output()
     offline = run_modelship("predict", "--bundle", str(tiny_bundle), str(png), "--format", "jsonl", env=no_torch)
     assert offline.code == 0, offline.err
