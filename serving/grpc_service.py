@@ -259,7 +259,8 @@ class Service:
                 last = status
             with contextlib.suppress(asyncio.TimeoutError):  # (TimeoutError itself from Python 3.11 on)
                 await asyncio.wait_for(self.stopping.wait(), WATCH_EVERY)
-        yield health.HealthCheckResponse(status=health.HealthCheckResponse.NOT_SERVING).SerializeToString()
+        if last != health.HealthCheckResponse.NOT_SERVING:
+            yield health.HealthCheckResponse(status=health.HealthCheckResponse.NOT_SERVING).SerializeToString()
 
 
 def infer_input(request: pb.ModelInferRequest, model: protocol.ServedModel) -> np.ndarray:
