@@ -144,6 +144,17 @@ class HTTPSpec(compat.LitSpec):
             return self.client.up
         return broker.broker_ready()
 
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        """A model (version) can answer: READY here, and this server ready. False while it loads or is unloaded
+        from routing; RequestError 404 for a model or version that is not there."""
+        try:
+            self.catalog.resolve(name, version)
+        except protocol.RequestError as e:
+            if e.status != 503:
+                raise
+            return False
+        return self.ready()
+
     async def infer(self, served: Served, x: np.ndarray, protocol_name: str) -> np.ndarray:
         """Send one validated array to a model version (the inference workers, or this process's own) for its
         logits."""
@@ -272,7 +283,7 @@ class HTTPSpec(compat.LitSpec):
             {
                 "name": "modelship",
                 "version": modelship.__version__,
-                "extensions": ["binary_tensor_data", "model_repository"],
+                "extensions": protocol.V2_EXTENSIONS,
             }
         )
 
@@ -291,13 +302,7 @@ class HTTPSpec(compat.LitSpec):
 
     @handled
     async def v2_model_ready(self, request: Request, name: str, version: str | None = None) -> Response:
-        try:
-            self.catalog.resolve(name, version)
-            ready = self.ready()
-        except protocol.RequestError as e:
-            if e.status != 503:
-                raise
-            ready = False
+        ready = self.model_ready(name, version)
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
     async def v2_body(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes) -> Answer:
@@ -320,8 +325,7 @@ class HTTPSpec(compat.LitSpec):
         doc = protocol.parse_json(body) if body.strip() else {}
         if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
             raise protocol.RequestError('expected a JSON object, optionally {"ready": true}')
-        rows = models.index(self.catalog.fresh())
-        return json_answer([r for r in rows if r["state"] == models.READY] if doc.get("ready") else rows)
+        return json_answer(models.index(self.catalog.fresh(), ready_only=bool(doc.get("ready"))))
 
     def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Route | None:
         """The POST routes, answered by the guard itself without FastAPI's routing (BENCHMARKS.md, serving):
@@ -379,10 +383,11 @@ class HTTPSpec(compat.LitSpec):
         params = doc.get("parameters", {}) if isinstance(doc, dict) else None
         if not isinstance(params, dict):
             raise protocol.RequestError(f"{op} takes no model configuration or files here; send {{}} or no body")
-        return json_answer(*await self.repository_ask(op, name, list(params)))
+        status, answer = await self.repository_ask(op, name, list(params))
+        return json_answer(answer, status)
 
-    async def repository_ask(self, op: str, name: str, parameters: list[str]) -> tuple[Any, int]:
-        """(answer, status) of the controller for a load or unload (HTTP or gRPC)."""
+    async def repository_ask(self, op: str, name: str, parameters: list[str]) -> tuple[int, Any]:
+        """(HTTP status, answer) of the controller for a load or unload (HTTP or gRPC)."""
         return await asyncio.to_thread(control.change, self.settings.run_dir, self.settings.model_control, op, name,
                                        parameters)  # fmt: skip
 

@@ -18,6 +18,7 @@ from modelship.serving.protocol import RequestError, ServedModel
 
 JSON_NUMBER_BYTES = 26  # the longest float32 in JSON, "-1.2345678e-38" at most, with room for ", " and exponent forms
 JSON_ENVELOPE_BYTES = 1 << 16  # names, datatype, shape, parameters around the numbers
+MESSAGE_ENVELOPE_BYTES = 1 << 16  # the same around a gRPC request's tensor bytes
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Served:
     model: ServedModel
     manifest: dict[str, Any]  # without this machine's paths
     max_json_bytes: int  # the largest JSON body a v2 request can legitimately have
+    max_message_bytes: int  # the largest gRPC ModelInfer request: its largest batch of FP32 and the envelope
     datatype: str
 
 
@@ -44,8 +46,10 @@ def served(entry: models.Version, backend: str) -> Served:
     c, h, w = model.shape
     artifact = manifest["artifacts"][backend]
     datatype = {"float32": "FP32", "float16": "FP16"}[artifact.get("io", manifest["input"]["dtype"])]
-    limit = model.max_batch * c * h * w * JSON_NUMBER_BYTES + JSON_ENVELOPE_BYTES
-    return Served(entry.key, str(entry.version), model, public_manifest(manifest), limit, datatype)
+    numbers = model.max_batch * c * h * w
+    json_bytes = numbers * JSON_NUMBER_BYTES + JSON_ENVELOPE_BYTES
+    message_bytes = numbers * 4 + MESSAGE_ENVELOPE_BYTES
+    return Served(entry.key, str(entry.version), model, public_manifest(manifest), json_bytes, message_bytes, datatype)
 
 
 class Catalog:

@@ -58,8 +58,8 @@ def ask(run_dir: str, request: dict[str, Any]) -> tuple[int, Any]:
         sock.close()
 
 
-def change(run_dir: str, model_control: str, op: str, name: str, parameters: list[str]) -> tuple[Any, int]:
-    """(answer, HTTP status) of a load or unload request (with these parameter names) from an API server."""
+def change(run_dir: str, model_control: str, op: str, name: str, parameters: list[str]) -> tuple[int, Any]:
+    """(HTTP status, answer) of a load or unload request (with these parameter names) from an API server."""
     if model_control != "explicit":
         raise RequestError(
             f"the model repository is not under explicit control (--model-control {model_control}); start the "
@@ -68,8 +68,7 @@ def change(run_dir: str, model_control: str, op: str, name: str, parameters: lis
         )
     if any(k == "config" or k.startswith("file:") for k in parameters):
         raise RequestError(f"{op} takes no model configuration or files here; send no parameters")
-    status, doc = ask(run_dir, {"op": op, "name": name})
-    return doc, status
+    return ask(run_dir, {"op": op, "name": name})
 
 
 @dataclass

@@ -45,7 +45,6 @@ CODES = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 OPEN = frozenset({"ServerLive", "ServerReady"})  # as /v2/health/live and /v2/health/ready: no API key needed
-ENVELOPE_BYTES = 1 << 16  # names, shape, parameters around a request's tensor bytes
 WATCH_EVERY = 0.5  # seconds between the readiness looks of a health Watch
 Handler = Callable[[Any], Awaitable[Message]]
 
@@ -161,16 +160,16 @@ class Service:
     async def model_ready(self, request: pb.ModelReadyRequest) -> Message:
         """ready: false, not an error, for a model or version that is not READY or not there (as Triton answers)."""
         try:
-            self.spec.catalog.resolve(request.name, request.version or None)
+            return pb.ModelReadyResponse(ready=self.spec.model_ready(request.name, request.version or None))
         except protocol.RequestError as e:
-            if e.status not in (404, 503):
+            if e.status != 404:
                 raise
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.spec.ready())
 
     async def server_metadata(self, request: pb.ServerMetadataRequest) -> Message:
-        return pb.ServerMetadataResponse(name="modelship", version=modelship.__version__,
-                                         extensions=["binary_tensor_data", "model_repository"])  # fmt: skip
+        return pb.ServerMetadataResponse(
+            name="modelship", version=modelship.__version__, extensions=protocol.V2_EXTENSIONS
+        )
 
     async def model_metadata(self, request: pb.ModelMetadataRequest) -> Message:
         doc = self.spec.catalog.metadata(request.name, request.version or None)
@@ -183,18 +182,16 @@ class Service:
     async def model_infer(self, request: pb.ModelInferRequest) -> Message:
         served = self.spec.catalog.resolve(request.model_name, request.model_version or None)
         model = served.model
-        c, h, w = model.shape
-        limit = model.max_batch * c * h * w * 4 + ENVELOPE_BYTES
         size = request.ByteSize()
-        if size > limit:
+        if size > served.max_message_bytes:
+            c, h, w = model.shape
             raise protocol.RequestError(
-                f"the request is {size} bytes, over the {limit} byte limit for model {model.name!r} (its largest "
-                f"batch, {model.max_batch} x {c}x{h}x{w} FP32)", 413,
+                f"the request is {size} bytes, over the {served.max_message_bytes} byte limit for model "
+                f"{model.name!r} (its largest batch, {model.max_batch} x {c}x{h}x{w} FP32)", 413,
             )  # fmt: skip
         x = infer_input(request, model)
         for o in request.outputs:
-            if o.name != model.output_name:
-                raise protocol.RequestError(f"unknown output {o.name!r}; this model's output is {model.output_name!r}")
+            protocol.v2_check_output(o.name, model)
         logits = await self.spec.infer(served, x, "grpc")
         response = pb.ModelInferResponse(model_name=model.name, model_version=served.version, id=request.id)
         response.outputs.add(name=model.output_name, datatype="FP32", shape=logits.shape)
@@ -202,12 +199,13 @@ class Service:
         return response
 
     async def repository_index(self, request: pb.RepositoryIndexRequest) -> Message:
-        rows = models.index(self.spec.catalog.fresh())
+        rows = models.index(self.spec.catalog.fresh(), ready_only=request.ready)
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(
-            models=[index(name=r["name"], version=r["version"], state=r["state"], reason=r["reason"] or "")
-                    for r in rows if not request.ready or r["state"] == models.READY]
-        )  # fmt: skip
+            models=[
+                index(name=r["name"], version=r["version"], state=r["state"], reason=r["reason"] or "") for r in rows
+            ]
+        )
 
     async def repository_load(self, request: pb.RepositoryModelLoadRequest) -> Message:
         await self.repository_change("load", request.model_name, list(request.parameters))
@@ -218,7 +216,7 @@ class Service:
         return pb.RepositoryModelUnloadResponse()
 
     async def repository_change(self, op: str, name: str, parameters: list[str]) -> None:
-        doc, status = await self.spec.repository_ask(op, name, parameters)
+        status, doc = await self.spec.repository_ask(op, name, parameters)
         if status != 200:
             raise protocol.RequestError(doc.get("error", f"{op} failed") if isinstance(doc, dict) else str(doc),
                                         status)  # fmt: skip
@@ -227,16 +225,12 @@ class Service:
 
     def serving_status(self, service: str) -> health.HealthCheckResponse.ServingStatus:
         """SERVING while `service` can answer: the server ("" or the inference service) or one model by name."""
-        if service in ("", SERVICE):
-            ready = self.spec.ready()
-        else:
-            try:
-                self.spec.catalog.resolve(service)
-                ready = self.spec.ready()
-            except protocol.RequestError as e:
-                if e.status == 404:
-                    return health.HealthCheckResponse.SERVICE_UNKNOWN
-                ready = False
+        try:
+            ready = self.spec.ready() if service in ("", SERVICE) else self.spec.model_ready(service)
+        except protocol.RequestError as e:
+            if e.status != 404:
+                raise
+            return health.HealthCheckResponse.SERVICE_UNKNOWN
         return health.HealthCheckResponse.SERVING if ready else health.HealthCheckResponse.NOT_SERVING
 
     async def health_check(self, request: health.HealthCheckRequest) -> Message:

@@ -186,6 +186,7 @@ def predict_response(logits: np.ndarray, model: ServedModel, top_k: int) -> dict
 # ------------------------------------------------------------------------------------------------ KServe v2
 
 V2_DTYPES = {"FP32": np.dtype("<f4")}
+V2_EXTENSIONS = ["binary_tensor_data", "model_repository"]  # what the server metadata lists, over HTTP and gRPC
 V2_REQUEST_FIELDS = ("id", "inputs", "outputs", "parameters")
 
 
@@ -274,8 +275,7 @@ def parse_v2_infer(body: bytes, header_length: str | None, model: ServedModel) -
         _v2_type(o, dict, where, "an object")
         _v2_fields(o, V2_OUTPUT_FIELDS, where)
         _v2_type(o.get("name"), str, f"{where}.name", "a string")
-        if o["name"] != model.output_name:
-            raise RequestError(f"unknown output {o['name']!r}; this model's output is {model.output_name!r}")
+        v2_check_output(o["name"], model)
         out_params = _v2_parameters(o.get("parameters"), f"{where}.parameters")
         binary_out = _v2_binary_flag(out_params, f"{where}.parameters.binary_data") or binary_out
         names.append(o["name"])
@@ -344,6 +344,11 @@ def v2_check_input(name: str, datatype: str, shape: list[int], model: ServedMode
         raise RequestError(f"input shape {shape} does not fit the model; expected {expected_shape(model)}")
     if shape[0] > model.max_batch:
         raise RequestError(f"input batch of {shape[0]} is over this server's limit of {model.max_batch}")
+
+
+def v2_check_output(name: str, model: ServedModel) -> None:
+    if name != model.output_name:
+        raise RequestError(f"unknown output {name!r}; this model's output is {model.output_name!r}")
 
 
 def v2_raw_tensor(data: bytes | memoryview, shape: list[int], what: str) -> np.ndarray:
