@@ -61,31 +61,46 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 Record = Callable[[float, int, bytes], None]  # (when it arrived, status, body) of every answer
 
 
+class Window:
+    """What the measured window saw: every answer that arrived in it, whenever it was asked (both protocols)."""
+
+    def __init__(self, warmup: float, seconds: float):
+        self.seconds = seconds
+        self.start = time.perf_counter() + warmup
+        self.stop = self.start + seconds
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.errors = 0
+
+    def answered(self, t0: float, t1: float, status: int, ok: bool) -> None:
+        if self.start <= t1 <= self.stop:
+            self.latencies.append(t1 - t0)
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            self.errors += not ok
+
+    def result(self) -> LoadResult:
+        return LoadResult(len(self.latencies), self.errors, self.seconds, self.latencies, self.statuses)
+
+
 async def _run(
     url: str, body: bytes, headers: dict[str, str], clients: int, seconds: float, warmup: float,
     record: Record | None = None,
 ) -> LoadResult:  # fmt: skip
     host, port, request = build_request(url, body, headers)
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    errors = 0
-    start = time.perf_counter()
-    measure_from = start + warmup
-    stop = measure_from + seconds
+    window = Window(warmup, seconds)
 
     async def client() -> None:
-        nonlocal errors
         reader, writer = await asyncio.open_connection(host, port)
         try:
             while True:
                 t0 = time.perf_counter()
-                if t0 >= stop:
+                if t0 >= window.stop:
                     return
                 writer.write(request)
                 try:
                     status, answer = await _read_response(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
-                    errors += 1
+                    window.errors += 1  # counted whenever it happens
                     if record is not None:
                         record(time.perf_counter(), 0, b"")  # a connection lost mid-request
                     writer.close()
@@ -94,16 +109,12 @@ async def _run(
                 t1 = time.perf_counter()
                 if record is not None:
                     record(t1, status, answer)
-                if measure_from <= t1 <= stop:  # every answer the window saw, whenever it was asked
-                    latencies.append(t1 - t0)
-                    statuses[status] = statuses.get(status, 0) + 1
-                    if status != 200:
-                        errors += 1
+                window.answered(t0, t1, status, status == 200)
         finally:
             writer.close()
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    return LoadResult(len(latencies), errors, seconds, latencies, statuses)
+    return window.result()
 
 
 def run_load(
@@ -127,37 +138,27 @@ async def _run_grpc(target: str, method: str, body: bytes, clients: int, seconds
     options = [("grpc.use_local_subchannel_pool", 1),  # a connection per channel: the kernel spreads them
                ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]  # fmt: skip
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, -(-clients // per_channel)))]
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    errors = 0
-    start = time.perf_counter()
-    measure_from, stop = start + warmup, start + warmup + seconds
+    window = Window(warmup, seconds)
 
     async def client(i: int) -> None:
-        nonlocal errors
         call = channels[i % len(channels)].unary_unary(method)  # bytes in, bytes out: built once, nothing parsed
         while True:
             t0 = time.perf_counter()
-            if t0 >= stop:
+            if t0 >= window.stop:
                 return
             try:
                 await call(body, timeout=60)
                 code = 0
             except grpc.aio.AioRpcError as e:
                 code = e.code().value[0]
-            t1 = time.perf_counter()
-            if measure_from <= t1 <= stop:
-                latencies.append(t1 - t0)
-                statuses[code] = statuses.get(code, 0) + 1
-                if code:
-                    errors += 1
+            window.answered(t0, time.perf_counter(), code, code == 0)
 
     try:
         await asyncio.gather(*(client(i) for i in range(clients)))
     finally:
         for channel in channels:
             await channel.close()
-    return LoadResult(len(latencies), errors, seconds, latencies, statuses)
+    return window.result()
 
 
 def run_grpc_load(target: str, method: str, body: bytes, clients: int, seconds: float, warmup: float = 2.0,
