@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from modelship.training.loaders import batches
+from modelship.training.optim import OPTIMIZER_CLASSES
 from modelship.training.runtime import Dist
 
 
@@ -70,7 +71,7 @@ def step_trial(model: nn.Module, shape: tuple[int, ...], batch: int, device: tor
             scaler = torch.amp.GradScaler(device.type, enabled=False)
             ctx = StepContext(device, dtype, scaler, channels_last, None)
             x, y = ctx.to_device(torch.randn(batch, *shape), torch.zeros(batch, dtype=torch.long))
-            opt = torch.optim.SGD(probe.parameters(), lr=0.0)
+            opt = OPTIMIZER_CLASSES["sgd"](probe.parameters(), lr=0.0)
             loss_fn = nn.CrossEntropyLoss()
             times = []
             for _ in range(4):
