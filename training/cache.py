@@ -2,7 +2,10 @@
 GPU, and cached on disk between runs.
 
 The disk cache is keyed by the files' content, the size and the channel count, so changed data is never reused; a
-cache entry that does not load whole, or whose recorded key differs, is rebuilt with one line saying so. Whether the
+cache entry that does not load whole, or whose recorded key differs, is rebuilt with one line saying so. The content
+is read again only when a file's name, size, mtime or inode changed since it was last hashed (a record beside the
+entries, as git's index and DVC keep one), and what else is worked out from the files alone (the first look at
+their headers) is remembered under their content the same way. Whether the
 data is decoded at all follows `--data-cache`: `auto` decodes when it fits a memory budget (on the GPU when one is
 used and it fits there, else in RAM), `ram`/`gpu` insist, `off` keeps the per-sample PIL/DataLoader path.
 """
@@ -15,7 +18,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +75,69 @@ def choose_place(mode: str, nbytes: int, device: str) -> str | None:
     return "ram" if nbytes <= min(RAM_CAP, RAM_BUDGET * available_ram()) else None
 
 
-def cache_key(files: list[str], pre: Preprocess) -> str:
+def cache_key(files: list[str], pre: Preprocess, cache_dir: Path | None = None) -> str:
     """The content of every file (and its name within the set), the size and the channel count."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps({"v": FORMAT_VERSION, "size": pre.size, "channels": pre.channels, "n": len(files)}).encode())
-    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
-    for f in files:
-        h.update(os.path.relpath(f, root).encode() + b"\0")
+    h.update(content_digest(files, cache_dir).encode())
+    return h.hexdigest()
+
+
+def content_digest(files: list[str], cache_dir: Path | None) -> str:
+    """A hash of every file's content and its name within the set. With a `cache_dir`, the files are read only when
+    the record of their names, sizes, mtimes and inodes there differs (a file rewritten, added, removed, renamed)."""
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
+    names = [os.path.relpath(f, root) for f in files]
+    record = None
+    if cache_dir is not None:
+        stats = hashlib.blake2b(digest_size=16)
+        for name, f in zip(names, files, strict=True):
+            st = os.stat(f)
+            stats.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0".encode())
+        record = cache_dir / f"stat-{stats.hexdigest()}.json"
+        known = _read_record(record)
+        if isinstance(known, str):
+            return known
+    h = hashlib.blake2b(digest_size=16)
+    for name, f in zip(names, files, strict=True):
+        h.update(name.encode() + b"\0")
         with open(f, "rb") as fh:
             h.update(fh.read())
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if record is not None:
+        _write_record(record, digest)
+    return digest
+
+
+def remembered(cache_dir: Path, kind: str, parts: list[Any], compute: Callable[[], Any]) -> Any:
+    """compute(), or what it returned before for the same `parts` (content digests, versions, seeds: all that its
+    answer depends on), as JSON: lists where it returned tuples."""
+    record = cache_dir / f"{kind}-{hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()}.json"
+    known = _read_record(record)
+    if known is not None:
+        return known
+    answer = compute()
+    _write_record(record, answer)
+    return answer
+
+
+def _read_record(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())["value"]
+    except (OSError, ValueError, KeyError, TypeError):  # absent, torn or foreign: worked out again
+        return None
+
+
+def _write_record(path: Path, value: Any) -> None:
+    """Written whole or not at all (a temporary file renamed into place); a cache that cannot be written only means
+    the work is done again next run."""
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"value": value}) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _load(entry: Path, key: str, n: int) -> np.ndarray | None:
@@ -120,7 +176,7 @@ def decode_files(files: list[str], pre: Preprocess, cache_dir: Path | None) -> t
     valid entry (else decoded and cached); and how it was obtained."""
     if cache_dir is None:
         return decode_paths(files, pre), "decoded"
-    key = cache_key(files, pre)
+    key = cache_key(files, pre, cache_dir)
     entry = cache_dir / key
     if entry.is_dir():
         cached = _load(entry, key, len(files))

@@ -13,6 +13,7 @@ from modelship.imagefolder import GRAY_MODES, open_header, raise_bad
 from modelship.preprocess import orientation
 
 STATS_SAMPLE = 2000  # training files whose modes and sizes (and, in data.py, mean/std) are measured
+INSPECT_VERSION = 1  # raise when what inspect_images answers for the same files changes: its cached answers go
 
 
 def sample(items: Sequence[Any], seed: int) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from modelship.errors import DataError
 from modelship.preprocess import Preprocess, preprocess_image
-from modelship.training.data import DataRequest, Loaded, load_data, validation_images
+from modelship.training.data import DataRequest, Loaded, channel_stats, load_data, validation_images
 from modelship.training.shapes import CLASSES, ensure_shapes
 from tests.helpers import write_folder
 
@@ -67,6 +68,26 @@ def test_train_and_val_folders_record_channels_size_classes_and_stats(tmp_path: 
     assert 0.4 < info.mean[0] < 0.6 and 0.2 < info.std[0] < 0.4  # uniform random pixels
     assert augment is False  # grayscale: no flips by default
     assert tuple(train[0][0].shape) == (1, 10, 12)
+
+
+def test_channel_stats_are_the_pixels_exact_mean_and_std() -> None:
+    rng = np.random.default_rng(0)
+    images = np.concatenate([rng.integers(0, 256, (40, 9, 7, 1)), rng.integers(90, 110, (40, 9, 7, 1)),
+                             np.full((40, 9, 7, 1), 200)], axis=-1).astype(np.uint8)  # fmt: skip
+    mean, std = channel_stats(images)
+    pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
+    assert mean == pytest.approx(list(pixels.mean(0)), abs=1e-6)
+    assert std[:2] == pytest.approx(list(pixels.std(0))[:2], abs=1e-6)
+    assert mean[2] == round(200 / 255, 6) and std[2] == 1e-3  # a constant channel: no division by zero later
+    big = rng.integers(0, 256, (800, 64, 64, 3), dtype=np.uint8)
+    tracemalloc.start()
+    channel_stats(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < big.nbytes / 2  # a float64 copy would be 8x the images (2,000 at 224x224: 2.4 GB)
+    reference = big.reshape(-1, 3).astype(np.float64) / 255.0  # counted in many chunks, the same numbers
+    assert channel_stats(big) == (pytest.approx(list(reference.mean(0)), abs=1e-6),
+                                  pytest.approx(list(reference.std(0)), abs=1e-6))  # fmt: skip
 
 
 def test_one_folder_is_split_stratified_and_deterministically(tmp_path: Path) -> None:

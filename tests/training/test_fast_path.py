@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from modelship.preprocess import Preprocess
 from modelship.training import runtime
 from modelship.training.cache import cache_key, decode_files
+from modelship.training.checkpoint import load_checkpoint
 from modelship.training.loaders import crop_and_flip
 from modelship.training.runtime import resolve_precision
 from tests.helpers import pt_files, tiny_train_args, write_folder
@@ -42,6 +44,10 @@ def test_the_cache_is_keyed_by_content_and_rebuilt_when_corrupt(
     assert how == "decoded and cached" and first.shape == (6, 6, 8, 3) and first.dtype == np.uint8
     again, how = decode_files(files, pre, tmp_path / "cache")
     assert how == "cache hit" and np.array_equal(again, first)
+    for record in (tmp_path / "cache").glob("stat-*.json"):  # the record of the files' stats, torn: read them again
+        record.write_text('{"val')
+    again, how = decode_files(files, pre, tmp_path / "cache")
+    assert how == "cache hit" and np.array_equal(again, first)
     key = cache_key(files, pre)
     assert cache_key(files, Preprocess(size=(6, 6), channels=3, mean=(0,) * 3, std=(1,) * 3)) != key  # the size
     write_folder(tmp_path / "d", {"a": 1}, size=(8, 6), seed=9)  # rewrites a/0.png with other pixels
@@ -53,6 +59,27 @@ def test_the_cache_is_keyed_by_content_and_rebuilt_when_corrupt(
     rebuilt, how = decode_files(files, pre, tmp_path / "cache")
     assert how == "decoded and cached" and np.array_equal(rebuilt, changed)
     assert f"decoded cache {entry} is corrupt or from other data" in caplog.text
+
+
+def test_a_warm_start_opens_no_image_and_a_changed_file_is_looked_at_again(
+    tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    write_folder(data, {"a": 6, "b": 6}, size=(16, 16))
+    args = ["--data", data, "--epochs", "1", "--device", "cpu", "--cache-dir", cache, "--amp", "off"]
+    first = cli("train", *args, "--out", tmp_path / "r1")
+    assert first.code == 0 and "decoded and cached" in first.err, first.err
+    opened: list[str] = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    warm = cli("train", *args, "--out", tmp_path / "r2")
+    assert warm.code == 0 and "cache hit" in warm.err and opened == []  # no header, no pixel read again
+    same = [load_checkpoint(tmp_path / r / "checkpoints/last.pt")["data"] for r in ("r1", "r2")]
+    assert same[0] == same[1]  # the same classes, size, channels and statistics as the run that looked
+    (data / "a" / "3.png").write_bytes(b"not a png")  # a file changed since: its record no longer matches
+    changed = cli("train", *args, "--out", tmp_path / "r3")
+    assert changed.code == 2 and f"cannot read image {data / 'a' / '3.png'}" in changed.last_line
+    assert str(data / "a" / "0.png") in opened  # every header was opened again
 
 
 def test_decoded_and_pil_paths_train_alike(tmp_path: Path, data_dir: Path, cli) -> None:
