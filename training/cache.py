@@ -5,7 +5,7 @@ The disk cache is keyed by the files' content, the size and the channel count, s
 cache entry that does not load whole, or whose recorded key differs, is rebuilt with one line saying so. The content
 is read again only when a file's name, size, mtime or inode changed since it was last hashed (a record beside the
 entries, as git's index and DVC keep one), and what else is worked out from the files alone (the first look at
-their headers) is remembered under their content the same way. Whether the
+their headers) is remembered under the same names, sizes, mtimes and inodes. Whether the
 data is decoded at all follows `--data-cache`: `auto` decodes when it fits a memory budget (on the GPU when one is
 used and it fits there, else in RAM), `ram`/`gpu` insist, `off` keeps the per-sample PIL/DataLoader path.
 """
@@ -83,23 +83,24 @@ def cache_key(files: list[str], pre: Preprocess, cache_dir: Path | None = None) 
     return h.hexdigest()
 
 
+def stats_key(files: list[str]) -> str:
+    """A hash of every file's name within the set, size, mtime and inode: it changes when a file is rewritten, added,
+    removed or renamed, and reading it opens no file."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, f in zip(_names(files), files, strict=True):
+        st = os.stat(f)
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0".encode())
+    return h.hexdigest()
+
+
 def content_digest(files: list[str], cache_dir: Path | None) -> str:
     """A hash of every file's content and its name within the set. With a `cache_dir`, the files are read only when
-    the record of their names, sizes, mtimes and inodes there differs (a file rewritten, added, removed, renamed)."""
-    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
-    names = [os.path.relpath(f, root) for f in files]
-    record = None
-    if cache_dir is not None:
-        stats = hashlib.blake2b(digest_size=16)
-        for name, f in zip(names, files, strict=True):
-            st = os.stat(f)
-            stats.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0".encode())
-        record = cache_dir / f"stat-{stats.hexdigest()}.json"
-        known = _read_record(record)
-        if isinstance(known, str):
-            return known
+    no record there holds the digest for their `stats_key`."""
+    record = cache_dir / f"stat-{stats_key(files)}.json" if cache_dir is not None else None
+    if record is not None and isinstance(known := _read_record(record), str):
+        return known
     h = hashlib.blake2b(digest_size=16)
-    for name, f in zip(names, files, strict=True):
+    for name, f in zip(_names(files), files, strict=True):
         h.update(name.encode() + b"\0")
         with open(f, "rb") as fh:
             h.update(fh.read())
@@ -109,9 +110,15 @@ def content_digest(files: list[str], cache_dir: Path | None) -> str:
     return digest
 
 
+def _names(files: list[str]) -> list[str]:
+    """Each file's path relative to the set's common folder: a set moved or copied elsewhere keys the same."""
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
+    return [os.path.relpath(f, root) for f in files]
+
+
 def remembered(cache_dir: Path, kind: str, parts: list[Any], compute: Callable[[], Any]) -> Any:
-    """compute(), or what it returned before for the same `parts` (content digests, versions, seeds: all that its
-    answer depends on), as JSON: lists where it returned tuples."""
+    """compute(), or what it returned before for the same `parts` (stats keys, versions, seeds: all that its answer
+    depends on), as JSON: lists where it returned tuples."""
     record = cache_dir / f"{kind}-{hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()}.json"
     known = _read_record(record)
     if known is not None:
