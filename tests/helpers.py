@@ -82,6 +82,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def busy_port() -> Iterator[int]:
+    """A loopback port another socket is listening on, for as long as the block runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
 @dataclass
 class Server:
     url: str

@@ -30,7 +30,7 @@ from modelship.files import sha256_file
 from modelship.serving.client import ClientError
 from modelship.serving.grpc_client import GRPCClient, connect
 from modelship.serving.protos import health_pb2, inference_pb2
-from tests.helpers import KEY, Server, free_port, run_modelship, running_server, scrape, wait_ready
+from tests.helpers import KEY, Server, busy_port, free_port, run_modelship, running_server, scrape, wait_ready
 from tests.serving.test_repository import make_repo
 from tests.serving.test_server import val_png
 
@@ -438,12 +438,7 @@ def test_the_python_client_speaks_grpc(both: Both) -> None:
 
 
 def test_serve_refuses_a_busy_grpc_port_and_a_port_twice(tiny_bundle: Path, cli) -> None:
-    import socket
-
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         r = cli("serve", tiny_bundle, "--grpc-port", str(port))
     assert r.code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.last_line and "Pick --grpc-port" in r.last_line
     r = cli("serve", tiny_bundle, "--port", "8123", "--grpc-port", "8123")

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from modelship.files import sha256_file
-from tests.helpers import KEY, free_port, run_modelship, running_server, scrape, wait_ready
+from tests.helpers import KEY, busy_port, free_port, run_modelship, running_server, scrape, wait_ready
 
 
 def predict(url: str, **kwargs) -> httpx.Response:
@@ -203,10 +202,7 @@ def test_serve_refuses_a_tampered_artifact(tiny_bundle: Path, tmp_path: Path, cl
 
 
 def test_serve_refuses_a_busy_port(tiny_bundle: Path, cli) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
+    with busy_port() as port:
         r = cli("serve", tiny_bundle, "--port", str(port))
     assert r.code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.last_line
 
