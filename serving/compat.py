@@ -266,8 +266,7 @@ class Server(ls.LitServer):
         self._prepare_app_run(app)
         config = uvicorn.Config(app=self._front(app), host=address[0], port=port, log_level=log_level, http=self._http,
                                 timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)  # fmt: skip
-        server = APIServer(config=config)
-        server.beside = self._grpc
+        server = APIServer(config=config, beside=self._grpc)
         own = [reuseport_socket(family, address)]
         process = mp.get_context("fork").Process(
             target=self._run_api_server, args=(server, consumer, own), name=f"LitServer-{consumer}"
@@ -323,7 +322,9 @@ class APIServer(_Server):
     """LitServe's uvicorn server with the gRPC service (--grpc-port) started before HTTP and drained beside it: on
     SIGTERM both refuse new requests at once and answer what they hold."""
 
-    beside: Any = None
+    def __init__(self, config: uvicorn.Config, beside: Any = None) -> None:
+        super().__init__(config=config)
+        self.beside = beside
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if self.beside is not None:
