@@ -43,6 +43,7 @@ from modelship.training.runtime import (
     Precision,
     close_distributed,
     init_distributed,
+    keep_freed_memory,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -73,6 +74,7 @@ class Progress:
 
 def _train(cfg: TrainConfig, dist: Dist) -> Path:
     started = time.perf_counter()
+    keep_freed_memory()
     device = resolve_device(cfg.device, dist.local_rank)
     seed_everything(cfg.seed, cfg.deterministic)
     data, decoded = prepare_data(cfg, dist, device)
