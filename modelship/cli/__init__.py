@@ -7,6 +7,7 @@ Heavy libraries (torch, onnx, litserve) are imported inside the command function
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -101,3 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `modelship predict ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def console() -> int:
+    """The `modelship` console command and `python -m modelship.cli`: `main`, then a short exit. The interpreter's
+    exit runs garbage collections over every object still alive (~200,000 once torch is imported), 0.4-0.6 s of each
+    command's end on 2 cores; frozen, the collections skip them and the memory goes back with the process. (Python
+    promises no finalizer of an object still alive at exit; what modelship writes is closed before `main` returns.)"""
+    code = main()
+    gc.freeze()
+    return code

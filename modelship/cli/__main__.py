@@ -2,6 +2,6 @@
 
 import sys
 
-from modelship.cli import main
+from modelship.cli import console
 
-sys.exit(main())
+sys.exit(console())
