@@ -11,7 +11,8 @@ interleave the contenders and the median round is reported, so drift in a shared
 - `--payloads ...,grpc`: the same image as a KServe v2 gRPC ModelInfer (raw_input_contents), to modelship serve
   with `--grpc-port`; with `--ceilings`, also to a bare grpc.aio server of the same service that parses each request
   and answers a fixed output (benchmarks/bare_grpc.py), as many processes as modelship's API servers, driven by the
-  same gRPC load generator (benchmarks/loadgen.py, one HTTP/2 connection per 8 clients).
+  same gRPC load generator (benchmarks/loadgen.py, one HTTP/2 connection per 8 clients); and the same server running
+  each image through the bundle's ONNX model, batched on a thread with none of modelship's checks: the compute's share.
 - `--ceilings`: a bare uvicorn ASGI app that reads (and, for JSON, parses with pydantic-core, as modelship does)
   each body and answers a fixed JSON, with as many processes as modelship's API servers: what no server can beat
   (benchmarks/bare_server.py); and the same app parsing JSON with the standard library's json.loads.
@@ -228,11 +229,12 @@ def round_of(bundle: Path, manifest: dict, loads: dict[str, Payload], args: argp
             with started(cmd, port):
                 out += [measure(name, kind, port, p, args) for kind, p in kinds.items() if kind != "grpc"]
         if "grpc" in loads:
-            port = free_port()
-            cmd = [sys.executable, "benchmarks/bare_grpc.py", "--port", str(port), "--workers", str(args.bare_workers),
-                   "--classes", str(len(manifest["classes"]))]  # fmt: skip
-            with started(cmd, port, grpc=True):
-                out.append(measure("bare gRPC ceiling", "grpc", port, loads["grpc"], args))
+            for name, model in (("bare gRPC ceiling", []), ("bare gRPC with the model", ["--bundle", str(bundle)])):
+                port = free_port()
+                cmd = [sys.executable, "benchmarks/bare_grpc.py", "--port", str(port), "--workers",
+                       str(args.bare_workers), "--classes", str(len(manifest["classes"])), *model]  # fmt: skip
+                with started(cmd, port, grpc=True):
+                    out.append(measure(name, "grpc", port, loads["grpc"], args))
     if args.plain:
         port = free_port()
         checkpoint = args.checkpoint or Path(manifest["source"]["checkpoint"])
@@ -357,6 +359,10 @@ def report(rows: list[dict], soaked: dict | None, manifest: dict, args: argparse
         print(f"{r['server'].ljust(width)}  {r['payload']:<10} {r['req_per_s']:>7.1f}  {p50:>7}  {p99:>7}  "
               f"{r['errors']:>6}  {ratio(r, bare):>7}  {json_loads:>13}  {ratio(r, compute):>10}  {vs_plain:>8}"
               f"  ({each})")  # fmt: skip
+    bare_grpc, with_model = find("bare gRPC ceiling", "grpc"), find("bare gRPC with the model", "grpc")
+    if bare_grpc and with_model:
+        print(f"\nbare gRPC with the model: {with_model / bare_grpc:.3f} of the bare gRPC ceiling (the most a server "
+              "that runs this model reaches here)")  # fmt: skip
     with_cpu = [r for r in rows if "cpu_us" in r]
     if with_cpu:
         print(f"\nCPU per answered request, microseconds (the median round's): {', '.join(ROLES)}")
