@@ -101,6 +101,7 @@ def keep_freed_memory() -> bool:
 
 
 def glibc() -> bool:
+    """Whether this process's C library is glibc, whose malloc `mallopt` tunes."""
     try:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     except (ValueError, OSError):  # not a glibc system: the name is unknown there

@@ -21,6 +21,7 @@ from modelship.training.data import DataRequest, load_data
 from modelship.training.loaders import EpochSampler, class_weights
 from modelship.training.models import build_model
 from modelship.training.optim import make_optimizer, make_scheduler
+from modelship.training.runtime import glibc
 from tests.helpers import REPO, pt_files, run_modelship, tiny_train_args, write_folder
 
 
@@ -225,20 +226,20 @@ sys.exit(code)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(not glibc(), reason="glibc's malloc")
 def test_epochs_after_the_first_fault_in_no_fresh_memory(tmp_path: Path) -> None:
     """Each step frees and allocates the same activations; glibc's malloc handed them back to the kernel and faulted
     them in again, zeroed, page by page (7,000 faults a step of the small cnn at batch 64, ~10% of its time)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    args = ["train", "--shapes-train", "256", "--shapes-val", "32", "--device", "cpu", "--epochs", "5",
+    args = ["train", "--shapes-train", "512", "--shapes-val", "32", "--device", "cpu", "--epochs", "5",
             "--batch-size", "64", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "r")]  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", FAULTS, *args], capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={**env, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    faults = json.loads(proc.stdout.splitlines()[-1])  # per epoch of 4 steps
-    # without it 5,000-15,000 in every epoch; with it none once the heaps have grown to the step's peak (a thread's
-    # heap may still grow by a 2 MB piece in one epoch or another)
-    assert len(faults) == 5 and min(faults[1:]) < 500, faults
+    faults = json.loads(proc.stdout.splitlines()[-1])  # per epoch of 8 steps
+    # without it 40,000-100,000 in every epoch; with it none once the heaps have grown to the step's peak, or a few
+    # 2 MB pieces (up to 2,560 faults seen; on one machine in every epoch)
+    assert len(faults) == 5 and min(faults[1:]) < 5_000, faults
 
 
 def test_early_stopping_stops_after_patience_epochs(tmp_path: Path, data_dir: Path, cli) -> None:
