@@ -148,8 +148,8 @@ def resolve_precision(requested: str, device: torch.device, trial: Callable[[tor
             return Precision(None, f"fp32 (no native bf16 on this {device.type}; --amp bf16 to force it)")
         if reuse in ("bf16", "fp32"):
             return Precision(torch.bfloat16 if reuse == "bf16" else None, f"{reuse} (as the run being resumed chose)")
-        if trial is None:
-            return Precision(torch.bfloat16, f"bf16 autocast ({why})")
+        if trial is None:  # DDP and --deterministic: the flags alone, so every rank and every run agrees
+            return Precision(torch.bfloat16, f"bf16 autocast ({why}; no timed trial)")
         fp32, bf16 = trial(None), trial(torch.bfloat16)
         ratio = fp32 / bf16
         if ratio >= FASTER:

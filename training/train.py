@@ -136,9 +136,11 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
 
 def choose_precision(cfg: TrainConfig, dist: Dist, model: nn.Module, info: DataInfo, device: torch.device,
                      channels_last: bool, resume: dict[str, Any] | None) -> Precision:  # fmt: skip
-    """--amp, with auto decided by a timed trial of the real model and batch (in a single process: DDP ranks must
-    agree, and do by the flags alone), or as the run being resumed chose."""
-    trial = None if dist.enabled else step_trial(model, tuple(info.input_shape), cfg.batch_size, device, channels_last)
+    """--amp, with auto decided by a timed trial of the real model and batch, or as the run being resumed chose.
+    Where runs must agree, by the flags alone: DDP ranks, and --deterministic runs (a trial's timing can come out
+    either way on a busy machine, so two identical commands could train in different precisions)."""
+    timed = not dist.enabled and not cfg.deterministic
+    trial = step_trial(model, tuple(info.input_shape), cfg.batch_size, device, channels_last) if timed else None
     return resolve_precision(cfg.amp, device, trial, resume.get("amp") if resume is not None else None)
 
 

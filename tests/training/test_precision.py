@@ -57,6 +57,23 @@ def test_the_trial_times_real_steps_and_leaves_the_model_and_every_rng_as_they_w
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_deterministic_run_chooses_by_the_flags_without_a_timed_trial(
+    tmp_path: Path, data_dir: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two identical --deterministic commands must train in the same precision; a trial's timing need not agree."""
+    from modelship.training import train
+    from tests.helpers import tiny_train_args
+
+    def no_trial(*args: object) -> None:
+        raise AssertionError("--deterministic timed a trial")
+
+    monkeypatch.setattr(runtime, "native", lambda dtype, device: "AVX512-BF16")
+    monkeypatch.setattr(train, "step_trial", no_trial)
+    r = cli("train", "--epochs", "1", "--deterministic", "--out", tmp_path / "run", *tiny_train_args(data_dir))
+    assert r.code == 0, r.err
+    assert "bf16 autocast (AVX512-BF16; no timed trial)" in r.err
+
+
 def test_a_run_records_its_choice_and_a_resume_keeps_it(
     tmp_path: Path, data_dir: Path, cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
