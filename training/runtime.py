@@ -93,11 +93,15 @@ def keep_freed_memory() -> bool:
     (7,000 page faults a step of the small cnn at batch 64 by default, ~10% of its time; none with this). What
     jemalloc or tcmalloc do for PyTorch on CPU, with the allocator already there. Left alone where the C library is
     not glibc or the user tuned it (MALLOC_*_ or GLIBC_TUNABLES); True when set."""
-    tuned = any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ)
-    if tuned or not glibc():
+    if any(tunes_malloc(k) for k in os.environ) or not glibc():
         return False
     libc = ctypes.CDLL(None)  # this process's C library
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_FROM)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
+
+
+def tunes_malloc(variable: str) -> bool:
+    """Whether an environment variable of that name tunes glibc's malloc (then `keep_freed_memory` leaves it be)."""
+    return variable.startswith("MALLOC_") or variable == "GLIBC_TUNABLES"
 
 
 def glibc() -> bool:

@@ -21,7 +21,7 @@ from modelship.training.data import DataRequest, load_data
 from modelship.training.loaders import EpochSampler, class_weights
 from modelship.training.models import build_model
 from modelship.training.optim import make_optimizer, make_scheduler
-from modelship.training.runtime import glibc
+from modelship.training.runtime import glibc, tunes_malloc
 from tests.helpers import REPO, pt_files, run_modelship, tiny_train_args, write_folder
 
 
@@ -233,7 +233,7 @@ sys.exit(code)
 def test_epochs_after_the_first_fault_in_no_fresh_memory(tmp_path: Path) -> None:
     """Each step frees and allocates the same activations; glibc's malloc handed them back to the kernel and faulted
     them in again, zeroed, page by page (7,000 faults a step of the small cnn at batch 64, ~10% of its time)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if not tunes_malloc(k)}  # so the training process tunes it
     args = ["train", "--shapes-train", "512", "--shapes-val", "32", "--device", "cpu", "--epochs", "5",
             "--batch-size", "64", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "r")]  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", FAULTS, *args], capture_output=True, text=True, cwd=REPO, timeout=300,
