@@ -78,13 +78,7 @@ def tensor_from_json(value: Any, what: str, shape: tuple[int, ...], flat_ok: boo
         if not (flat_ok and arr.ndim == 1 and arr.size == math.prod(shape)):  # tritonclient sends flat data
             raise RequestError(f"{what} has shape {list(arr.shape)}; expected {list(shape)}")
         arr = arr.reshape(shape)
-    return check_finite(arr.astype(np.float32, copy=False), what)
-
-
-def check_finite(arr: np.ndarray, what: str) -> np.ndarray:
-    if not np.isfinite(arr).all():
-        raise RequestError(f"{what} contains NaN or infinity; expected finite numbers")
-    return arr
+    return arr.astype(np.float32, copy=False)
 
 
 def parse_json(body: bytes) -> Any:
@@ -356,7 +350,7 @@ def v2_raw_tensor(data: bytes | memoryview, shape: list[int], what: str) -> np.n
     need = math.prod(shape) * 4
     if len(data) != need:
         raise RequestError(f"{what} is {len(data)} bytes; shape {shape} FP32 needs {need} bytes")
-    return check_finite(np.frombuffer(data, dtype=V2_DTYPES["FP32"]).reshape(shape), what)
+    return np.frombuffer(data, dtype=V2_DTYPES["FP32"]).reshape(shape)
 
 
 def v2_response(logits: np.ndarray, req: V2Request, model: ServedModel, version: str) -> tuple[bytes, dict[str, str]]:

@@ -166,6 +166,9 @@ class InferenceAPI(ls.LitAPI):
         return output
 
 
+NON_FINITE = transport.WorkerError(400, "input contains NaN or infinity; expected finite numbers")
+
+
 @dataclass
 class Held:
     """One model version in a worker: its backend, input shape and largest batch."""
@@ -174,24 +177,40 @@ class Held:
     shape: tuple[int, ...]
     chunk: int
     resident_bytes: int = 0
+    labelled: tuple[Any, ...] | None = None
 
-    def run(self, requests: list[transport.Request], key: str) -> list[np.ndarray]:
+    def run(self, requests: list[transport.Request], key: str) -> list[Any]:
+        """Each request's logits, or NON_FINITE for one whose input holds NaN or infinity (the others run). The check
+        is here, once per batch, rather than per request in the API server: a numpy pass over an image lets go of
+        the GIL, and in an API server that runs the model (--in-process) each such release wakes the inference
+        thread waiting for it (BENCHMARKS.md, gRPC)."""
+        x = np.concatenate([r.x for r in requests]) if len(requests) > 1 else requests[0].x
+        if not np.isfinite(x).all():  # rare: find the requests at fault and run the rest without them
+            finite = [bool(np.isfinite(r.x).all()) for r in requests]
+            rest = [r for r, ok in zip(requests, finite, strict=True) if ok]
+            ran = iter(self.run(rest, key) if rest else [])
+            return [next(ran) if ok else NON_FINITE for ok in finite]
         m = metrics()
-        name, version = key.rsplit("/", 1)
+        if self.labelled is None:  # this version's labelled metrics, looked up once (labels() costs a lock a call)
+            name, version = key.rsplit("/", 1)
+            self.labelled = tuple(h.labels(name, version) for h in (m.batch_size, m.batch_requests, m.inference))
+        batch_size, batch_requests, inference = self.labelled
         start = time.monotonic()
         for r in requests:
             m.queue.observe(start - r.queued_at)
-        sizes = [len(r.x) for r in requests]
-        x = np.concatenate([r.x for r in requests]) if len(requests) > 1 else requests[0].x
         outs = []
         for i in range(0, len(x), self.chunk):
             part = x[i : i + self.chunk]
             outs.append(self.backend(part))
-            m.batch_size.labels(name, version).observe(len(part))
-        m.batch_requests.labels(name, version).observe(len(requests))
-        m.inference.labels(name, version).observe(time.monotonic() - start)
+            batch_size.observe(len(part))
+        batch_requests.observe(len(requests))
+        inference.observe(time.monotonic() - start)
         logits = np.concatenate(outs) if len(outs) > 1 else outs[0]
-        return np.split(logits, np.cumsum(sizes)[:-1])
+        answers, at = [], 0
+        for r in requests:  # (np.split costs 5 us a batch more)
+            answers.append(logits[at : at + len(r.x)])
+            at += len(r.x)
+        return answers
 
 
 def load_version(path: Path, settings: Settings, device: str) -> Held:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,3 +89,26 @@ def test_every_answer_goes_back_to_its_own_request(batching_server: Server) -> N
 def test_info_reports_the_batching_settings(batching_server: Server) -> None:
     server = httpx.get(batching_server.url + "/info").json()["server"]
     assert (server["max_batch_size"], server["batch_timeout"], server["workers_per_device"]) == (16, 0.05, 2)
+
+
+def test_an_input_with_nan_or_infinity_is_refused_alone_and_the_rest_of_its_batch_runs(affine_bundle: Path) -> None:
+    """Finiteness is checked where a batch is formed: the request at fault gets its 400, the others their logits."""
+    from modelship.serving.backends import onnx_backend
+    from modelship.serving.transport import Request, WorkerError
+    from modelship.serving.worker import Held
+
+    manifest = json.loads((affine_bundle / "manifest.json").read_text())
+    backend = onnx_backend(affine_bundle / manifest["artifacts"]["onnx"]["path"], "cpu", 1)
+    held = Held(backend, (1, 2, 2), 16)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((n, 1, 2, 2)).astype(np.float32) for n in (1, 2, 1, 3)]
+    xs[1][1, 0, 0, 1] = np.nan
+    xs[3][2, 0, 1, 0] = -np.inf
+    answers = held.run([Request(b"%d" % i, 0, 0.0, x, "affine/1") for i, x in enumerate(xs)], "affine/1")
+    for i in (1, 3):
+        assert isinstance(answers[i], WorkerError) and answers[i].status == 400
+        assert answers[i].detail == "input contains NaN or infinity; expected finite numbers"
+    for i in (0, 2):
+        np.testing.assert_allclose(answers[i], backend(xs[i]), atol=1e-6)
+    finite = held.run([Request(b"a", 0, 0.0, xs[0], "affine/1"), Request(b"b", 0, 0.0, xs[2], "affine/1")], "affine/1")
+    np.testing.assert_array_equal(np.concatenate(finite), np.concatenate([answers[0], answers[2]]))

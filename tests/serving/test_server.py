@@ -146,6 +146,10 @@ def truncated_png() -> bytes:
     return buf.getvalue()[:300]
 
 
+V2_INF_HEADER = json.dumps(
+    {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                 "parameters": {"binary_data_size": 3 * 32 * 32 * 4}}]}
+).encode()  # fmt: skip
 BAD_REQUESTS = [
     ("/predict", {"content": b"{oops", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
     ("/predict", {"content": b"", "headers": {"content-type": "application/json"}}, 400, "the request body is empty"),
@@ -204,6 +208,15 @@ BAD_REQUESTS = [
         {"content": b'{"inputs": []}xx', "headers": {"inference-header-content-length": "14"}},
         400,
         "inputs must be a list with one tensor",
+    ),
+    (
+        "/v2/models/shapes-cnn/infer",
+        {
+            "content": V2_INF_HEADER + np.full(3 * 32 * 32, np.inf, "<f4").tobytes(),
+            "headers": {"inference-header-content-length": str(len(V2_INF_HEADER))},
+        },
+        400,
+        "input contains NaN or infinity; expected finite numbers",
     ),
 ]
 
