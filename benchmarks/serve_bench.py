@@ -19,7 +19,7 @@ interleave the contenders and the median round is reported, so drift in a shared
 - `--plain`: a plain FastAPI endpoint with one eager PyTorch forward per request (benchmarks/plain_server.py).
 - `--inprocess`: ONNX Runtime in this process on batches of --max-batch (samples/s): the compute ceiling.
 - `--compare-checkout DIR`: modelship served from another checkout (a git worktree of an earlier commit), with this
-  run's Python and dependencies: before against after in one run.
+  run's Python and dependencies, with each `--serve-args` just before this checkout's: before against after.
 - `--cpu`: for each modelship server, the CPU time per answered request of its inference workers, its API servers,
   its main process (the request broker) and of this process (the load generator), from /proc over the measured
   window. On a saturated machine this is where the cores go; a sampling profiler would also count the time a
@@ -242,10 +242,12 @@ def round_of(bundle: Path, manifest: dict, loads: dict[str, Payload], args: argp
             out.append(measure("plain FastAPI + eager", "json", port, payloads(manifest)["json"], args))
     if args.inprocess:
         out.append(inprocess(bundle, manifest, args.max_batch, args.seconds))
-    if args.compare_checkout:
-        out += served("modelship serve (the other checkout)", bundle, "", loads, args, args.compare_checkout)
     for extra in args.serve_args or [""]:
-        out += served("modelship serve" + (f" {extra}" if extra else ""), bundle, extra, loads, args)
+        flags = f" {extra}" if extra else ""
+        if args.compare_checkout:
+            other = f"modelship serve{flags} (the other checkout)"
+            out += served(other, bundle, extra, loads, args, args.compare_checkout)
+        out += served(f"modelship serve{flags}", bundle, extra, loads, args)
     return out
 
 
