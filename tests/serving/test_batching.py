@@ -91,12 +91,17 @@ def test_info_reports_the_batching_settings(batching_server: Server) -> None:
     assert (server["max_batch_size"], server["batch_timeout"], server["workers_per_device"]) == (16, 0.05, 2)
 
 
-def test_an_input_with_nan_or_infinity_is_refused_alone_and_the_rest_of_its_batch_runs(affine_bundle: Path) -> None:
+def test_an_input_with_nan_or_infinity_is_refused_alone_and_the_rest_of_its_batch_runs(
+    affine_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Finiteness is checked where a batch is formed: the request at fault gets its 400, the others their logits."""
+    from modelship.serving import metrics
     from modelship.serving.backends import onnx_backend
     from modelship.serving.transport import Request, WorkerError
     from modelship.serving.worker import Held
 
+    monkeypatch.setenv(metrics.ENV, str(tmp_path))  # the batch's metrics: a server run earlier in this process
+    # may have left the variable naming its own folder, removed when it stopped
     manifest = json.loads((affine_bundle / "manifest.json").read_text())
     backend = onnx_backend(affine_bundle / manifest["artifacts"]["onnx"]["path"], "cpu", 1)
     held = Held(backend, (1, 2, 2), 16)
