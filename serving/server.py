@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from modelship import allocator
 from modelship.devices import usable_gpus
 from modelship.errors import ConfigError, ModelshipError
 from modelship.serving.config import ServeConfig
@@ -87,6 +88,7 @@ def serve(cfg: ServeConfig) -> None:
 
     from modelship.serving import control, lifeline, metrics, transport
 
+    allocator.keep_freed_memory()  # before the API servers fork: they inherit it
     run_dir = transport.socket_directory()  # the model table and the transport's sockets
     metrics_dir = metrics.init_dir()  # before prometheus_client is imported anywhere
     try:

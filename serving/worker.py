@@ -22,6 +22,7 @@ from typing import Any
 import litserve as ls
 import numpy as np
 
+from modelship import allocator
 from modelship.manifest import read_manifest
 from modelship.serving import compat, lifeline, models, transport
 from modelship.serving.api import HTTPSpec, Settings
@@ -57,6 +58,7 @@ class InferenceAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         lifeline.follow(self.settings.main_pid)  # never outlive the main process
+        allocator.keep_freed_memory()  # a spawned worker's allocator starts with the defaults
         # a spawned worker starts with no logging configuration
         logging.basicConfig(level=self.settings.log_level.upper(), format="%(message)s")
         self.device = device
@@ -103,6 +105,7 @@ class InferenceAPI(ls.LitAPI):
             log.info("model %s unloaded", key)
         if gone:
             gc.collect()
+            allocator.give_back()  # a model's worth: to the system now (the raised trim threshold keeps it)
         self.failed = {k: why for k, why in self.failed.items() if k in wanted}
         return bool(gone)
 

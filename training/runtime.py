@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import random
@@ -80,36 +79,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_FROM = 32 << 20  # the largest mmap threshold glibc takes on 64-bit (HEAP_MAX_SIZE / 2)
-KEEP_FREED = 1 << 30  # free memory glibc keeps at the top of its heaps before handing it back
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep the memory a training step frees for the next one, instead of handing it back to the
-    kernel and faulting it in again, zeroed, a page at a time: every step allocates and frees the same activations
-    (7,000 page faults a step of the small cnn at batch 64 by default, ~10% of its time; none with this). What
-    jemalloc or tcmalloc do for PyTorch on CPU, with the allocator already there. Left alone where the C library is
-    not glibc or the user tuned it (MALLOC_*_ or GLIBC_TUNABLES); True when set."""
-    if any(tunes_malloc(k) for k in os.environ) or not glibc():
-        return False
-    libc = ctypes.CDLL(None)  # this process's C library
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_FROM)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
-
-
-def tunes_malloc(variable: str) -> bool:
-    """Whether an environment variable of that name tunes glibc's malloc (then `keep_freed_memory` leaves it be)."""
-    return variable.startswith("MALLOC_") or variable == "GLIBC_TUNABLES"
-
-
-def glibc() -> bool:
-    """Whether this process's C library is glibc, whose malloc `mallopt` tunes."""
-    try:
-        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    except (ValueError, OSError):  # not a glibc system: the name is unknown there
-        return False
 
 
 NATIVE_CPU = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelship.allocator import keep_freed_memory
 from modelship.errors import CheckpointError, ConfigError
 from modelship.files import remove_stale_temps
 from modelship.training import checkpoint as ckpt_io
@@ -43,7 +44,6 @@ from modelship.training.runtime import (
     Precision,
     close_distributed,
     init_distributed,
-    keep_freed_memory,
     resolve_device,
     resolve_precision,
     seed_everything,

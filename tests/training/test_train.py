@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelship.allocator import glibc, tunes_malloc
 from modelship.training.checkpoint import load_checkpoint
 from modelship.training.config import TrainConfig
 from modelship.training.data import DataRequest, load_data
 from modelship.training.loaders import EpochSampler, class_weights
 from modelship.training.models import build_model
 from modelship.training.optim import make_optimizer, make_scheduler
-from modelship.training.runtime import glibc, tunes_malloc
 from tests.helpers import REPO, pt_files, run_modelship, tiny_train_args, write_folder
 
 
