@@ -32,20 +32,21 @@ print(applied, libc.mallinfo2().hblks - before)
 """
 
 
-def probe(mode: str, env: dict[str, str] | None = None) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=60,
+def python(code: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    """What `code` prints, run in a fresh interpreter (whose malloc nothing has tuned yet), split into words."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
                          env={**ENV, **(env or {})}, check=True)  # fmt: skip
     return out.stdout.split()
 
 
 def test_a_request_sized_buffer_is_mapped_by_default_and_on_the_heap_once_set() -> None:
-    assert probe("default") == ["None", "1"]  # glibc's default: a fresh mmap (zeroed page by page, unmapped on free)
-    assert probe("set") == ["True", "0"]
+    assert python(PROBE, "default") == ["None", "1"]  # glibc as it starts: a fresh mmap, unmapped on free
+    assert python(PROBE, "set") == ["True", "0"]
 
 
 def test_malloc_settings_in_glibc_tunables_are_left_to_the_operator() -> None:
     tunables = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
-    assert probe("set", tunables) == ["False", "1"]
+    assert python(PROBE, "set", env=tunables) == ["False", "1"]
 
 
 def test_give_back_returns_the_freed_heap_that_the_setting_keeps() -> None:
@@ -64,8 +65,6 @@ kept = resident()
 allocator.give_back()
 print(round((held - kept) / 2**20), round((held - resident()) / 2**20))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
-                         env=ENV)  # fmt: skip
-    freed_kept, freed_given = map(int, out.stdout.split())
+    freed_kept, freed_given = map(int, python(code))
     assert freed_kept < 20  # under the trim threshold: freed, yet still resident
     assert freed_given > 180  # given back to the system
