@@ -86,7 +86,7 @@ def _staging_dir(out: Path) -> Path:
     return tmp
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished bundle over `out`; an old bundle is moved aside first and deleted after."""
     old = None
     if out.exists():
@@ -137,10 +137,53 @@ def build_manifest(
             },
             "report": PARITY,
         },
+        "gates": export_gates(checks, gated, opts),
+        "passed": not failed,
         "source": src.info,
         "versions": versions("torch", "onnx", "onnxscript", "onnxruntime"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def export_gates(checks: list[parity.Check], gated: list[variants.VariantCheck], opts: ExportOptions) -> list[Gate]:
+    """The manifest's `gates` from export: exact parity, then each variant's gate (a run adds its accuracy floor)."""
+    tolerance = f"atol {opts.atol:g}, rtol {opts.rtol:g}"
+    bad = [c.describe() for c in checks if not c.passed]
+    worst = max((c.max_abs_err for c in checks), default=0.0)
+    exact = "; ".join(bad) if bad else f"{len(checks)} checks within {tolerance}, worst max_abs_err {worst:.2e}"
+    gates = [gate("parity", not bad, exact, checks=len(checks), failed=len(bad), max_abs_err=worst)]
+    for v in gated:
+        figures = (
+            f"top-1 agreement {v.top1_agreement:.4f} (at least {v.min_agreement:g}), "
+            f"accuracy drop {v.accuracy_drop:.4f} (at most {v.max_accuracy_drop:g})"
+        )
+        gates.append(
+            gate(
+                v.artifact,
+                v.passed,
+                f"{figures} on {v.runtime}, {v.images} labelled images",
+                runtime=v.runtime,
+                top1_agreement=v.top1_agreement,
+                accuracy_drop=v.accuracy_drop,
+            )
+        )
+    return gates
+
+
+Gate = dict[str, Any]
+
+
+def gate(name: str, passed: bool, detail: str, **figures: Any) -> Gate:
+    """One entry of the manifest's `gates`: what was gated, its verdict, one line a person reads, the figures."""
+    return {"gate": name, "passed": bool(passed), "detail": detail, **figures}
+
+
+def add_gate(bundle: Bundle, entry: Gate) -> None:
+    """Record one more gate (the run's accuracy floor) in a written bundle: `passed` stays their conjunction."""
+    manifest = bundle.manifest
+    manifest["gates"] = [g for g in manifest["gates"] if g["gate"] != entry["gate"]] + [entry]
+    manifest["passed"] = all(g["passed"] for g in manifest["gates"])
+    write_json(bundle.path / MANIFEST, manifest)
 
 
 def variant_summary(v: variants.VariantCheck) -> dict[str, Any]:
@@ -223,7 +266,7 @@ def export(cfg: ExportConfig) -> Bundle:
         manifest = build_manifest(cfg, src, artifacts, (checks, gated))
         write_json(tmp / PARITY, parity_report(manifest, (checks, gated), images))
         write_json(tmp / MANIFEST, manifest)
-        _move_into_place(tmp, cfg.out)
+        move_into_place(tmp, cfg.out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

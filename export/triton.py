@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelship.errors import ConfigError
-from modelship.manifest import check_bundle, require_artifact
+from modelship.manifest import check_bundle, require_artifact, require_passed
 
 # artifact kind -> (Triton platform, file name in the version folder, input name, output name); None: the manifest's
 TRITON = {
@@ -115,8 +115,7 @@ def write_repository(cfg: TritonConfig) -> Path:
     """Write the Triton repository for `cfg.bundle`'s artifact into `cfg.out`; return the model's folder."""
     manifest = check_bundle(cfg.bundle)
     require_artifact(manifest, cfg.bundle, cfg.backend)
-    if not manifest["parity"].get("passed"):
-        raise ConfigError(f"bundle {cfg.bundle} failed its checks at export; it must not be deployed")
+    require_passed(manifest, cfg.bundle)
     checked = int(manifest["max_batch"])
     max_batch = cfg.max_batch_size or checked
     if max_batch > checked:

@@ -15,7 +15,8 @@ from modelship.errors import BundleError, ConfigError
 from modelship.files import sha256_file
 
 FORMAT = "modelship.bundle"
-VERSION = 1
+VERSION = 2  # 2: `gates` (every gate with its verdict) and `passed`, their conjunction
+READABLE = (1, 2)  # a version-1 bundle's only gates are its parity block's
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
 REQUIRED = ("name", "classes", "model", "input", "output", "preprocess", "artifacts", "parity", "source", "versions")
@@ -45,12 +46,13 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
         raise BundleError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not a modelship bundle manifest (format is not {FORMAT!r})")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE:
         raise BundleError(
-            f"{path} is bundle version {manifest.get('version')!r}; this modelship reads version {VERSION}. "
-            "Re-export the checkpoint with this modelship"
+            f"{path} is bundle version {manifest.get('version')!r}; this modelship reads versions "
+            f"{', '.join(map(str, READABLE))}. Re-export the checkpoint with this modelship"
         )
-    missing = [k for k in REQUIRED if k not in manifest]
+    required = REQUIRED + (("gates", "passed") if manifest["version"] >= 2 else ())
+    missing = [k for k in required if k not in manifest]
     if missing:
         raise BundleError(f"{path} lacks keys {missing}")
     if not manifest["artifacts"]:
@@ -85,6 +87,29 @@ def check_bundle(bundle: Path) -> dict[str, Any]:
     if bad:
         raise BundleError(f"bundle {bundle} does not match its manifest: " + "; ".join(bad))
     return manifest
+
+
+def gate_failures(manifest: dict[str, Any]) -> list[str]:
+    """One line per gate the bundle failed (parity, a variant's, the accuracy floor), naming it and its figures;
+    [] when it may ship. `passed` is the conjunction of `gates`; a bundle that says it passed while a gate failed is
+    taken at its gates."""
+    if "gates" not in manifest:  # version 1: parity (with the variants' gates) was the only one recorded
+        parity = manifest["parity"]
+        return [] if parity.get("passed") else [f"parity: {line}" for line in parity.get("failed") or ["failed"]]
+    failed = [f"{g['gate']}: {g['detail']}" for g in manifest["gates"] if not g.get("passed")]
+    if not failed and (manifest.get("passed") is not True or not manifest["parity"].get("passed")):
+        failed.append("the manifest says it did not pass")
+    return failed
+
+
+def require_passed(manifest: dict[str, Any], bundle: Path) -> None:
+    """BundleError unless every gate the bundle was put through passed: a bundle that failed one never ships."""
+    failed = gate_failures(manifest)
+    if failed:
+        raise BundleError(
+            f"bundle {bundle} failed its gates and must not ship: {'; '.join(failed[:3])}"
+            + (f" (and {len(failed) - 3} more)" if len(failed) > 3 else "")
+        )
 
 
 def require_artifact(manifest: dict[str, Any], bundle: Path, kind: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,18 @@ class RunConfig:
 
     @property
     def bundle_dir(self) -> Path:
+        """Where a bundle that passed every gate goes."""
         return self.train.out / "bundle"
+
+    @property
+    def failed_bundle_dir(self) -> Path:
+        """Where a bundle that failed a gate is kept, for inspection: never where a passing one was."""
+        return self.train.out / "bundle.failed"
+
+    @property
+    def pending_bundle_dir(self) -> Path:
+        """Where the bundle waits for its gates' verdict (hidden: nothing reads it as a bundle meanwhile)."""
+        return self.train.out / ".bundle.pending"
 
     @property
     def bundle_name(self) -> str:
@@ -121,6 +133,10 @@ class RunResult:
                 f"{best['val_acc']:.4f} (epoch {best['epoch']}, training's own pass; its checkpoint ships)",
             ),
         ]
+        floor = next((g for g in self.bundle.manifest["gates"] if g["gate"] == "min-accuracy"), None)
+        if floor is not None:
+            verdict = "PASS" if floor["passed"] else "FAIL"
+            rows.append(("min accuracy", f"{floor['min_accuracy']:g} (--min-accuracy)  {verdict}"))
         checks = self.bundle.checks
         for kind, art in self.bundle.manifest["artifacts"].items():
             if kind.startswith("onnx-"):
@@ -149,8 +165,17 @@ class RunResult:
             rows.append(
                 ("published", f"version {self.published.name} of {self.published.parent.name}: {self.published}")
             )
-        rows.append(("serve it", f"modelship serve {self.published or self.bundle.path}"))
+        if self.passed:
+            rows.append(("serve it", f"modelship serve {self.published or self.bundle.path}"))
+        else:
+            failed = ", ".join(g["gate"] for g in self.bundle.manifest["gates"] if not g["passed"])
+            rows.append(("do not ship", f"{self.bundle.path} failed {failed}: kept to inspect; serve refuses it"))
         return rows
+
+    @property
+    def passed(self) -> bool:
+        """Every gate of the bundle passed, the run's accuracy floor included: it may ship."""
+        return bool(self.bundle.manifest["passed"])
 
 
 REPORT_IMAGES = 10_000  # validation images the run's report evaluates, evenly spread over the split
@@ -174,13 +199,14 @@ def run(cfg: RunConfig) -> RunResult | None:
         return None
     t1 = time.perf_counter()
     options = dataclasses.replace(cfg.export, name=cfg.bundle_name, device=cfg.train.device)
-    bundle = export(ExportConfig(checkpoint=best, out=cfg.bundle_dir, options=options, force=True))
+    bundle = export(ExportConfig(checkpoint=best, out=cfg.pending_bundle_dir, options=options, force=True))
     ckpt = load_checkpoint(best)
     last = best.parent / "last.pt"
     history = load_checkpoint(last)["history"] if last.is_file() else ckpt["history"]
     result = RunResult(best, ckpt, bundle, t1 - t0, time.perf_counter() - t1, history)
     result.evaluation = evaluate_validation(result, cfg.train.device)
     refusal = gate(cfg, result)
+    place_bundle(cfg, bundle, refusal is None)
     result.report = write_report(cfg, result, refusal)
     if refusal is not None:
         raise refusal  # nothing is published
@@ -189,9 +215,32 @@ def run(cfg: RunConfig) -> RunResult | None:
     return result
 
 
+def place_bundle(cfg: RunConfig, bundle: Bundle, passed: bool) -> None:
+    """Move the judged bundle into place: DIR/bundle when every gate passed (replacing the last one, and the stale
+    DIR/bundle.failed of an earlier run), else DIR/bundle.failed, beside an earlier DIR/bundle that passed, which
+    stays: a failed run never takes the place of a bundle that may ship."""
+    from modelship.export.bundle import move_into_place
+
+    target = cfg.bundle_dir if passed else cfg.failed_bundle_dir
+    move_into_place(bundle.path, target)
+    bundle.path = target
+    if passed and cfg.failed_bundle_dir.exists():
+        shutil.rmtree(cfg.failed_bundle_dir, ignore_errors=True)
+
+
 def gate(cfg: RunConfig, result: RunResult) -> GateError | None:
     """Why the model must not ship, if it must not: ParityError on any failed parity check or variant gate,
-    GateError on accuracy under --min-accuracy."""
+    GateError on accuracy under --min-accuracy. The accuracy floor's verdict is recorded in the bundle's manifest
+    beside export's gates, so the bundle itself says whether it may ship."""
+    from modelship.export.bundle import add_gate
+    from modelship.export.bundle import gate as gate_entry
+
+    if cfg.min_accuracy is not None:
+        ok = result.accuracy >= cfg.min_accuracy
+        verdict = "is at least" if ok else "is under"
+        detail = f"{result.accuracy_text} {verdict} --min-accuracy {cfg.min_accuracy:g}"
+        entry = gate_entry("min-accuracy", ok, detail, accuracy=result.accuracy, min_accuracy=cfg.min_accuracy)
+        add_gate(result.bundle, entry)
     problems = result.bundle.failures
     if problems:
         return ParityError(f"parity failed, the model must not ship: {'; '.join(problems)}", result=result)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from modelship.errors import ConfigError, ModelshipError
-from modelship.manifest import NAME_RE, check_bundle, read_manifest
+from modelship.manifest import NAME_RE, check_bundle, read_manifest, require_passed
 
 STAGING = ".staging-"  # a publish in progress, hidden from anything that reads versions
 
@@ -53,6 +53,7 @@ def check_target(repo: Path) -> None:
 def publish(bundle: Path, repo: Path) -> Path:
     """Copy `bundle` (its gates passed) to REPO/<its name>/<next version>/ in one rename; that folder."""
     manifest = read_manifest(bundle)
+    require_passed(manifest, bundle)  # the callers publish only what passed; a bundle that failed never gets here
     name = manifest["name"]
     if not NAME_RE.match(name):
         raise ConfigError(f"bundle {bundle} is named {name!r}, which is not a model name for a repository")

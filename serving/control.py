@@ -83,13 +83,12 @@ class Waiting:
 
 
 def verify(path: Path, backend: str) -> dict[str, Any]:
-    """The manifest of a version that may be served: hashes match, parity passed, it has the --backend artifact."""
-    from modelship.manifest import check_bundle, require_artifact
+    """The manifest of a version that may be served: hashes match, every gate passed, it has the --backend
+    artifact."""
+    from modelship.manifest import check_bundle, require_artifact, require_passed
 
     manifest = check_bundle(path)
-    if not manifest["parity"].get("passed"):
-        failed = "; ".join(manifest["parity"].get("failed", [])[:3])
-        raise ConfigError(f"bundle {path} failed its parity check at export ({failed}); it must not be served")
+    require_passed(manifest, path)
     require_artifact(manifest, path, backend)
     return manifest
 

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from modelship.errors import GateError, ParityError
+from modelship import repository
+from modelship.errors import BundleError, GateError, ParityError
 from modelship.export.config import ExportOptions
 from modelship.manifest import check_bundle
 from modelship.pipeline import RunConfig, RunResult, run
 from modelship.training.checkpoint import load_checkpoint
 from modelship.training.config import TrainConfig
-from tests.helpers import Result, Server, run_modelship, running_server, tiny_train_args
+from tests.helpers import Result, Server, free_port, run_modelship, running_server, tiny_train_args
 
 
 @pytest.fixture(scope="module")
@@ -75,28 +76,47 @@ def test_the_trained_model_served_labels_validation_pngs(served: Server, data_di
     assert correct >= 27, f"{correct}/30 served predictions right"
 
 
-def test_accuracy_gate_fails_with_the_reason_last(tmp_path: Path, data_dir: Path, cli) -> None:
-    r = cli(
-        "run",
-        "--out",
-        tmp_path,
-        "--epochs",
-        "1",
-        "--min-accuracy",
-        "0.99",
-        *tiny_train_args(data_dir),
-        "--formats",
-        "onnx",
-    )
+def test_a_run_under_its_floor_never_ships_nor_replaces_the_bundle_that_passed(
+    tmp_path: Path, data_dir: Path, cli
+) -> None:
+    args = ["--epochs", "1", *tiny_train_args(data_dir), "--formats", "onnx"]
+    assert cli("run", "--out", tmp_path, *args).code == 0
+    shipped = (tmp_path / "bundle" / "manifest.json").read_bytes()
+    repo = tmp_path / "repo"
+    r = cli("run", "--out", tmp_path, "--force", "--min-accuracy", "0.99", *args, "--publish", repo)
     assert r.code == 1
     assert re.fullmatch(
         r"modelship run: error: accuracy [\d.]+ \(\d+/25 validation images, the shipped onnx model\) is under "
         r"--min-accuracy 0.99",
         r.last_line,
     ), r.last_line
-    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["manifest.json", "model.onnx", "parity.json"]
+    assert (tmp_path / "bundle" / "manifest.json").read_bytes() == shipped  # the bundle that passed stays
+    failed = tmp_path / "bundle.failed"
+    assert sorted(p.name for p in failed.iterdir()) == ["manifest.json", "model.onnx", "parity.json"]
+    manifest = json.loads((failed / "manifest.json").read_text())
+    floor = r.last_line.removeprefix("modelship run: error: ")
+    assert manifest["passed"] is False and manifest["parity"]["passed"] is True
+    assert [(g["gate"], g["passed"]) for g in manifest["gates"]] == [("parity", True), ("min-accuracy", False)]
+    assert manifest["gates"][1]["detail"] == floor and manifest["gates"][1]["min_accuracy"] == 0.99
+    assert re.search(rf"^do not ship\s+{re.escape(str(failed))} failed min-accuracy: kept to inspect", r.out, re.M)
+    assert "serve it" not in r.out and re.search(r"^min accuracy\s+0.99 \(--min-accuracy\)  FAIL$", r.out, re.M)
+    assert not repo.exists()  # nothing published
     page = (tmp_path / "report.html").read_text()  # the report is written when the gate refuses, too
     assert '<span class="badge fail">FAIL</span>' in page and "is under --min-accuracy 0.99" in page
+    assert 'href="bundle.failed/manifest.json"' in page
+
+    # serve, triton and --publish refuse it, in one line naming the gate and its figures
+    refusal = f"bundle {failed} failed its gates and must not ship: min-accuracy: {floor}"
+    served = run_modelship("serve", str(failed), "--port", str(free_port()), timeout=60)
+    assert served.code == 2 and served.last_line == f"modelship serve: error: {refusal}", served.err[-2000:]
+    r = cli("triton", failed, "--out", tmp_path / "triton")
+    assert r.code == 2 and r.last_line == f"modelship triton: error: {refusal}" and not (tmp_path / "triton").exists()
+    with pytest.raises(BundleError) as refused:
+        repository.publish(failed, repo)
+    assert str(refused.value) == refusal and not (repo / "shapes-cnn").exists()
+
+    r = cli("run", "--out", tmp_path, "--force", *args)  # the next run that passes takes its place
+    assert r.code == 0 and not failed.exists() and (tmp_path / "bundle" / "manifest.json").read_bytes() != shipped
 
 
 def test_parity_gate_fails_naming_the_artifact(tmp_path: Path, data_dir: Path, cli) -> None:
@@ -127,7 +147,8 @@ def test_run_is_a_plain_function_whose_gates_raise_the_project_errors(tmp_path: 
         run(RunConfig(train, ExportOptions(formats=("onnx",), atol=0, rtol=0)))
     assert str(failed.value).startswith("parity failed, the model must not ship: onnx on onnxruntime-cpu at batch")
     result = failed.value.result
-    assert isinstance(result, RunResult) and result.bundle.path == tmp_path / "bundle" and not result.bundle.passed
+    assert isinstance(result, RunResult) and result.bundle.path == tmp_path / "bundle.failed"
+    assert not result.bundle.passed and not result.passed and not (tmp_path / "bundle").exists()
 
     with pytest.raises(GateError) as low:  # --force: the run just made is replaced
         run(RunConfig(dataclasses.replace(train, force=True), ExportOptions(formats=("onnx",)), min_accuracy=0.999))
@@ -138,6 +159,7 @@ def test_run_is_a_plain_function_whose_gates_raise_the_project_errors(tmp_path: 
         "is under --min-accuracy 0.999"
     )
     assert low.value.result.bundle.passed and low.value.result.bundle.manifest["name"] == "shapes-cnn"
+    assert not low.value.result.passed and low.value.result.bundle.path == tmp_path / "bundle.failed"
 
 
 def report_tables(page: str) -> list[list[list[str]]]:

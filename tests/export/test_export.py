@@ -47,7 +47,7 @@ def test_bundle_holds_the_manifest_contract(tiny_bundle: Path, tiny_ckpt: Path) 
     ]  # fmt: skip
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     ckpt = load_checkpoint(tiny_ckpt)
-    assert (m["format"], m["version"], m["name"]) == ("modelship.bundle", 1, "shapes-cnn")
+    assert (m["format"], m["version"], m["name"]) == ("modelship.bundle", 2, "shapes-cnn")
     assert m["classes"] == ckpt["data"]["classes"]
     assert m["model"] == {"arch": "cnn", "kwargs": ckpt["model"]["kwargs"]}
     assert m["input"] == {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
@@ -69,6 +69,10 @@ def test_bundle_holds_the_manifest_contract(tiny_bundle: Path, tiny_ckpt: Path) 
     ]
     assert m["parity"]["passed"] is True and m["parity"]["batch_sizes"] == [1, 2, 7, 64]
     assert m["parity"]["max_abs_err"] < 1e-4 and m["parity"]["min_top1_agreement"] == 1.0
+    # every gate with its verdict (export's: parity; a run adds its accuracy floor), and `passed` their conjunction
+    assert [(g["gate"], g["passed"], g["checks"]) for g in m["gates"]] == [("parity", True, m["parity"]["checks"])]
+    assert m["gates"][0]["detail"].startswith(f"{m['parity']['checks']} checks within atol 0.0001, rtol 0.001")
+    assert m["passed"] is True
     assert m["source"]["sha256"] == sha256_file(tiny_ckpt) and m["source"]["kind"] == "modelship.checkpoint"
     assert {"torch", "onnx", "onnxruntime"} <= set(m["versions"])
     check_bundle(tiny_bundle)  # the reader serving uses accepts it

@@ -93,7 +93,13 @@ def test_a_failed_bundle_is_not_deployed(variant_bundle: Path, tmp_path: Path, c
     bundle = tmp_path / "b"
     shutil.copytree(variant_bundle, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["parity"]["passed"] = False
+    int8 = next(g for g in manifest["gates"] if g["gate"] == "onnx-int8")
+    int8.update(passed=False, detail="top-1 agreement 0.9000 (at least 0.97)")
+    manifest["passed"] = False
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     r = cli("triton", bundle, "--out", tmp_path / "repo")
-    assert r.code == 2 and "failed its checks at export; it must not be deployed" in r.last_line
+    assert r.code == 2 and r.last_line == (
+        f"modelship triton: error: bundle {bundle} failed its gates and must not ship: "
+        "onnx-int8: top-1 agreement 0.9000 (at least 0.97)"
+    )
+    assert not (tmp_path / "repo").exists()

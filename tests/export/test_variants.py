@@ -116,7 +116,10 @@ def test_a_lossy_int8_fails_the_gate_by_name_and_is_not_served(trained_ckpt: Pat
     assert manifest["parity"]["passed"] is False and manifest["parity"]["failed"][0].startswith("onnx-int8")
     assert "onnx-int8  onnxruntime-cpu  100" in r.out and r.out.rstrip().endswith("FAIL")
     r = cli("serve", out, "--backend", "onnx")
-    assert r.code == 2 and "failed its parity check at export (onnx-int8 on onnxruntime-cpu" in r.last_line
+    assert r.code == 2 and r.last_line.startswith(
+        f"modelship serve: error: bundle {out} failed its gates and must not ship: onnx-int8: top-1 agreement 0."
+    )
+    assert r.last_line.endswith("on onnxruntime-cpu, 100 labelled images")
 
 
 def test_verify_rechecks_the_variants(variant_bundle: Path, cli) -> None:

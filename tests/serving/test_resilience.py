@@ -158,12 +158,14 @@ def copy_bundle(src: Path, dst: Path, edit=None) -> Path:
 
 
 def _unknown_version(m: dict, d: Path) -> None:
-    m["version"] = 2
+    m["version"] = 3
 
 
 def _failed_parity(m: dict, d: Path) -> None:
-    m["parity"]["passed"] = False
-    m["parity"]["failed"] = ["onnx on onnxruntime-cpu at batch 7 (random inputs): max_abs_err 0.3"]
+    failed = "onnx on onnxruntime-cpu at batch 7 (random inputs): max_abs_err 0.3"
+    m["parity"].update(passed=False, failed=[failed])
+    m["gates"][0].update(passed=False, detail=failed)
+    m["passed"] = False
 
 
 def _no_torchscript(m: dict, d: Path) -> None:
@@ -175,8 +177,8 @@ def _no_torchscript(m: dict, d: Path) -> None:
     [
         (None, ["--port", "80"], "--port must be between 1024 and 65535, got 80"),
         (None, ["--host", "example.com"], "--host must be one of 127.0.0.1, 0.0.0.0, ::"),
-        (_unknown_version, [], "is bundle version 2; this modelship reads version 1"),
-        (_failed_parity, [], "failed its parity check at export (onnx on onnxruntime-cpu at batch 7"),
+        (_unknown_version, [], "is bundle version 3; this modelship reads versions 1, 2"),
+        (_failed_parity, [], "failed its gates and must not ship: parity: onnx on onnxruntime-cpu at batch 7"),
         (_no_torchscript, ["--backend", "torchscript"], "has no torchscript artifact (it has onnx, pt2)"),
     ],
     ids=["port", "host", "version", "parity", "backend"],
