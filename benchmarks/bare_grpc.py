@@ -33,7 +33,7 @@ from modelship.serving.protos import inference_pb2 as pb
 
 def model_runner(bundle: Path) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:
     """An awaitable forward pass of one image [C, H, W] -> its logits, batched on a thread of this process."""
-    from modelship.serving.backends import onnx_backend
+    from modelship.backends import onnx_backend
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     backend = onnx_backend(bundle / manifest["artifacts"]["onnx"]["path"], "cpu", 1)

@@ -335,7 +335,7 @@ def resnet_bundle(plan: Plan, work: Path) -> Path:
 def inprocess(bundle: Path, kind: str, batch: int, plan: Plan, providers: bool = False) -> Any:
     """A bundle's artifact through modelship's own backend in this process, on full batches: images/s (and the
     providers that ran it)."""
-    from modelship.serving.backends import load_backend
+    from modelship.backends import load_backend
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     device = "cuda:0" if plan.device == "cuda" else "cpu"

@@ -200,7 +200,7 @@ def serve_cmd(bundle: Path, port: int, extra: str) -> list[str]:
 
 def inprocess(bundle: Path, manifest: dict, batch: int, seconds: float) -> dict:
     """ONNX Runtime in this process, every core, on batches of `batch`: samples per second."""
-    from modelship.serving.backends import onnx_backend
+    from modelship.backends import onnx_backend
 
     backend = onnx_backend(bundle / manifest["artifacts"]["onnx"]["path"], "cpu", os.cpu_count() or 1)
     x = np.random.default_rng(0).standard_normal((batch, *manifest["input"]["shape"][1:])).astype(np.float32)

@@ -34,8 +34,7 @@ from modelship.manifest import (
     PARITY,
     VARIANTS,
     VERSION,
-    hash_mismatches,
-    read_manifest,
+    check_bundle,
 )
 from modelship.training.data import validation_images
 from modelship.versions import versions
@@ -298,8 +297,8 @@ def verify(
     bundle: Path, checkpoint: Path | None = None, device: str = "auto", validation_data: Path | None = None
 ) -> Verification:
     """Re-check every sha256, then re-run parity and the variants' gate against the checkpoint the bundle came from."""
-    manifest = read_manifest(bundle)
-    errors = hash_mismatches(bundle, manifest)
+    manifest = check_bundle(bundle)  # a damaged artifact is one line, before any runtime is asked to open it
+    errors: list[str] = []
     source = manifest["source"]
     ckpt = checkpoint or Path(source["checkpoint"])
     if not ckpt.is_file():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelship.backends import opening
 from modelship.errors import ConfigError
 from modelship.preprocess import Preprocess, preprocess_image
 
@@ -106,7 +107,7 @@ def eager_runner(model: nn.Module) -> Runner:
 
 
 def torchscript_runner(path: Path) -> Runner:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), opening("torchscript", path):
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit's deprecation notice
         module = torch.jit.load(str(path), map_location="cpu").eval()
 
@@ -118,7 +119,8 @@ def torchscript_runner(path: Path) -> Runner:
 
 
 def pt2_runner(path: Path) -> Runner:
-    module = torch.export.load(str(path)).module()
+    with opening("pt2", path):
+        module = torch.export.load(str(path)).module()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -134,7 +136,7 @@ def cuda_usable() -> bool:
     return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def onnx_runner(path: Path, provider: str) -> Runner | None:
+def onnx_runner(path: Path, provider: str, kind: str = "onnx") -> Runner | None:
     """An ONNX Runtime session on `provider`; None when that provider does not really load."""
     import onnxruntime as ort
 
@@ -145,7 +147,8 @@ def onnx_runner(path: Path, provider: str) -> Runner | None:
         providers: list[Any] = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    with opening(kind, path):
+        session = ort.InferenceSession(str(path), options, providers=providers)
     if session.get_providers()[0] != provider:
         log.warning("ONNX Runtime could not load %s here; skipping that parity run", provider)
         return None
@@ -168,11 +171,11 @@ def runners_for(artifacts: dict[str, Path], device: str) -> list[tuple[str, str,
     onnx_files = {k: v for k, v in artifacts.items() if k.startswith("onnx")}
     on_gpu = device == "cuda" or (device == "auto" and onnx_files and cuda_usable())
     for kind, path in onnx_files.items():
-        cpu = onnx_runner(path, "CPUExecutionProvider")
+        cpu = onnx_runner(path, "CPUExecutionProvider", kind)
         assert cpu is not None
         out.append((kind, "onnxruntime-cpu", cpu))
         if on_gpu:
-            cuda = onnx_runner(path, "CUDAExecutionProvider")
+            cuda = onnx_runner(path, "CUDAExecutionProvider", kind)
             if cuda is not None:
                 out.append((kind, "onnxruntime-cuda", cuda))
             elif device == "cuda":

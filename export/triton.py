@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelship.backends import load_backend
 from modelship.errors import ConfigError
 from modelship.manifest import check_bundle, require_artifact, require_passed
 
@@ -116,6 +117,7 @@ def write_repository(cfg: TritonConfig) -> Path:
     manifest = check_bundle(cfg.bundle)
     require_artifact(manifest, cfg.bundle, cfg.backend)
     require_passed(manifest, cfg.bundle)
+    load_backend(cfg.backend, cfg.bundle / manifest["artifacts"][cfg.backend]["path"], "cpu", 1)  # it opens
     checked = int(manifest["max_batch"])
     max_batch = cfg.max_batch_size or checked
     if max_batch > checked:

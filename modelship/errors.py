@@ -31,6 +31,17 @@ class BundleError(ModelshipError):
     """A bundle is missing, malformed, of an unknown version, or its artifacts do not match their hashes."""
 
 
+class ArtifactError(BundleError):
+    """A bundle's artifact cannot be opened by its runtime: not a file of its kind, or refused when loaded.
+
+    `detail` says which artifact and what is wrong without the folder it lies in (what a server may tell a client);
+    the message adds the folder."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
+
+
 class ExportError(ModelshipError):
     """The model could not be exported to a requested format. Exit code 1: the gate refused the model."""
 

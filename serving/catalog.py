@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelship.backends import PLATFORMS
 from modelship.manifest import read_manifest
 from modelship.serving import models
-from modelship.serving.backends import PLATFORMS
 from modelship.serving.protocol import RequestError, ServedModel
 
 JSON_NUMBER_BYTES = 26  # the longest float32 in JSON, "-1.2345678e-38" at most, with room for ", " and exponent forms

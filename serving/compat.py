@@ -33,6 +33,8 @@ the LitServe function that must still call it (`OVERRIDES`); `check_version` ref
 6. With --in-process (`modelship.serving.local`) LitServe starts no inference worker
    (`_inference_workers_config_for_api` is empty); each API server reports its own model under
    `in_process_key(i)` in `workers_setup_status`, so the setup watch reads it as it reads workers'.
+7. A worker whose model did not load has logged why in one line; LitServe's `inference_worker` then logs "Error
+   setting up worker N." with the whole traceback. `quiet_setup_error` drops that traceback (kept under -v).
 """
 
 from __future__ import annotations
@@ -120,7 +122,32 @@ def mismatch(overrides: tuple[tuple[Any, str, tuple[str, ...], Any], ...]) -> st
     return None
 
 
-MISMATCH = mismatch(OVERRIDES)  # at import: a server refuses to start on it (check_version)
+SETUP_ERROR = "Error setting up worker"  # what LitServe's inference_worker logs, with a traceback, when setup raises
+
+
+def _setup_error_mismatch() -> str | None:
+    from litserve.loops import loops
+
+    if SETUP_ERROR in inspect.getsource(loops.inference_worker):
+        return None
+    return (
+        f"litserve {ls.__version__}: inference_worker no longer logs {SETUP_ERROR!r}; modelship needs {SUPPORTED_TEXT}"
+    )
+
+
+MISMATCH = mismatch(OVERRIDES) or _setup_error_mismatch()  # at import: a server refuses to start on it
+
+
+def quiet_setup_error() -> None:
+    """In a worker whose model did not load (the reason already logged in one line): LitServe's record of it keeps
+    its message and loses its traceback, unless debug logging (-v) is on."""
+
+    def one_line(record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(SETUP_ERROR) and not log.isEnabledFor(logging.DEBUG):
+            record.exc_info = record.exc_text = None
+        return True
+
+    logging.getLogger("litserve.loops.loops").addFilter(one_line)
 
 
 # ------------------------------------------------------------------------------------------------ 1. transport

@@ -160,7 +160,7 @@ def measure(
 ) -> list[dict[str, Any]]:
     """Every backend over every batch of preprocessed images: one metrics block each, with inference time (decoding
     and preprocessing, shared by all, not counted) and the accuracy delta against the first backend."""
-    from modelship.serving.backends import load_backend
+    from modelship.backends import load_backend
 
     where = "cuda:0" if usable_gpus(device) else "cpu"
     threads = os.cpu_count() or 1

@@ -64,8 +64,9 @@ class Runner:
     def _main(self) -> None:
         try:
             self.setup()
-        except Exception:
-            log.exception("the model failed to load")
+        except Exception as e:  # each version's reason is logged where it failed; serve ends with it
+            log.error("the model failed to load: %s", e)
+            log.debug("why", exc_info=True)
             with self.ready:
                 self.broken = WorkerError(503, "the model failed to load; the server is shutting down")
                 waiting, self.queue = list(self.queue), collections.deque()

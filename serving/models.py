@@ -24,6 +24,7 @@ from typing import Any
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 HELD = (LOADING, READY, UNLOADING)  # the states whose versions the workers hold
 TABLE = "models.json"
+START_FAILED = "start-failed.json"  # why a version asked for at start did not load: a worker writes it, serve reads it
 REFRESH = 0.1  # seconds between an API server's or idle worker's looks at the table
 
 
@@ -135,6 +136,25 @@ def index(table: Table, ready_only: bool = False) -> list[dict[str, Any]]:
     rows += [{"name": n, "version": "", "state": UNAVAILABLE, "reason": "unloaded"} for n in table.known
              if n not in listed]  # fmt: skip
     return sorted(rows, key=lambda r: (r["name"], int(r["version"] or 0)))
+
+
+def record_start_failure(folder: str, failed: dict[str, str], artifacts: list[str]) -> None:
+    """A worker's versions that failed to load at start, for the main process's one-line error: {key: reason}, and
+    which of them are artifacts their runtime refused (a bundle to fix) rather than a failure of the server."""
+    tmp = os.path.join(folder, f".{START_FAILED}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"failed": failed, "artifacts": artifacts}, f)
+    os.replace(tmp, os.path.join(folder, START_FAILED))
+
+
+def start_failure(folder: str) -> tuple[dict[str, str], list[str]]:
+    """What `record_start_failure` wrote last: ({key: reason}, artifact keys); empty when nothing was."""
+    try:
+        with open(os.path.join(folder, START_FAILED)) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return {}, []
+    return dict(doc.get("failed", {})), list(doc.get("artifacts", []))
 
 
 def resident_bytes() -> int:

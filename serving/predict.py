@@ -57,8 +57,8 @@ def batch_runner(cfg: PredictConfig, manifest: dict[str, Any]) -> Callable[[np.n
         names = (manifest["input"]["name"], manifest["output"]["name"])
         return lambda x: client.infer(manifest["name"], x, input_name=names[0], output_name=names[1])
     artifact = require_artifact(manifest, cfg.bundle, cfg.backend)
+    from modelship.backends import load_backend
     from modelship.devices import usable_gpus
-    from modelship.serving.backends import load_backend
 
     device = "cuda:0" if usable_gpus(cfg.device) else "cpu"
     return load_backend(cfg.backend, cfg.bundle / artifact["path"], device, os.cpu_count() or 1).run

@@ -21,7 +21,7 @@ from typing import Any
 
 from modelship import allocator
 from modelship.devices import usable_gpus
-from modelship.errors import ConfigError, ModelshipError
+from modelship.errors import BundleError, ConfigError, ModelshipError
 from modelship.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,26 @@ def serve(cfg: ServeConfig) -> None:
             access_log=cfg.access_log,
         )
         if failed.is_set():
-            raise ServeError("a model could not be loaded; the log above says why")
+            raise start_failure(run_dir, table)
     finally:
         metrics.remove_dir(metrics_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def start_failure(run_dir: str, table: Any) -> ModelshipError:
+    """Why the server stopped at start, in one line: BundleError (exit 2) when every version that failed has an
+    artifact its runtime refused (the bundle is at fault), ServeError (exit 1) otherwise."""
+    from modelship.serving import models
+
+    failed, refused = models.start_failure(run_dir)
+    if not failed:
+        return ServeError("a model could not be loaded; the log above says why")
+    key, reason = next(iter(failed.items()))
+    where = table.versions[key].path if key in table.versions else key
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    if set(failed) <= set(refused):
+        return BundleError(f"bundle {where} ({key}) cannot be served: {reason}{more}")
+    return ServeError(f"{key} could not be loaded: {reason}{more}")
 
 
 def api_servers(cfg: ServeConfig, n_devices: int) -> int:

@@ -23,10 +23,11 @@ import litserve as ls
 import numpy as np
 
 from modelship import allocator
+from modelship.backends import Backend, load_backend
+from modelship.errors import ArtifactError
 from modelship.manifest import read_manifest
 from modelship.serving import compat, lifeline, models, transport
 from modelship.serving.api import HTTPSpec, Settings
-from modelship.serving.backends import Backend, load_backend
 from modelship.serving.metrics import metrics
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class InferenceAPI(ls.LitAPI):
         self.device = "cpu"
         self.held: dict[str, Held] = {}  # model version -> its backend
         self.failed: dict[str, str] = {}  # model version -> why it did not load here
+        self.refused: list[str] = []  # of those, the versions whose artifact its runtime refused (the bundle's fault)
         self.reader: models.Reader | None = None
         self.applied = 0  # the table generation this worker holds everything of
         self.loading: Future[Loaded] | None = None  # versions being loaded on a thread beside the serving
@@ -69,6 +71,8 @@ class InferenceAPI(ls.LitAPI):
         self.absorb(self.load(table, self.missing(table)))  # at start there is nothing to serve meanwhile
         # a version asked for at start (with --in-process every version is): the server must not start without it
         if self.failed and (self.settings.in_process or not self.reader.table.started):
+            models.record_start_failure(self.settings.run_dir, self.failed, self.refused)
+            compat.quiet_setup_error()  # the reason is logged above in one line; serve ends with it
             raise RuntimeError("; ".join(f"{k}: {why}" for k, why in self.failed.items()))
 
     def refresh(self) -> bytes | None:
@@ -120,7 +124,13 @@ class InferenceAPI(ls.LitAPI):
             before = models.resident_bytes()
             try:
                 held[key] = load_version(Path(version.path), self.settings, self.device)
-            except Exception as e:  # any failure of a runtime to load a file: the version is unavailable
+            except ArtifactError as e:  # the file is not what it should be: one line, and the bundle is at fault
+                log.error("model %s cannot be served: %s", key, e.detail)
+                log.debug("the runtime's error", exc_info=True)
+                failed[key] = e.detail
+                self.refused.append(key)
+                continue
+            except Exception as e:  # any other failure to load: the version is unavailable
                 log.exception("model %s failed to load", key)
                 failed[key] = f"failed to load on a worker: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 continue

@@ -56,7 +56,7 @@ def test_a_backend_the_bundle_lacks_is_refused(tiny_bundle: Path, cli) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["onnx", "onnx-fp16", "onnx-int8"])
 def test_onnx_artifacts_run_on_a_gpu_provider(variant_bundle: Path, kind: str) -> None:
-    from modelship.serving.backends import load_backend
+    from modelship.backends import load_backend
 
     path = variant_bundle / json.loads((variant_bundle / "manifest.json").read_text())["artifacts"][kind]["path"]
     backend = load_backend(kind, path, "cuda:0", 1)

@@ -95,8 +95,8 @@ def test_an_input_with_nan_or_infinity_is_refused_alone_and_the_rest_of_its_batc
     affine_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Finiteness is checked where a batch is formed: the request at fault gets its 400, the others their logits."""
+    from modelship.backends import onnx_backend
     from modelship.serving import metrics
-    from modelship.serving.backends import onnx_backend
     from modelship.serving.transport import Request, WorkerError
     from modelship.serving.worker import Held
 

@@ -1,21 +1,25 @@
 """Inference backends over a bundle's artifacts: ONNX Runtime for every ONNX file (fp32, fp16, int8; no torch
 import), and torch for TorchScript and torch.export programs.
 
-A backend is a callable float32 [N, C, H, W] -> float32 [N, num_classes] plus a description for /info.
+A backend is a callable float32 [N, C, H, W] -> float32 [N, num_classes] plus a description for /info. A file its
+runtime cannot open is one ArtifactError line (`opening`), wherever it is opened: the server, `predict`, `evaluate`,
+export's parity and `verify`, `triton`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from modelship.devices import tensorrt_loadable
+from modelship.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +108,42 @@ def pt2_backend(path: Path, device: str, threads: int) -> Backend:
 
 
 def load_backend(kind: str, path: Path, device: str, threads: int) -> Backend:
-    """The backend that runs artifact `kind` of a bundle."""
-    if kind.startswith("onnx"):
-        return onnx_backend(path, device, threads, kind)
-    return {"torchscript": torchscript_backend, "pt2": pt2_backend}[kind](path, device, threads)
+    """The backend that runs artifact `kind` of a bundle; ArtifactError when its runtime cannot open the file."""
+    with opening(kind, path):
+        if kind.startswith("onnx"):
+            return onnx_backend(path, device, threads, kind)
+        return {"torchscript": torchscript_backend, "pt2": pt2_backend}[kind](path, device, threads)
+
+
+RUNTIMES = {"onnx": "ONNX Runtime", "torchscript": "torch.jit.load", "pt2": "torch.export.load"}
+FILE_KINDS = {"onnx": "an ONNX file", "torchscript": "a TorchScript file", "pt2": "a torch.export program"}
+# what each runtime says when the bytes are not a file of its kind at all (protobuf, zip and pickle readers)
+NOT_A_FILE = ("INVALID_PROTOBUF", "PytorchStreamReader", "zip archive", "not a zip file", "invalid load key")
+
+
+@contextlib.contextmanager
+def opening(kind: str, path: Path) -> Iterator[None]:
+    """Turn a runtime's failure to open artifact `kind` at `path` into one ArtifactError line: which file, what is
+    wrong (not a file of its kind, or refused by the runtime), and the runtime's own first line. A bundle that cannot
+    be loaded is a user's problem to fix (re-export it), not a crash."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except Exception as e:
+        detail = refusal(kind, path, e)
+        raise ArtifactError(f"bundle {path.parent}: {detail}", detail) from e
+
+
+def refusal(kind: str, path: Path, e: BaseException) -> str:
+    """'onnx artifact model.onnx: not an ONNX file (ONNX Runtime: ...)', naming no folder."""
+    family = "onnx" if kind.startswith("onnx") else kind
+    runtime = RUNTIMES.get(family, family)
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    first = first.replace(str(path.resolve()), path.name).replace(str(path), path.name)[:300]
+    not_a_file = any(s in first for s in NOT_A_FILE)
+    what = f"not {FILE_KINDS.get(family, 'a file of its kind')}" if not_a_file else f"{runtime} refused it"
+    return f"{kind} artifact {path.name}: {what} ({runtime}: {first})"
 
 
 # the v2 model metadata's `platform` for each artifact kind (Triton's names where Triton has one)
