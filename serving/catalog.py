@@ -8,11 +8,9 @@ not READY is 503 (loading, unloading: retry), one that does not exist 404, each 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from modelship.backends import PLATFORMS
-from modelship.manifest import read_manifest
 from modelship.serving import models
 from modelship.serving.protocol import RequestError, ServedModel
 
@@ -40,8 +38,8 @@ def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "source": source}
 
 
-def served(entry: models.Version, backend: str) -> Served:
-    manifest = read_manifest(Path(entry.path))
+def served(entry: models.Version, backend: str, run_dir: str) -> Served:
+    manifest = models.kept_manifest(run_dir, entry.key)  # the controller's copy: the folder may have left since
     model = ServedModel.from_manifest({**manifest, "name": entry.name}, max_batch=int(manifest.get("max_batch", 64)))
     c, h, w = model.shape
     artifact = manifest["artifacts"][backend]
@@ -56,6 +54,7 @@ class Catalog:
     """The table as this process last read it, and the Served of each READY version (built once per version)."""
 
     def __init__(self, run_dir: str, backend: str):
+        self.run_dir = run_dir
         self.reader = models.Reader(run_dir)
         self.backend = backend
         self.cache: dict[str, Served] = {}
@@ -73,7 +72,7 @@ class Catalog:
             if len(self.cache) > 256:  # versions come and go for the life of the server
                 live = self.table.versions
                 self.cache = {k: v for k, v in self.cache.items() if k in live}
-            found = self.cache[entry.key] = served(entry, self.backend)
+            found = self.cache[entry.key] = served(entry, self.backend, self.run_dir)
         return found
 
     def resolve(self, name: str, version: str | None = None) -> Served:

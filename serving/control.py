@@ -30,6 +30,7 @@ import zmq
 
 from modelship import repository
 from modelship.errors import ConfigError, ModelshipError
+from modelship.serving import models
 from modelship.serving.models import HELD, LOADING, READY, UNAVAILABLE, UNLOADING, Table, Version, key_of
 from modelship.serving.protocol import RequestError
 
@@ -111,6 +112,7 @@ class Controller:
         self.broker: Any = None  # set when the broker is up (its snapshot says what the workers hold)
         self.waiting: list[Waiting] = []
         self.since: dict[str, float] = {}  # UNLOADING versions: since when
+        self.gone: set[str] = set()  # READY versions whose folder left, serving from memory until their successor is
         self.next_scan = 0.0
         self.dirty = False
 
@@ -155,6 +157,8 @@ class Controller:
 
     def add(self, name: str, version: int, path: Path, state: str = LOADING, reason: str = "") -> None:
         entry = Version(name, version, str(path.resolve()), state, reason, added=self.table.generation + 1)
+        if state != UNAVAILABLE:
+            models.keep_manifest(self.run_dir, entry.key, entry.path)
         self.table.versions[entry.key] = entry
         self.dirty = True
 
@@ -195,8 +199,12 @@ class Controller:
             elif reports and len(reports) == len(live) and all(r["generation"] >= v.added for r in reports):
                 self.set(v, READY)
                 log.info("model %s version %d is ready on every worker", v.name, v.version)
+        self.retire_gone()
         if self.policy == "latest":  # a model's newest READY version serves; what is older goes
-            newest = {name: self.table.ready(name)[0].version for name in self.table.names()}
+            newest: dict[str, int] = {}
+            for name in self.table.names():
+                staying = [v.version for v in self.table.ready(name) if v.key not in self.gone]
+                newest[name] = max(staying, default=0)
             for v in self.table.versions.values():
                 if v.state in (READY, LOADING) and v.version < newest.get(v.name, 0):
                     self.set(v, UNLOADING)
@@ -207,6 +215,7 @@ class Controller:
         for v in [v for v in self.table.versions.values() if v.state == UNLOADING]:
             if now - self.since.get(v.key, now) >= DRAIN_MIN and not outstanding.get(v.key.encode()):
                 del self.table.versions[v.key]
+                models.drop_manifest(self.run_dir, v.key)
                 self.since.pop(v.key, None)
                 self.dirty = True
                 log.info("model %s version %d drained and unloaded", v.name, v.version)
@@ -243,12 +252,34 @@ class Controller:
         if self.mode == "poll":
             for v in list(self.table.versions.values()):
                 gone = v.name not in problems and v.version not in found.get(v.name, {})
-                if gone and v.state in (LOADING, READY):
+                if not gone:
+                    self.gone.discard(v.key)  # its folder is back: it stays as any version does
+                elif v.state == READY and self.successor(v) is not None:
+                    self.gone.add(v.key)  # a rollback: it answers from memory until the version taking over is READY
+                elif v.state in (LOADING, READY):
                     self.set(v, UNLOADING)
-                elif gone and v.state == UNAVAILABLE:
+                elif v.state == UNAVAILABLE:
                     del self.table.versions[v.key]
                     self.dirty = True
         return found
+
+    def successor(self, v: Version) -> Version | None:
+        """The version loading to take over from `v`, whose folder left the repository: another of its model's
+        versions that is LOADING (under latest, the newest that is left)."""
+        loading = [o for o in self.table.versions.values() if o.name == v.name and o.state == LOADING]
+        return max(loading, key=lambda o: o.version) if loading else None
+
+    def retire_gone(self) -> None:
+        """A version whose folder left stops being routed to once the version taking over is READY everywhere, or
+        at once when none can (its successor failed to load): the rollback's swap, in the forward swap's order."""
+        for key in sorted(self.gone):
+            v = self.table.versions.get(key)
+            if v is None or v.state != READY:
+                self.gone.discard(key)
+            elif self.successor(v) is None:
+                self.gone.discard(key)
+                self.set(v, UNLOADING)
+                log.info("model %s version %d left the repository and is unloaded", v.name, v.version)
 
     def follow(self, name: str, versions: dict[int, Path]) -> None:
         """Add the versions of `name` the policy wants and the table lacks (a version that failed stays UNAVAILABLE

@@ -15,8 +15,10 @@ only, so the API servers' hot path imports nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 HELD = (LOADING, READY, UNLOADING)  # the states whose versions the workers hold
 TABLE = "models.json"
+MANIFESTS = "manifests"  # a copy of each held version's manifest (keep_manifest)
 START_FAILED = "start-failed.json"  # why a version asked for at start did not load: a worker writes it, serve reads it
 REFRESH = 0.1  # seconds between an API server's or idle worker's looks at the table
 
@@ -136,6 +139,31 @@ def index(table: Table, ready_only: bool = False) -> list[dict[str, Any]]:
     rows += [{"name": n, "version": "", "state": UNAVAILABLE, "reason": "unloaded"} for n in table.known
              if n not in listed]  # fmt: skip
     return sorted(rows, key=lambda r: (r["name"], int(r["version"] or 0)))
+
+
+def keep_manifest(folder: str, key: str, bundle: str) -> None:
+    """Keep a copy of a version's manifest (just checked) in the run folder, for the API servers: a version whose
+    folder leaves the repository still answers from memory until another takes over (a poll rollback)."""
+    os.makedirs(os.path.join(folder, MANIFESTS), exist_ok=True)
+    path = _kept(folder, key)
+    shutil.copyfile(os.path.join(bundle, "manifest.json"), f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def kept_manifest(folder: str, key: str) -> dict[str, Any]:
+    """The manifest `keep_manifest` kept for a version."""
+    with open(_kept(folder, key)) as f:
+        manifest: dict[str, Any] = json.load(f)
+    return manifest
+
+
+def drop_manifest(folder: str, key: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_kept(folder, key))
+
+
+def _kept(folder: str, key: str) -> str:
+    return os.path.join(folder, MANIFESTS, key.replace("/", "@") + ".json")  # a model name never holds "@"
 
 
 def record_start_failure(folder: str, failed: dict[str, str], artifacts: list[str]) -> None:

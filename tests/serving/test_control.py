@@ -86,3 +86,46 @@ def test_an_api_server_whose_view_is_stale_reads_the_table_again_before_it_refus
     assert catalog.table.versions["m/1"].state == "LOADING"
     assert catalog.resolve("m").version == "1"  # refused by the stale view, so read again: routed
     assert catalog.table.versions["m/1"].state == "READY"
+
+
+def rollback(tmp_path: Path, bundle: Path) -> tuple[Controller, SimpleNamespace, Path]:
+    """A polled repository serving version 2 of m (version 1 unloaded, as --version-policy latest leaves it), then
+    version 2's folder removed and the repository scanned: the controller's state right after the scan."""
+    repo = tmp_path / "repo"
+    for v in ("1", "2"):
+        shutil.copytree(bundle, repo / "m" / v)
+    c = Controller(repo, str(tmp_path), "onnx", mode="poll", poll_interval=3600)
+    c.start_table()
+    broker = SimpleNamespace(snapshot=({b"w1": report(c.table.generation)}, {}))
+    c.broker = broker
+    c.step(0.0)
+    assert states(c) == {"m/2": "READY"}
+    shutil.rmtree(repo / "m" / "2")  # the rollback: the newest version's folder goes
+    c.next_scan = 0.0
+    c.step(1.0)
+    return c, broker, repo
+
+
+def test_a_rollback_keeps_routing_to_the_version_that_left_until_the_one_taking_over_is_ready(
+    tmp_path: Path, affine_bundle: Path
+) -> None:
+    c, broker, _ = rollback(tmp_path, affine_bundle)
+    # the workers have not loaded version 1 yet (their reports are held back): 2 answers from memory meanwhile
+    assert states(c) == {"m/1": "LOADING", "m/2": "READY"}
+    api_server = Catalog(str(tmp_path), "onnx")
+    assert api_server.resolve("m").version == "2"
+    for now in (2.0, 3.0, 60.0):  # however long the load takes
+        c.step(now)
+        assert states(c) == {"m/1": "LOADING", "m/2": "READY"}
+    broker.snapshot = ({b"w1": report(c.table.versions["m/1"].added)}, {})  # loaded on every worker
+    c.step(61.0)
+    assert states(c) == {"m/1": "READY", "m/2": "UNLOADING"}  # one table write: the swap, as a forward one
+    api_server.reader.checked = 0.0
+    assert api_server.resolve("m").version == "1"
+
+
+def test_a_rollback_whose_successor_fails_unloads_the_version_that_left(tmp_path: Path, affine_bundle: Path) -> None:
+    c, broker, _ = rollback(tmp_path, affine_bundle)
+    broker.snapshot = ({b"w1": report(c.table.generation, {"m/1": "failed to load on a worker: boom"})}, {})
+    c.step(2.0)
+    assert states(c) == {"m/1": "UNAVAILABLE", "m/2": "UNLOADING"}  # nothing can take over: the repository wins

@@ -5,6 +5,7 @@ The versions are affine models whose outputs show which version answered: versio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -141,9 +142,10 @@ def test_explicit_control_loads_and_unloads_by_request(tmp_path: Path, affine_bu
         manifest = json.loads((unloadable / "manifest.json").read_text())
         manifest["artifacts"]["onnx"].update(sha256=sha256_file(unloadable / "model.onnx"), bytes=17)
         (unloadable / "manifest.json").write_text(json.dumps(manifest))
-        assert "failed to load 'affine': failed to load on a worker: " in triton_error(
-            lambda: client.load_model("affine")
-        )
+        assert triton_error(lambda: client.load_model("affine")) == (
+            "failed to load 'affine': onnx artifact model.onnx: not an ONNX file (ONNX Runtime: [ONNXRuntimeError] : "
+            "7 : INVALID_PROTOBUF : Load model from model.onnx failed:Protobuf parsing failed.)"
+        )  # one line, and no folder of the server's in it
         rows = {m["version"]: m["state"] for m in client.get_model_repository_index() if m["name"] == "affine"}
         assert rows == {"2": "READY", "3": "UNAVAILABLE"} and infer(client)[0] == "2"  # version 2 serves on
         shutil.rmtree(unloadable)
@@ -154,39 +156,54 @@ def test_explicit_control_loads_and_unloads_by_request(tmp_path: Path, affine_bu
         assert triton_error(lambda: client.unload_model("affine")) == "model 'affine' is not loaded"
 
 
+@contextlib.contextmanager
+def under_load(url: str, clients: int = 4) -> Iterator[tuple[list[tuple[float, str]], list[str]]]:
+    """`clients` threads sending v2 requests without a version for as long as the block runs: (answers: when each
+    came back and the version that answered, in that order; failures: every error or wrong answer)."""
+    answers: list[tuple[float, str]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        own = triton.InferenceServerClient(url.removeprefix("http://"))
+        while not stop.is_set():
+            try:
+                version, logits = infer(own)
+                answers.append((time.monotonic(), version))
+                if not np.array_equal(logits, ANSWERS[version]):
+                    failures.append(f"version {version} answered {logits.tolist()}")
+            except Exception as e:  # every failure counts: none is expected
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield answers, failures
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def until_answered_by(version: str, answers: list[tuple[float, str]], then: float = 1.0) -> None:
+    """Wait (30 s at most) until `version` answered the latest request, then `then` seconds more."""
+    deadline = time.monotonic() + 30
+    while not (answers and answers[-1][1] == version) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(then)
+
+
 def test_poll_swaps_to_a_published_version_without_failing_a_request(
     tmp_path: Path, affine_bundle: Path, affine_v2: Path
 ) -> None:
     repo = make_repo(tmp_path / "repo", {"affine": [affine_bundle]})
     with running_server(repo, "--model-control", "poll", "--poll-interval", "0.5", tmp=tmp_path) as s:
         client = triton.InferenceServerClient(s.url.removeprefix("http://"), concurrency=4)
-        answers: list[tuple[float, str]] = []  # (when it came back, the version that answered), in that order
-        failures: list[str] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            own = triton.InferenceServerClient(s.url.removeprefix("http://"))
-            while not stop.is_set():
-                try:
-                    version, logits = infer(own)
-                    answers.append((time.monotonic(), version))
-                    if not np.array_equal(logits, ANSWERS[version]):
-                        failures.append(f"version {version} answered {logits.tolist()}")
-                except Exception as e:  # every failure counts: none is expected
-                    failures.append(repr(e))
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        published = publish(affine_v2, repo)  # CI's `--publish`: the next version, in one rename
-        deadline = time.monotonic() + 30
-        while not (answers and answers[-1][1] == "2") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)
-        stop.set()
-        for t in threads:
-            t.join()
+        with under_load(s.url) as (answers, failures):
+            time.sleep(1.0)
+            published = publish(affine_v2, repo)  # CI's `--publish`: the next version, in one rename
+            until_answered_by("2", answers)
         assert published == repo / "affine" / "2"
         seen = [version for _, version in answers]
         assert failures == [] and seen[0] == "1" and seen[-1] == "2" and len(seen) > 50
@@ -211,6 +228,28 @@ def test_poll_swaps_to_a_published_version_without_failing_a_request(
         rows = {m["version"]: m for m in client.get_model_repository_index()}
         assert rows["3"]["state"] == "UNAVAILABLE" and "does not match its manifest" in rows["3"]["reason"]
         assert rows["2"]["state"] == "READY" and infer(client)[0] == "2"  # what served keeps serving
+        shutil.rmtree(broken)
+
+
+def test_poll_rolls_back_to_the_version_left_without_failing_a_request(
+    tmp_path: Path, affine_bundle: Path, affine_v2: Path
+) -> None:
+    """Removing the newest version's folder: the version left is loaded before requests stop going to the one that
+    left (which answers from memory meanwhile), as the forward swap does."""
+    repo = make_repo(tmp_path / "repo", {"affine": [affine_bundle, affine_v2]})
+    with running_server(repo, "--model-control", "poll", "--poll-interval", "0.5", tmp=tmp_path) as s:
+        client = triton.InferenceServerClient(s.url.removeprefix("http://"))
+        assert [(m["version"], m["state"]) for m in client.get_model_repository_index()] == [("2", "READY")]
+        with under_load(s.url) as (answers, failures):
+            time.sleep(1.0)
+            shutil.rmtree(repo / "affine" / "2")  # the rollback
+            until_answered_by("1", answers)
+        seen = [version for _, version in answers]
+        assert failures == [] and seen[0] == "2" and seen[-1] == "1" and len(seen) > 50, failures[:5]
+        deadline = time.monotonic() + 10
+        while [m["version"] for m in client.get_model_repository_index()] != ["1"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [(m["version"], m["state"]) for m in client.get_model_repository_index()] == [("1", "READY")]
 
 
 @pytest.mark.parametrize(
