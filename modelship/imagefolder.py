@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -123,10 +123,10 @@ def folder_images(root: Path, what: str) -> list[str]:
 
 def check_readable(paths: list[str], what: str, decode: bool = False) -> None:
     """DataError listing every file among `paths` that is not an image PIL can read (headers only, or fully decoded
-    with `decode`) or is over the pixel limit: all of them at once, up to SHOWN by name."""
+    with `decode`) or is over the pixel limit: all of them at once, up to SHOWN by name. When a header fails, every
+    file is decoded too, so a truncated file is named in the same error as one that is not an image at all."""
     if decode:
-        for image in decode_each(paths, what, lambda image: image):
-            image.close()
+        raise_bad(undecodable(paths), len(paths), what)
         return
     bad = []
     for p in paths:
@@ -134,7 +134,19 @@ def check_readable(paths: list[str], what: str, decode: bool = False) -> None:
             open_header(p).close()
         except DataError as e:
             bad.append(str(e))
-    raise_bad(bad, len(paths), what)
+    raise_bad(undecodable(paths) if bad else [], len(paths), what)
+
+
+def undecodable(paths: Sequence[str]) -> list[str]:
+    """Why each file among `paths` does not decode to the end (a header pass found a bad file, or the caller wants
+    every one decoded): one line per bad file, in order."""
+    bad = []
+    for p in paths:
+        try:
+            open_image(p).close()
+        except DataError as e:
+            bad.append(str(e))
+    return bad
 
 
 def decode_each(paths: list[str], what: str, convert: Callable[[Image.Image], T]) -> Iterator[T]:
@@ -152,11 +164,19 @@ def decode_each(paths: list[str], what: str, convert: Callable[[Image.Image], T]
     raise_bad(bad, len(paths), what)
 
 
+class BadFiles(DataError):
+    """Some files of a scan cannot be used: every one of them (`problems`, a line each) among `total`."""
+
+    def __init__(self, problems: list[str], total: int, what: str):
+        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        super().__init__(f"{len(problems)} of the {total} {what} cannot be used: {'; '.join(problems[:SHOWN])}{more}")
+        self.problems, self.total = problems, total
+
+
 def raise_bad(problems: list[str], total: int, what: str) -> None:
     """One DataError for every problem found in a scan (the first SHOWN of them by name), or nothing."""
     if problems:
-        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-        raise DataError(f"{len(problems)} of the {total} {what} cannot be used: {'; '.join(problems[:SHOWN])}{more}")
+        raise BadFiles(problems, total, what)
 
 
 def split_samples(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:

@@ -19,7 +19,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from modelship.errors import DataError
-from modelship.imagefolder import GRAY_MODES, folder_splits, layout_split, open_image
+from modelship.imagefolder import (
+    GRAY_MODES,
+    BadFiles,
+    check_readable,
+    folder_splits,
+    layout_split,
+    open_image,
+    raise_bad,
+)
 from modelship.preprocess import Preprocess, normalize, preprocess_image, to_array
 from modelship.training import cache
 from modelship.training.inspect import INSPECT_VERSION, inspect_images
@@ -216,16 +224,31 @@ def load_data(req: DataRequest) -> Loaded:
     place, why = _place(req, len(train) + len(val), probe)
     arrays: tuple[np.ndarray, np.ndarray] | None = None
     if place is not None:
-        (a, how_a), (b, how_b) = (cache.decode_files([p for p, _ in s], probe, req.cache_dir) for s in (train, val))
+        (a, how_a), (b, how_b) = _decode_splits([p for p, _ in train], [p for p, _ in val], probe, req.cache_dir)
         arrays, why = (a, b), f"{how_a} / {how_b}" if how_a != how_b else how_a
         sample = a[sampled(range(len(a)), req.seed)]
-    else:
+    else:  # read per sample each epoch: every file decoded once now, so a truncated one fails here, not in epoch 3
+        check_readable([p for p, _ in [*train, *val]], "images", decode=True)
         sample = cache.decode_images((open_image(p) for p, _ in sampled(train, req.seed)), probe)
     info, augment = _describe(classes, probe, sample, source, req)
     pre = info.preprocess
     sets = ImageList(train, TrainTransform(pre, augment)), ImageList(val, EvalTransform(pre))
     note = _note(place, arrays, why) + (f"; {why_size}" if why_size and req.image_size is None else "")
     return Loaded(*sets, info, augment, arrays, place, note)
+
+
+def _decode_splits(
+    train: list[str], val: list[str], probe: Preprocess, cache_dir: Path | None
+) -> list[tuple[np.ndarray, str]]:
+    """Both splits decoded (or from the cache); the files of either that do not decode, all in one error."""
+    done, bad = [], []
+    for files in (train, val):
+        try:
+            done.append(cache.decode_files(files, probe, cache_dir))
+        except BadFiles as e:
+            bad += e.problems
+    raise_bad(bad, len(train) + len(val), "images")
+    return done
 
 
 def _inspect(train: list[str], val: list[str], req: DataRequest) -> tuple[int, tuple[int, int], str]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from modelship.errors import DataError
-from modelship.imagefolder import GRAY_MODES, open_header, raise_bad
+from modelship.imagefolder import GRAY_MODES, open_header, raise_bad, undecodable
 from modelship.preprocess import orientation
 
 STATS_SAMPLE = 2000  # training files whose modes and sizes (and, in data.py, mean/std) are measured
@@ -42,7 +42,8 @@ def inspect_images(train: Sequence[str], others: Sequence[str], seed: int) -> tu
                     sizes[(h, w)] += 1
         except DataError as e:
             bad.append(str(e))
-    raise_bad(bad, len(train) + len(others), "images")
+    if bad:  # decode every file too: a truncated one is named in the same error as one that is not an image
+        raise_bad(undecodable([*train, *others]), len(train) + len(others), "images")
     channels = 1 if set(modes) <= GRAY_MODES else 3
     return (channels, *training_size(sizes))
 

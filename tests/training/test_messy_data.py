@@ -142,3 +142,33 @@ def test_evaluate_names_every_file_that_does_not_decode_in_one_error_writing_not
     assert f"cannot read image {data / 'circle' / '1.png'}" in r.last_line
     assert f"cannot read image {data / 'ring' / '1.png'}" in r.last_line
     assert not (tmp_path / "ev").exists()
+
+
+def truncate(path: Path) -> None:
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # the header reads; the pixels stop halfway
+
+
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_a_truncated_file_and_one_that_is_not_an_image_are_named_in_one_run(
+    tmp_path: Path, tiny_bundle: Path, cli, cache: str
+) -> None:
+    """The header pass finds the file that is not an image; the truncated one (its header reads) is named in the same
+    error, in the first run, in both splits: train decodes every file then, and so does evaluate."""
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        write_folder(data / split, {"circle": 4, "ring": 4}, size=(32, 32))
+        truncate(data / split / "circle" / "1.png")
+        (data / split / "ring" / "notes.png").write_text("not an image")
+    bad = [data / s / f for s in ("train", "val") for f in ("circle/1.png", "ring/notes.png")]
+    run = ["--epochs", "1", "--out", tmp_path / "run", "--device", "cpu", "--cache-dir", tmp_path / "cache"]
+    r = cli("train", "--data", data, "--data-cache", cache, *run)
+    assert r.code == 2 and "Traceback" not in r.err and not (tmp_path / "run").exists()
+    assert r.last_line.startswith("modelship train: error: 4 of the 18 images cannot be used: "), r.last_line
+    assert all(f"cannot read image {p}" in r.last_line for p in bad), r.last_line
+    assert "image file is truncated" in r.last_line
+
+    r = cli("evaluate", tiny_bundle, "--data", data, "--out", tmp_path / "ev")
+    assert r.code == 2 and "Traceback" not in r.err and not (tmp_path / "ev").exists()
+    assert r.last_line.startswith(f"modelship evaluate: error: 2 of the 9 images in --data {data / 'val'} cannot be")
+    assert all(f"cannot read image {p}" in r.last_line for p in bad[2:]), r.last_line
