@@ -7,11 +7,14 @@ Heavy libraries (torch, onnx, litserve) are imported inside the command function
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from modelship.cli.export import add_export_args, add_triton_args, add_verify_args, cmd_export, cmd_triton, cmd_verify
 from modelship.cli.serve import (
@@ -60,12 +63,34 @@ COMMANDS: list[Command] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: `modelship COMMAND: error: ...` on one line and exit 2, a close match
+    suggested for a misspelled flag or command; the usage only with --help."""
+
+    def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def unrecognized(self, extra: list[str]) -> NoReturn:
+        """The error for arguments this (sub)parser does not take, naming the first and its nearest flag."""
+        flags = [s for a in self._actions for s in a.option_strings]
+        first = extra[0].split("=", 1)[0]
+        hint = did_you_mean(first, flags) if first.startswith("-") else ""
+        what = "argument" if len(extra) == 1 else "arguments"
+        self.error(f"unrecognized {what}: {' '.join(extra)}{hint}; see {self.prog} --help")
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def build_parser() -> Parser:
     import modelship
 
-    parser = argparse.ArgumentParser(
-        prog="modelship", description="Train -> export -> serve for PyTorch image classifiers."
-    )
+    parser = Parser(prog="modelship", description="Train -> export -> serve for PyTorch image classifiers.")
     parser.add_argument("--version", action="version", version=f"modelship {modelship.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -87,7 +112,10 @@ def configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `modelship` console command."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's own parser, which knows its flags
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands[args.command].unrecognized(extra)
     configure_logging(args.verbose)
     try:
         return int(args.func(args))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.helpers import REPO, run_modelship
@@ -95,6 +96,46 @@ def test_help_lists_every_command() -> None:
     assert r.code == 0
     for command in ("run", "train", "export", "verify", "serve", "predict"):
         assert re.search(rf"^\s+{command}\s", r.out, re.M), command
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["run", "--epochz", "3"],
+            "modelship run: error: unrecognized arguments: --epochz 3 (did you mean --epochs?); "
+            "see modelship run --help",
+        ),
+        (
+            ["train", "--image-size", "32", "--out", "x"],
+            "modelship train: error: argument --image-size: expected H,W such as 32,32 (2 positive integers), got '32'",
+        ),
+        (
+            ["run", "--model-kwargs", "{hidden: 128}"],
+            "modelship run: error: argument --model-kwargs: not valid JSON "
+            "(Expecting property name enclosed in double quotes): "
+            "'{hidden: 128}'",
+        ),
+        (
+            ["predict", "--format", "xml", "x.png"],
+            "modelship predict: error: argument --format: invalid choice: 'xml' (choose from 'tsv', 'csv', 'jsonl')",
+        ),
+        (
+            ["serve", "b", "--prot", "8000"],
+            "modelship serve: error: unrecognized arguments: --prot 8000 (did you mean "
+            "--port?); see modelship serve --help",
+        ),
+        (
+            ["rnu"],
+            "modelship: error: argument COMMAND: invalid choice: 'rnu' (choose from 'run', 'train', 'export', "
+            "'verify', 'triton', 'serve', 'predict', 'evaluate') (did you mean run?)",
+        ),
+    ],
+    ids=["misspelled", "value", "json", "choice", "serve", "command"],
+)
+def test_a_flag_mistake_is_one_line_naming_the_command(args: list[str], line: str, cli) -> None:
+    r = cli(*args)
+    assert (r.code, r.out, r.err) == (2, "", line + "\n")
 
 
 EXIT_PROBE = (
