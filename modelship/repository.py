@@ -123,6 +123,13 @@ def scan(repo: Path) -> tuple[dict[str, dict[int, Path]], dict[str, str]]:
     names starting with "." are ignored: a publish in progress, an editor's leftovers)."""
     if not repo.is_dir():
         raise ConfigError(f"{repo} is not a folder; expected a bundle or a model repository REPO/<name>/<version>/")
+    if (repo / "checkpoints").is_dir() and ((repo / "bundle").is_dir() or (repo / "bundle.failed").is_dir()):
+        shipped = repo / "bundle"
+        raise ConfigError(
+            f"{repo} is a run's folder, not a bundle or a model repository; pass its bundle, {shipped}"
+            if shipped.is_dir()
+            else f"{repo} is a run's folder whose bundle failed its gates ({repo / 'bundle.failed'}): nothing to serve"
+        )
     models: dict[str, dict[int, Path]] = {}
     problems: dict[str, str] = {}
     for folder in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):

@@ -245,6 +245,7 @@ class Controller:
             log.warning("the model repository cannot be read (%s); what is loaded keeps serving", e)
             return {}
         if problems != self.table.problems or sorted(found) != self.table.known:
+            self.log_problems(problems)
             self.table.problems, self.table.known, self.dirty = problems, sorted(found), True
         for name in [only] if only else (found if self.mode == "poll" else []):
             if name in found:
@@ -280,6 +281,15 @@ class Controller:
                 self.gone.discard(key)
                 self.set(v, UNLOADING)
                 log.info("model %s version %d left the repository and is unloaded", v.name, v.version)
+
+    def log_problems(self, problems: dict[str, str]) -> None:
+        """Each model folder the repository scan cannot use, logged once when it appears or changes (the index lists
+        it meanwhile), and once when it is fixed: never on every poll."""
+        for name, why in problems.items():
+            if self.table.problems.get(name) != why:
+                log.error("model repository: %s; what serves keeps serving", why)
+        for name in set(self.table.problems) - set(problems):
+            log.info("model repository: model folder %s is usable again", name)
 
     def follow(self, name: str, versions: dict[int, Path]) -> None:
         """Add the versions of `name` the policy wants and the table lacks (a version that failed stays UNAVAILABLE

@@ -109,6 +109,11 @@ def test_a_run_under_its_floor_never_ships_nor_replaces_the_bundle_that_passed(
     refusal = f"bundle {failed} failed its gates and must not ship: min-accuracy: {floor}"
     served = run_modelship("serve", str(failed), "--port", str(free_port()), timeout=60)
     assert served.code == 2 and served.last_line == f"modelship serve: error: {refusal}", served.err[-2000:]
+    r = cli("serve", tmp_path)  # the run's folder: its bundle is what serves
+    assert r.code == 2 and r.last_line == (
+        f"modelship serve: error: {tmp_path} is a run's folder, not a bundle or a model repository; pass its bundle, "
+        f"{tmp_path / 'bundle'}"
+    )
     r = cli("triton", failed, "--out", tmp_path / "triton")
     assert r.code == 2 and r.last_line == f"modelship triton: error: {refusal}" and not (tmp_path / "triton").exists()
     with pytest.raises(BundleError) as refused:

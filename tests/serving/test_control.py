@@ -3,10 +3,13 @@ version's state; a version leaves the table only once drained."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from modelship.serving.catalog import Catalog
 from modelship.serving.control import DRAIN_MIN, Controller
@@ -129,3 +132,35 @@ def test_a_rollback_whose_successor_fails_unloads_the_version_that_left(tmp_path
     broker.snapshot = ({b"w1": report(c.table.generation, {"m/1": "failed to load on a worker: boom"})}, {})
     c.step(2.0)
     assert states(c) == {"m/1": "UNAVAILABLE", "m/2": "UNLOADING"}  # nothing can take over: the repository wins
+
+
+def test_a_broken_model_folder_is_logged_once_per_change_not_every_poll(
+    tmp_path: Path, affine_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(affine_bundle, repo / "m" / "1")
+    c = Controller(repo, str(tmp_path), "onnx", mode="poll", poll_interval=3600)
+    c.start_table()
+    c.broker = SimpleNamespace(snapshot=({b"w1": report(c.table.generation)}, {}))
+    (repo / "broken").mkdir()
+    (repo / "broken" / "latest").mkdir()  # not a version folder
+    caplog.set_level(logging.INFO, logger="modelship.serving.control")
+
+    def polls(n: int) -> list[str]:
+        for _ in range(n):
+            c.next_scan = 0.0
+            c.step(time.monotonic())
+        found = [r.getMessage() for r in caplog.records if "model repository" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    broken = repo / "broken"
+    assert polls(5) == [
+        f"model repository: {broken}: 'latest' is not a version folder; a model folder holds only versions named by "
+        f"positive integers ({broken}/1/manifest.json ...); what serves keeps serving"
+    ]
+    assert c.table.problems.keys() == {"broken"}  # the index lists it all along
+    (repo / "broken" / "latest").rename(repo / "broken" / "1")
+    shutil.copytree(affine_bundle, repo / "broken" / "2")
+    shutil.rmtree(repo / "broken" / "1")
+    assert polls(5) == ["model repository: model folder broken is usable again"]
