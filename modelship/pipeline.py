@@ -136,7 +136,7 @@ class RunResult:
         floor = next((g for g in self.bundle.manifest["gates"] if g["gate"] == "min-accuracy"), None)
         if floor is not None:
             verdict = "PASS" if floor["passed"] else "FAIL"
-            rows.append(("min accuracy", f"{floor['min_accuracy']:g} (--min-accuracy)  {verdict}"))
+            rows.insert(4, ("min accuracy", f"{floor['min_accuracy']:g} (--min-accuracy)  {verdict}"))  # under it
         checks = self.bundle.checks
         for kind, art in self.bundle.manifest["artifacts"].items():
             if kind.startswith("onnx-"):

@@ -6,7 +6,7 @@ and decides what the workers hold, by Triton's model-control modes.
   loaded, one whose folder goes is drained and unloaded.
 - `explicit`: the --load-model models at start, then what POST /v2/repository/models/{name}/load and /unload ask.
 
-An update never fails a request: a new version is checked (sha256, parity passed, the --backend artifact) and added
+An update never fails a request: a new version is checked (sha256, every gate passed, the --backend artifact) and added
 LOADING; every worker loads and warms it up beside what it serves; it turns READY (routed) only when every live worker
 has it. Under --version-policy latest the version it replaces then turns UNLOADING: no new requests, and once the
 broker holds none of its requests (and the API servers have seen the change) it leaves the table and the workers

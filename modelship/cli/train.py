@@ -173,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0  # a torchrun rank other than 0
     print_summary(result)
     print(
-        f"modelship run: OK in {result.seconds:.0f}s, {result.accuracy_text}, parity passed: {result.bundle.path}",
+        f"modelship run: OK in {result.seconds:.0f}s, {result.accuracy_text}, every gate passed: {result.bundle.path}",
         file=sys.stderr,
     )
     return 0

@@ -17,19 +17,39 @@ from modelship.manifest import check_bundle
 from modelship.pipeline import RunConfig, RunResult, run
 from modelship.training.checkpoint import load_checkpoint
 from modelship.training.config import TrainConfig
-from tests.helpers import Result, Server, free_port, run_modelship, running_server, tiny_train_args
+from tests.helpers import REPO, Result, Server, free_port, run_modelship, running_server, tiny_train_args
+
+
+def make_run_flags() -> list[str]:
+    """The flags `make run` gives `modelship run`, read from the Makefile (its --out left out)."""
+    recipe = re.search(r"^\t\$\(BIN\)/modelship run (.*) \$\(RUN_ARGS\)$", (REPO / "Makefile").read_text(), re.M)
+    assert recipe is not None, "the Makefile's run recipe"
+    flags = recipe.group(1).split()
+    at = flags.index("--out")
+    return flags[:at] + flags[at + 2 :]
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Result, Path]:
-    """The README's main job as `make run` runs it: the real command, default settings (shapes, cnn, 5 epochs), with
-    the fp16 and int8 variants."""
+    """The README's main job as `make run` runs it: the real command with the Makefile's flags (shapes, cnn, 5 epochs,
+    the fp16 and int8 variants, the accuracy floor)."""
     out = tmp_path_factory.mktemp("quickstart")
-    r = run_modelship(
-        "run", "--out", str(out), "--min-accuracy", "0.95", "--variants", "fp16,int8", "--data-dir", str(data_dir),
-        timeout=600,
-    )  # fmt: skip
+    r = run_modelship("run", "--out", str(out), *make_run_flags(), "--data-dir", str(data_dir), timeout=600)
     return r, out
+
+
+def test_the_readme_shows_the_summary_the_quickstart_prints(quickstart: tuple[Result, Path]) -> None:
+    """The Quickstart's sample table and last line, row by row, with every number as # (they vary by machine)."""
+    r, out = quickstart
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"`make run` ends with this table.*?```text\n(.*?)```", readme, re.S)
+    assert block is not None, "the Quickstart's sample output"
+
+    def shape(line: str) -> str:
+        return re.sub(r"\d+", "#", line.replace(str(out), "runs/quickstart"))
+
+    printed = [*r.out.strip().splitlines(), r.last_line]
+    assert [shape(line) for line in printed] == [shape(line) for line in block.group(1).strip().splitlines()]
 
 
 def test_defaults_reach_95_percent_and_pass_parity(quickstart: tuple[Result, Path]) -> None:
@@ -49,7 +69,7 @@ def test_defaults_reach_95_percent_and_pass_parity(quickstart: tuple[Result, Pat
     assert sizes["onnx-int8"] < 0.4 * sizes["onnx"]  # int8 weights: about a quarter of fp32
     assert table["bundle"] == str(out / "bundle")
     assert table["serve it"] == f"modelship serve {out / 'bundle'}"
-    assert r.last_line.startswith("modelship run: OK in ") and "parity passed" in r.last_line
+    assert r.last_line.startswith("modelship run: OK in ") and "every gate passed" in r.last_line
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     assert best["metrics"]["val_acc"] >= 0.95
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
