@@ -17,7 +17,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelship.backends import load_backend
 from modelship.errors import ConfigError
 from modelship.manifest import check_bundle, require_artifact, require_passed
 
@@ -117,6 +116,8 @@ def write_repository(cfg: TritonConfig) -> Path:
     manifest = check_bundle(cfg.bundle)
     require_artifact(manifest, cfg.bundle, cfg.backend)
     require_passed(manifest, cfg.bundle)
+    from modelship.backends import load_backend  # (the CLI imports this module to build its flags: no numpy then)
+
     load_backend(cfg.backend, cfg.bundle / manifest["artifacts"][cfg.backend]["path"], "cpu", 1)  # it opens
     checked = int(manifest["max_batch"])
     max_batch = cfg.max_batch_size or checked
