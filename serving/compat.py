@@ -6,8 +6,8 @@ past it only where listed here. These names are private and move between patch r
 release (`SUPPORTED`), and at import checks every overridden name against the parameters its override expects and
 the LitServe function that must still call it (`OVERRIDES`); `check_version` refuses to start on a mismatch.
 
-1. Requests and answers travel over modelship's own ZeroMQ transport (`modelship.serving.transport`, and the
-   broker in `modelship.serving.broker`), not over LitServe's Manager request queue and response transport: the
+1. Requests and answers travel over modelship's own ZeroMQ transport (`modelship.serving.dispatch.transport`, and the
+   broker in `modelship.serving.dispatch.broker`), not over LitServe's Manager request queue and response transport: the
    Manager round trips took a third of the API servers' and half of the workers' time, and a worker killed while
    reading could strand a request. `Server` starts the broker in `_init_manager`, gives LitServe an idle response
    transport, and registers each worker process LitServe starts (`launch_inference_worker`, and the monitor's
@@ -23,14 +23,14 @@ the LitServe function that must still call it (`OVERRIDES`); `check_version` ref
    new connections over them: with LitServe's one shared socket, a burst of connections often all went to one
    process while the other idled (BENCHMARKS.md, serving). It serves the app wrapped in modelship's front door
    (`front`: the guard, and CORS when asked) rather than passing those to LitServe as middlewares, which FastAPI
-   would put inside its own layers, on uvicorn with read timeouts (`modelship.serving.connections`); and a dead API
-   server is replaced. Each API server follows the main process through the fork hook `serve` registers
+   would put inside its own layers, on uvicorn with read timeouts (`modelship.serving.http_api.connections`);
+   and a dead API server is replaced. Each API server follows the main process through the fork hook `serve` registers
    (`modelship.serving.lifeline`).
 5. `_perform_graceful_shutdown` stops every API server at once (LitServe stops them one after another, so the later
    ones kept connections alive while the first drained), and no worker is replaced once shutdown has begun (a flag
    `launch_single_inference_worker` reads): LitServe's monitor would otherwise restart the workers shutdown just
    stopped, and those would fail on the Manager being shut down, with a traceback.
-6. With --in-process (`modelship.serving.local`) LitServe starts no inference worker
+6. With --in-process (`modelship.serving.dispatch.in_process`) LitServe starts no inference worker
    (`_inference_workers_config_for_api` is empty); each API server reports its own model under
    `in_process_key(i)` in `workers_setup_status`, so the setup watch reads it as it reads workers'.
 7. A worker whose model did not load has logged why in one line; LitServe's `inference_worker` then logs "Error
@@ -60,7 +60,7 @@ from litserve.utils import WorkerSetupStatus
 from starlette.middleware.gzip import GZipMiddleware
 
 from modelship.errors import ConfigError
-from modelship.serving import broker, transport
+from modelship.serving.dispatch import broker, transport
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class IdleTransport:
     modelship's transport instead), and waiting costs nothing."""
 
     def send(self, item: Any, consumer_id: int) -> None:
-        raise AssertionError("modelship's workers answer over modelship.serving.transport")
+        raise AssertionError("modelship's workers answer over modelship.serving.dispatch.transport")
 
     async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> Any:
         await asyncio.Event().wait()

@@ -5,6 +5,7 @@ Light on purpose (standard library only): the CLI reads its defaults from here f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -38,7 +39,7 @@ class ServeConfig:
     max_batch_size: int = 32
     batch_timeout: float = 0.0  # take what is waiting: under load batches fill while the model runs (BENCHMARKS.md)
     workers_per_device: int = 2
-    in_process: bool = False  # the model in each API server, no worker processes (serving/local.py)
+    in_process: bool = False  # the model in each API server, no worker processes (serving/dispatch/in_process.py)
     api_servers: int | None = None
     threads: int | None = None
     timeout: float = 30.0
@@ -106,6 +107,53 @@ class ServeConfig:
     @property
     def max_bytes(self) -> int:
         return int(self.max_payload_mb * (1 << 20))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What both sides need to know; pickled into every worker process."""
+
+    run_dir: str  # the server's private folder: the model table, the transport's sockets
+    source: str  # what was served: a bundle or a repository (its folder's name only is shown)
+    model_control: str
+    backend: str
+    max_batch_size: int
+    batch_timeout: float
+    timeout: float
+    threads: int
+    workers_per_device: int
+    in_process: bool
+    device: str
+    max_payload_mb: float
+    api_key_required: bool
+    main_pid: int  # the server's main process: workers exit when it is gone
+    log_level: str = "info"
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_payload_mb * (1 << 20))
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig, device: str, models: int, run_dir: str) -> Settings:
+        """What the API servers and workers of a server for `cfg` need: `device` (cpu or cuda), the copies of the
+        model it runs (`models`: they share the cores) and its private run folder."""
+        return cls(
+            run_dir=run_dir,
+            source=str(cfg.bundle.resolve()),
+            model_control=cfg.model_control,
+            backend=cfg.backend,
+            max_batch_size=cfg.max_batch_size,
+            batch_timeout=cfg.batch_timeout,
+            timeout=cfg.timeout,
+            threads=cfg.threads or max(1, (os.cpu_count() or 1) // models),
+            workers_per_device=cfg.workers_per_device,
+            in_process=cfg.in_process,
+            device=device,
+            max_payload_mb=cfg.max_payload_mb,
+            api_key_required=cfg.api_key is not None,
+            main_pid=os.getpid(),
+            log_level=cfg.log_level,
+        )
 
 
 def is_origin(text: str) -> bool:

@@ -1,5 +1,5 @@
 """The serving stage: `serve(cfg)` checks the bundle or model repository, then runs LitServe with modelship's spec,
-middleware, metrics, and the model controller (modelship.serving.control).
+middleware, metrics, and the model controller (modelship.serving.control.controller).
 
 Start-up order: the LitServe version is checked; every version to load has its sha256 checked and one that failed
 parity is refused before any process starts; the HTTP server comes up at once and answers /health 503 until the
@@ -22,7 +22,7 @@ from typing import Any
 from modelship import allocator
 from modelship.devices import usable_gpus
 from modelship.errors import BundleError, ConfigError, ModelshipError
-from modelship.serving.config import ServeConfig
+from modelship.serving.config import ServeConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ def serve(cfg: ServeConfig) -> None:
     if cfg.grpc_port is not None:
         check_port(cfg.host, cfg.grpc_port, "--grpc-port")
 
-    from modelship.serving import control, lifeline, metrics, transport
+    from modelship.serving import lifeline, metrics
+    from modelship.serving.control import controller as control
+    from modelship.serving.dispatch import transport
 
     allocator.keep_freed_memory()  # before the API servers fork: they inherit it
     run_dir = transport.socket_directory()  # the model table and the transport's sockets
@@ -130,7 +132,7 @@ def serve(cfg: ServeConfig) -> None:
 def start_failure(run_dir: str, table: Any) -> ModelshipError:
     """Why the server stopped at start, in one line: BundleError (exit 2) when every version that failed has an
     artifact its runtime refused (the bundle is at fault), ServeError (exit 1) otherwise."""
-    from modelship.serving import models
+    from modelship.serving.control import table as models
 
     failed, refused = models.start_failure(run_dir)
     if not failed:
@@ -153,42 +155,22 @@ def models(cfg: ServeConfig, n_devices: int) -> int:
     return api_servers(cfg, n_devices) if cfg.in_process else n_devices * cfg.workers_per_device
 
 
-def settings_for(cfg: ServeConfig, accelerator: str, n_devices: int, run_dir: str) -> Any:
-    """What both the API servers and the workers need to know (pickled into every worker)."""
-    from modelship.serving.api import Settings
-
-    return Settings(
-        run_dir=run_dir,
-        source=str(cfg.bundle.resolve()),
-        model_control=cfg.model_control,
-        backend=cfg.backend,
-        max_batch_size=cfg.max_batch_size,
-        batch_timeout=cfg.batch_timeout,
-        timeout=cfg.timeout,
-        threads=cfg.threads or max(1, (os.cpu_count() or 1) // models(cfg, n_devices)),
-        workers_per_device=cfg.workers_per_device,
-        in_process=cfg.in_process,
-        device=accelerator,
-        max_payload_mb=cfg.max_payload_mb,
-        api_key_required=cfg.api_key is not None,
-        main_pid=os.getpid(),
-        log_level=cfg.log_level,
-    )
-
-
 def build_server(
     cfg: ServeConfig, accelerator: str, n_devices: int, failed: threading.Event, run_dir: str, controller: Any,
 ) -> Any:  # fmt: skip
     """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
     from starlette.middleware.cors import CORSMiddleware
 
-    from modelship.serving import broker, compat, connections, local
-    from modelship.serving.api import HTTPSpec
-    from modelship.serving.middleware import Guard
-    from modelship.serving.openapi import install_errors, install_openapi
-    from modelship.serving.worker import InferenceAPI
+    from modelship.serving import compat
+    from modelship.serving.dispatch import broker
+    from modelship.serving.dispatch import in_process as local
+    from modelship.serving.dispatch.worker import InferenceAPI
+    from modelship.serving.http_api import connections
+    from modelship.serving.http_api.guard import Guard
+    from modelship.serving.http_api.openapi import install_errors, install_openapi
+    from modelship.serving.http_api.spec import HTTPSpec
 
-    settings = settings_for(cfg, accelerator, n_devices, run_dir)
+    settings = Settings.from_config(cfg, accelerator, models(cfg, n_devices), run_dir)
     spec = HTTPSpec(settings)
     inference = InferenceAPI(settings, spec)
     in_api_server = None

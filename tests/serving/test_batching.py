@@ -97,8 +97,8 @@ def test_an_input_with_nan_or_infinity_is_refused_alone_and_the_rest_of_its_batc
     """Finiteness is checked where a batch is formed: the request at fault gets its 400, the others their logits."""
     from modelship.backends import onnx_backend
     from modelship.serving import metrics
-    from modelship.serving.transport import Request, WorkerError
-    from modelship.serving.worker import Held
+    from modelship.serving.dispatch.transport import Request, WorkerError
+    from modelship.serving.dispatch.worker import Held
 
     monkeypatch.setenv(metrics.ENV, str(tmp_path))  # the batch's metrics: a server run earlier in this process
     # may have left the variable naming its own folder, removed when it stopped

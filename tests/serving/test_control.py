@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from modelship.serving.catalog import Catalog
-from modelship.serving.control import DRAIN_MIN, Controller
-from modelship.serving.models import Reader
+from modelship.serving.control.catalog import Catalog
+from modelship.serving.control.controller import DRAIN_MIN, Controller
+from modelship.serving.control.table import Reader
 
 
 def controller(tmp_path: Path, bundle: Path) -> tuple[Controller, SimpleNamespace]:
@@ -144,7 +144,7 @@ def test_a_broken_model_folder_is_logged_once_per_change_not_every_poll(
     c.broker = SimpleNamespace(snapshot=({b"w1": report(c.table.generation)}, {}))
     (repo / "broken").mkdir()
     (repo / "broken" / "latest").mkdir()  # not a version folder
-    caplog.set_level(logging.INFO, logger="modelship.serving.control")
+    caplog.set_level(logging.INFO, logger="modelship.serving.control.controller")
 
     def polls(n: int) -> list[str]:
         for _ in range(n):

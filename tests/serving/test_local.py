@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from modelship.serving.local import Runner
-from modelship.serving.transport import Request, WorkerError
+from modelship.serving.dispatch.in_process import Runner
+from modelship.serving.dispatch.transport import Request, WorkerError
 
 
 class Model:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from modelship.preprocess import Preprocess, preprocess_image
-from modelship.serving.middleware import route_label
+from modelship.serving.http_api.guard import route_label
 from modelship.serving.protocol import (
     RequestError,
     ServedModel,

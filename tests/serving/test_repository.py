@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 from modelship.cli import main
 from modelship.files import sha256_file
 from modelship.repository import publish
-from modelship.serving.models import REFRESH
+from modelship.serving.control.table import REFRESH
 from tests.helpers import Server, free_port, running_server
 from tests.serving.test_server import val_png
 

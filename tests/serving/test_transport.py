@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import zmq
 
-from modelship.serving.broker import Broker, HungPolicy, _BrokerState
-from modelship.serving.transport import (
+from modelship.serving.dispatch.broker import Broker, HungPolicy, _BrokerState
+from modelship.serving.dispatch.transport import (
     ERROR,
     OK,
     Addresses,
@@ -332,7 +332,7 @@ def test_an_api_server_keeps_reading_answers_after_an_error_only_message_and_a_m
 
 
 def test_readiness_needs_a_beating_broker_and_a_worker_that_can_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelship.serving import broker
+    from modelship.serving.dispatch import broker
 
     pulse = [time.monotonic(), 1.0]
     monkeypatch.setattr(broker, "PULSE", pulse)

@@ -27,7 +27,16 @@ from typing import Any
 
 import zmq
 
-from modelship.serving.transport import ERROR, MAX_ATTEMPTS, Addresses, encode_answers, identity, pid_of, size, uids
+from modelship.serving.dispatch.transport import (
+    ERROR,
+    MAX_ATTEMPTS,
+    Addresses,
+    encode_answers,
+    identity,
+    pid_of,
+    size,
+    uids,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""An API server's view of the models it serves: the model table (modelship.serving.models), and for each READY
+"""An API server's view of the models it serves: the model table (modelship.serving.control.table), and for each READY
 version what validating and answering a request needs (its ServedModel, v2 metadata, JSON size limit).
 
 `resolve(name, version)` is the routing rule: no version means the newest READY one; a version that exists but is
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelship.backends import PLATFORMS
-from modelship.serving import models
+from modelship.serving.control import table as models
 from modelship.serving.protocol import RequestError, ServedModel
 
 JSON_NUMBER_BYTES = 26  # the longest float32 in JSON, "-1.2345678e-38" at most, with room for ", " and exponent forms

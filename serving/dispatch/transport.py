@@ -1,6 +1,6 @@
 """How requests reach the inference workers and answers come back: ZeroMQ, with tensors as zero-copy frames.
 
-    API server --PUSH--> broker (a thread of the main process, serving/broker.py) --ROUTER/DEALER--> inference worker
+    API server --PUSH--> broker (a thread of the main process, dispatch/broker.py) --ROUTER/DEALER--> inference worker
     inference worker --PUSH--> the API server the request came from (one socket per API server)
 
 An API server sends the requests its event loop took in during one turn as one message: one ZeroMQ send, one broker
@@ -36,7 +36,7 @@ import numpy as np
 import zmq
 
 from modelship.errors import ConfigError
-from modelship.serving.models import REFRESH
+from modelship.serving.control.table import REFRESH
 
 log = logging.getLogger(__name__)
 

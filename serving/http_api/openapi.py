@@ -2,8 +2,9 @@
 
 LitSpec endpoints take a raw `Request` (bodies are parsed and validated by modelship.serving.protocol, which knows
 each model's shape), so FastAPI cannot infer their bodies; the schemas are pydantic models
-(modelship.serving.schemas), and `install_openapi` attaches them to the operations FastAPI lists. The examples are
-built for a served model, so they work when pasted; the description lists every model version the server holds.
+(modelship.serving.http_api.schemas), and `install_openapi` attaches them to the operations FastAPI lists. The
+examples are built for a served model, so they work when pasted; the description lists every model version the
+server holds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import modelship
 from modelship.errors import ModelshipError
-from modelship.serving.schemas import (
+from modelship.serving.http_api.schemas import (
     MODELS,
     Error,
     Info,

@@ -1,5 +1,5 @@
-"""The model controller: a thread of the server's main process that owns the model table (modelship.serving.models)
-and decides what the workers hold, by Triton's model-control modes.
+"""The model controller: a thread of the server's main process that owns the model table
+(modelship.serving.control.table) and decides what the workers hold, by Triton's model-control modes.
 
 - `none`: every model of the repository (or the one bundle) is loaded at start; nothing changes after.
 - `poll`: the same at start, then the repository is scanned every --poll-interval seconds: a version that appears is
@@ -30,8 +30,8 @@ import zmq
 
 from modelship import repository
 from modelship.errors import ConfigError, ModelshipError
-from modelship.serving import models
-from modelship.serving.models import HELD, LOADING, READY, UNAVAILABLE, UNLOADING, Table, Version, key_of
+from modelship.serving.control import table as models
+from modelship.serving.control.table import HELD, LOADING, READY, UNAVAILABLE, UNLOADING, Table, Version, key_of
 from modelship.serving.protocol import RequestError
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,7 @@
 """The HTTP side of LitServe: `HTTPSpec` (endpoints, validation, responses) for every model version the server holds.
 
-A request is parsed and validated in the API server process against the version it is routed to
-(modelship.serving.catalog), then only a float32 array is queued, tagged with that version; workers gather arrays from
-many requests of one version into one forward pass (modelship.serving.worker) and send each caller its own rows back.
+A request is parsed and validated in the API server against the version it is routed to (control.catalog); then
+only a float32 array is queued, for the workers' forward passes of that version (dispatch.worker).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -24,37 +23,16 @@ from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 import modelship
-from modelship.serving import broker, compat, control, local, models, protocol, transport
-from modelship.serving.catalog import Catalog, Served
+from modelship.serving import compat, protocol
+from modelship.serving.config import Settings
+from modelship.serving.control import controller
+from modelship.serving.control.catalog import Catalog, Served
+from modelship.serving.control.table import READY, index
+from modelship.serving.dispatch import broker, in_process, transport
+from modelship.serving.http_api.guard import CLIENT_CLOSED, JSON_HEADERS, Answer, Route, Scope, error_answer, too_large
 from modelship.serving.metrics import exposition, metrics
-from modelship.serving.middleware import CLIENT_CLOSED, JSON_HEADERS, Answer, Route, Scope, error_answer, too_large
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What both sides need to know; pickled into every worker process."""
-
-    run_dir: str  # the server's private folder: the model table, the transport's sockets
-    source: str  # what was served: a bundle or a repository (its folder's name only is shown)
-    model_control: str
-    backend: str
-    max_batch_size: int
-    batch_timeout: float
-    timeout: float
-    threads: int
-    workers_per_device: int
-    in_process: bool
-    device: str
-    max_payload_mb: float
-    api_key_required: bool
-    main_pid: int  # the server's main process: workers exit when it is gone
-    log_level: str = "info"
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_payload_mb * (1 << 20))
 
 
 V2_POST = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/(infer|predict)$")
@@ -100,7 +78,7 @@ class HTTPSpec(compat.LitSpec):
         self.addresses: transport.Addresses | None = None  # set by the server before the API servers fork
         # how this API server reaches the models: its own (--in-process, set by the server after the fork) or the
         # workers' transport (made on the first request, inside this process's event loop)
-        self.client: transport.Client | local.Runner | None = None
+        self.client: transport.Client | in_process.Runner | None = None
         self.counters: dict[tuple[str, str], Any] = {}  # (version, protocol) -> its inferences counter
         # the POST routes, answered by the guard (fast_route) before FastAPI; FastAPI serves the rest
         self.routes, self.routes_generation = self.fixed_routes(), -1
@@ -140,7 +118,7 @@ class HTTPSpec(compat.LitSpec):
             table = self.catalog.fresh()  # starting: another API server may already have seen the models load
         if not (table.started and (table.names() or self.settings.model_control == "explicit")):
             return False  # (explicit control may start with nothing loaded, and take load requests: as Triton)
-        if isinstance(self.client, local.Runner):
+        if isinstance(self.client, in_process.Runner):
             return self.client.up
         return broker.broker_ready()
 
@@ -260,7 +238,7 @@ class HTTPSpec(compat.LitSpec):
         for v in sorted(table.versions.values(), key=lambda v: (v.name, v.version)):
             entry = {"name": v.name, "version": str(v.version), "state": v.state, "reason": v.reason,
                      "resident_bytes": v.resident_bytes}  # fmt: skip
-            if v.state == models.READY:
+            if v.state == READY:
                 entry["manifest"] = self.catalog.get(v).manifest
             held.append(entry)
         names = table.names()
@@ -325,7 +303,7 @@ class HTTPSpec(compat.LitSpec):
         doc = protocol.parse_json(body) if body.strip() else {}
         if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
             raise protocol.RequestError('expected a JSON object, optionally {"ready": true}')
-        return json_answer(models.index(self.catalog.fresh(), ready_only=bool(doc.get("ready"))))
+        return json_answer(index(self.catalog.fresh(), ready_only=bool(doc.get("ready"))))
 
     def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Route | None:
         """The POST routes, answered by the guard itself without FastAPI's routing (BENCHMARKS.md, serving):
@@ -388,7 +366,7 @@ class HTTPSpec(compat.LitSpec):
 
     async def repository_ask(self, op: str, name: str, parameters: list[str]) -> tuple[int, Any]:
         """(HTTP status, answer) of the controller for a load or unload (HTTP or gRPC)."""
-        return await asyncio.to_thread(control.change, self.settings.run_dir, self.settings.model_control, op, name,
+        return await asyncio.to_thread(controller.change, self.settings.run_dir, self.settings.model_control, op, name,
                                        parameters)  # fmt: skip
 
 

@@ -1,8 +1,8 @@
 """The inference worker side of LitServe: `InferenceAPI` holds every model version the model table lists (loaded and
 warmed up before it counts as loaded) and runs dynamic batches, one forward pass per version.
 
-A worker follows the table (modelship.serving.models) between batches and while idle: it loads what was added on a
-thread of its own while it goes on answering with what it holds, unloads what was removed, and reports the
+A worker follows the table (modelship.serving.control.table) between batches and while idle: it loads what was
+added on a thread of its own while it goes on answering with what it holds, unloads what was removed, and reports the
 generation it holds everything of (with any version that failed to load here, and the memory each one took) with
 its next request for work: that is how the controller knows a version is loaded everywhere before any request is
 routed to it.
@@ -26,8 +26,11 @@ from modelship import allocator
 from modelship.backends import Backend, load_backend
 from modelship.errors import ArtifactError
 from modelship.manifest import read_manifest
-from modelship.serving import compat, lifeline, models, transport
-from modelship.serving.api import HTTPSpec, Settings
+from modelship.serving import compat, lifeline
+from modelship.serving.config import Settings
+from modelship.serving.control import table as models
+from modelship.serving.dispatch import transport
+from modelship.serving.http_api.spec import HTTPSpec
 from modelship.serving.metrics import metrics
 
 log = logging.getLogger(__name__)

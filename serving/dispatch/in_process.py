@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from modelship.serving.transport import OK, Request, WorkerError, expire, run_batch
+from modelship.serving.dispatch.transport import OK, Request, WorkerError, expire, run_batch
 
 log = logging.getLogger(__name__)
 
