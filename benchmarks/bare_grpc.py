@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modelship.serving.protos import inference_pb2 as pb
+from modelship.protos import inference_pb2 as pb
 
 
 def model_runner(bundle: Path) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:

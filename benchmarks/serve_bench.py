@@ -73,7 +73,7 @@ def _ready(port: int, grpc: bool) -> bool:
         return False
     import grpc as g
 
-    from modelship.serving.protos import inference_pb2 as pb
+    from modelship.protos import inference_pb2 as pb
 
     with g.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ServerReady",
@@ -122,7 +122,7 @@ def payloads(manifest: dict) -> dict[str, Payload]:
     tensor = {"name": "input", "shape": [1, c, h, w], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
     header = json.dumps({"inputs": [tensor], "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]})
     binary_headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
-    from modelship.serving.protos import inference_pb2 as pb
+    from modelship.protos import inference_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=manifest["name"])
     request.inputs.add(name="input", datatype="FP32", shape=[1, c, h, w])

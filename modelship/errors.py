@@ -63,3 +63,12 @@ class GateError(ModelshipError):
 
 class ParityError(GateError):
     """An exported artifact disagrees with eager PyTorch beyond its tolerance or accuracy gate. Exit code 1."""
+
+
+class ClientError(ModelshipError):
+    """A server refused a client's request (4xx, exit code 2) or could not be reached or failed (exit code 1)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.exit_code = 2 if status is not None and 400 <= status < 500 else 1

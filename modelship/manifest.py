@@ -25,6 +25,7 @@ REQUIRED = ("name", "classes", "model", "input", "output", "preprocess", "artifa
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
 VARIANTS = {"fp16": "onnx-fp16", "int8": "onnx-int8"}
 ARTIFACT_FILES = {**FORMATS, "onnx-fp16": "model.fp16.onnx", "onnx-int8": "model.int8.onnx"}
+BACKENDS = ("onnx", "onnx-fp16", "onnx-int8", "torchscript", "pt2")  # every artifact kind, as a --backend runs it
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -254,8 +254,8 @@ def evaluate_validation(result: RunResult, device: str) -> dict[str, Any] | None
     measures them; None when the split is not on disk or the bundle has no ONNX file."""
     import numpy as np
 
+    from modelship.evaluate import Evaluation, measure
     from modelship.preprocess import Preprocess, preprocess_image
-    from modelship.serving.evaluate import Evaluation, measure
     from modelship.training.data import source_samples
 
     manifest = result.bundle.manifest

@@ -1,4 +1,5 @@
-"""The options of `modelship serve`, `evaluate` and `predict`, validated with messages that say how to fix them.
+"""The options of `modelship serve` (ServeConfig), validated with messages that say how to fix them, and the settings
+derived from them that the API servers and workers read (Settings).
 
 Light on purpose (standard library only): the CLI reads its defaults from here for `--help`.
 """
@@ -12,14 +13,12 @@ from urllib.parse import urlsplit
 
 from modelship.devices import DEVICES
 from modelship.errors import ConfigError
+from modelship.manifest import BACKENDS
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
-BACKENDS = ("onnx", "onnx-fp16", "onnx-int8", "torchscript", "pt2")  # the artifact kinds a server can run
 MODEL_CONTROL = ("none", "explicit", "poll")  # Triton's --model-control-mode values
 VERSION_POLICIES = ("latest", "all")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-CLIENT_URL = "http://127.0.0.1:8000"  # where `modelship predict --url` and Client() look by default
-CLIENT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -162,67 +161,3 @@ def is_origin(text: str) -> bool:
         return True
     parts = urlsplit(text)
     return parts.scheme in ("http", "https") and bool(parts.netloc) and not (parts.path or parts.query)
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Options of `modelship evaluate`."""
-
-    bundle: Path
-    data: Path
-    backends: tuple[str, ...] = ("onnx",)
-    out: Path = Path("evaluation")
-    batch_size: int = 64
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        unknown = [b for b in self.backends if b not in BACKENDS]
-        if not self.backends or unknown or len(set(self.backends)) != len(self.backends):
-            raise ConfigError(
-                f"--backend must name one or more of {', '.join(BACKENDS)}, got {', '.join(self.backends)}"
-            )
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out} is a file; expected a folder for the evaluation")
-
-
-PREDICT_FORMATS = ("tsv", "csv", "jsonl")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Options of `modelship predict`."""
-
-    paths: tuple[Path, ...]
-    url: str | None = None
-    bundle: Path | None = None
-    backend: str = "onnx"
-    top_k: int | None = None
-    batch_size: int = 64
-    format: str = "tsv"
-    output: Path | None = None
-    device: str = "auto"
-    api_key: str | None = None
-    timeout: float = CLIENT_TIMEOUT
-
-    def __post_init__(self) -> None:
-        if self.url is None and self.bundle is None:
-            raise ConfigError("give --url (a running server), --bundle (offline), or both (v2 inference at --url)")
-        if self.url is not None and self.url.startswith("grpc://") and self.bundle is None:
-            raise ConfigError(
-                f"--url {self.url} needs --bundle: gRPC carries tensors, so the bundle's preprocessing runs here "
-                "(or give the server's http:// URL to send it the images)"
-            )
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.format not in PREDICT_FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(PREDICT_FORMATS)}, got {self.format!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.output is not None and self.output.is_dir():
-            raise ConfigError(f"--output {self.output} is a folder; expected a file to write")

@@ -21,12 +21,12 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 import modelship
+from modelship.protos import health_pb2 as health
+from modelship.protos import inference_pb2 as pb
 from modelship.serving import protocol
 from modelship.serving.control import table as models
 from modelship.serving.http_api.guard import authorized
 from modelship.serving.metrics import metrics
-from modelship.serving.protos import health_pb2 as health
-from modelship.serving.protos import inference_pb2 as pb
 
 if TYPE_CHECKING:
     from modelship.serving.http_api.spec import HTTPSpec

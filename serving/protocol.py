@@ -20,6 +20,7 @@ import pydantic_core
 
 from modelship.errors import DataError
 from modelship.preprocess import ImageTooLarge, Preprocess, decode_image, preprocess_image
+from modelship.scores import default_top_k
 
 MAX_IMAGE_PIXELS = 40_000_000  # a 16 MB PNG can unpack to gigabytes; refuse before decoding
 
@@ -60,7 +61,7 @@ class ServedModel:
 
     @property
     def default_top_k(self) -> int:
-        return min(5, len(self.classes))
+        return default_top_k(len(self.classes))
 
 
 def tensor_from_json(value: Any, what: str, shape: tuple[int, ...], flat_ok: bool = False) -> np.ndarray:
@@ -160,21 +161,6 @@ def parse_predict_json(body: bytes, model: ServedModel) -> PredictRequest:
             raise RequestError("image is not valid base64; expected base64-encoded PNG or JPEG bytes") from None
         return PredictRequest(top_k, image=data)
     return PredictRequest(top_k, tensor=tensor_from_json(doc["inputs"], "inputs", model.shape)[None])
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities over the last axis, in float64."""
-    z = logits.astype(np.float64)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def predict_response(logits: np.ndarray, model: ServedModel, top_k: int) -> dict[str, Any]:
-    """{"label", "index", "score", "top_k": [...]} with softmax probabilities as scores."""
-    p = softmax(logits)
-    order = np.argsort(-p, kind="stable")[:top_k]
-    ranked = [{"label": model.classes[i], "index": int(i), "score": float(p[i])} for i in order]
-    return {**ranked[0], "top_k": ranked}
 
 
 # ------------------------------------------------------------------------------------------------ KServe v2

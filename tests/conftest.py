@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from modelship.cli import main
-from tests.helpers import Result, tiny_train_args
+from tests.helpers import Result, Server, running_server, tiny_train_args
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -100,3 +100,13 @@ def affine_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ])  # fmt: skip
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session", params=[(), ("--in-process",)], ids=["workers", "in-process"])
+def server(
+    request: pytest.FixtureRequest, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The tiny shapes bundle served with default settings, with inference workers or with the model in-process:
+    the server the serving tests (and the client's and predict's) share; every test of it holds for both."""
+    with running_server(tiny_bundle, *request.param, tmp=tmp_path_factory.mktemp("server")) as s:
+        yield s

@@ -1,7 +1,9 @@
 """The layers and their import rule, read from the source (ast), and the size limits that keep modules readable.
 
-CLI -> pipeline -> stages -> base. Among the stages, export may import training; serving imports neither (it reads
-a bundle's manifest and artifacts only) and imports torch only inside the torch backends.
+CLI -> pipeline -> tools -> stages -> base. Among the stages, export may import training; serving imports neither (it
+reads a bundle's manifest and artifacts only) and never torch. The tools (`predict`, `evaluate`) need a runtime, not
+a stage. Inside serving: the protocols (http_api, grpc_service) go through the data plane, never to dispatch;
+dispatch never imports a protocol; control imports neither; only compat imports litserve.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from tests.helpers import REPO
 
 PACKAGE = REPO / "modelship"
 STAGES = ("training", "export", "serving")
+TOOLS = ("predict", "evaluate")
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 FLAG_TABLES = {"add_train_args", "add_export_options", "add_serve_args"}  # flat argparse tables, long by nature
@@ -39,6 +42,8 @@ def layer(module: str) -> str:
         return parts[1]
     if parts[1] in ("cli", "pipeline"):
         return parts[1]
+    if parts[1] in TOOLS:
+        return "tools"
     return "base"
 
 
@@ -60,13 +65,42 @@ def imports(module: str, path: Path) -> list[tuple[int, str]]:
 
 
 FORBIDDEN = {
-    "base": {"training", "export", "serving", "pipeline", "cli"},
-    "training": {"export", "serving", "pipeline", "cli"},
-    "export": {"serving", "pipeline", "cli"},
-    "serving": {"training", "export", "pipeline", "cli"},
+    "base": {"training", "export", "serving", "tools", "pipeline", "cli"},
+    "training": {"export", "serving", "tools", "pipeline", "cli"},
+    "export": {"serving", "tools", "pipeline", "cli"},
+    "serving": {"training", "export", "tools", "pipeline", "cli"},
+    "tools": {"training", "export", "serving", "pipeline", "cli"},
     "pipeline": {"cli"},
     "cli": set(),
 }
+# inside serving, by job: (importer, imported) parts of modelship.serving that may not meet
+PROTOCOLS = ("http_api", "grpc_service")
+SERVING_FORBIDDEN = {
+    **{p: {"dispatch"} for p in PROTOCOLS},  # the protocols reach the models through the data plane only
+    "dispatch": {*PROTOCOLS, "dataplane"},
+    "control": {*PROTOCOLS, "dataplane", "dispatch"},
+}
+
+
+def serving_part(module: str) -> str | None:
+    """The part of serving a module is in (http_api, dispatch, control, dataplane, ...), or None outside serving."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["modelship", "serving"] else None
+
+
+def serving_violations(mods: dict[str, Path]) -> list[str]:
+    """Every import inside serving that breaks its direction, and every import of litserve outside compat."""
+    found = []
+    for module, path in mods.items():
+        mine = serving_part(module)
+        for line, name in imports(module, path):
+            where = f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:{line} {module} imports {name}"
+            if name.split(".")[0] == "litserve" and module != "modelship.serving.compat":
+                found.append(f"{where}: only modelship.serving.compat imports litserve")
+            theirs = serving_part(name)
+            if mine is not None and theirs in SERVING_FORBIDDEN.get(mine, ()):
+                found.append(f"{where}: {mine} may not import {theirs}")
+    return found
 
 
 def violations(mods: dict[str, Path]) -> list[str]:
@@ -100,11 +134,34 @@ def test_imports_flow_down_the_layers_only() -> None:
     assert violations(modules()) == []
 
 
+def test_the_clients_and_tools_are_in_the_base_and_tools_layers() -> None:
+    assert {"modelship.predict", "modelship.evaluate", "modelship.client", "modelship.grpc_client"} <= set(modules())
+
+
+def test_the_serving_rule_catches_planted_violations(tmp_path: Path) -> None:
+    planted = {
+        "modelship.serving.http_api.spec": "from modelship.serving.dispatch import transport\n",
+        "modelship.serving.dispatch.worker": "import litserve as ls\nfrom modelship.serving.http_api import spec\n",
+        "modelship.serving.control.catalog": "from modelship.serving import dataplane\n",
+        "modelship.predict": "from modelship.serving.dispatch import transport\n",
+    }
+    paths = {}
+    for module, code in planted.items():
+        paths[module] = tmp_path / f"{module}.py"
+        paths[module].write_text(code)
+    found = serving_violations(paths) + violations(paths)
+    assert any("http_api may not import dispatch" in v for v in found)
+    assert any("only modelship.serving.compat imports litserve" in v for v in found)
+    assert any("dispatch may not import http_api" in v for v in found)
+    assert any("control may not import dataplane" in v for v in found)
+    assert any("(tools) imports modelship.serving.dispatch.transport: tools may not import serving" in v for v in found)
+
+
 def test_the_rule_catches_a_planted_violation(tmp_path: Path) -> None:
     """The checker itself: a base module importing a stage and serving importing training are both reported."""
     planted = {
         "modelship.files": "from modelship.training.checkpoint import load_checkpoint\n",
-        "modelship.serving.client": "import modelship.training.models\nimport export.bundle\n",
+        "modelship.serving.grpc_service": "import modelship.training.models\nimport export.bundle\n",
     }
     paths = {}
     for module, code in planted.items():

@@ -10,19 +10,9 @@ from typing import Any
 
 from modelship.cli.args import config_from, default
 from modelship.devices import DEVICES
-from modelship.serving.config import (  # light: standard library only
-    BACKENDS,
-    CLIENT_TIMEOUT,
-    CLIENT_URL,
-    HOSTS,
-    LOG_LEVELS,
-    MODEL_CONTROL,
-    PREDICT_FORMATS,
-    VERSION_POLICIES,
-    EvaluateConfig,
-    PredictConfig,
-    ServeConfig,
-)
+from modelship.manifest import BACKENDS
+from modelship.options import CLIENT_TIMEOUT, CLIENT_URL, PREDICT_FORMATS, EvaluateConfig, PredictConfig
+from modelship.serving.config import HOSTS, LOG_LEVELS, MODEL_CONTROL, VERSION_POLICIES, ServeConfig  # light
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +178,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from modelship.serving.predict import predict
+    from modelship.predict import predict
 
     api_key = args.api_key or os.environ.get("MODELSHIP_API_KEY")
     n = predict(config_from(PredictConfig, args, paths=tuple(args.paths), api_key=api_key), sys.stdout)
@@ -228,7 +218,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from modelship.serving.evaluate import evaluate
+    from modelship.evaluate import evaluate
 
     backends = tuple(args.backends) if args.backends else default(EvaluateConfig, "backends")
     result = evaluate(config_from(EvaluateConfig, args, backends=backends))

@@ -23,6 +23,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 import modelship
+from modelship.scores import prediction
 from modelship.serving import compat, protocol
 from modelship.serving.config import Settings
 from modelship.serving.control import controller
@@ -210,7 +211,7 @@ class HTTPSpec(compat.LitSpec):
         # decoding a large image takes long enough to stall every other request on this event loop
         x = req.tensor if req.tensor is not None else await asyncio.to_thread(req.to_tensor, model)
         logits = await self.infer(served, x, "http")
-        answer = protocol.predict_response(logits[0], model, req.top_k)
+        answer = prediction(logits[0], model.classes, req.top_k)
         return json_answer({**answer, "model_name": model.name, "model_version": served.version})
 
     async def parse_multipart(self, headers: dict[bytes, bytes], body: bytes,

@@ -11,7 +11,7 @@ import pytest
 
 from modelship.files import sha256_file
 from tests.helpers import free_port, run_modelship
-from tests.serving.test_evaluate import pixels
+from tests.test_evaluate import pixels
 
 
 def appended(bundle: Path) -> str:

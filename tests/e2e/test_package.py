@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import REPO
@@ -60,3 +61,62 @@ def test_installed_in_a_fresh_venv_the_stages_are_subpackages(wheel: Path, tmp_p
     assert version.returncode == 0 and version.stdout.strip() == f"modelship {modelship.__version__}"
     helped = subprocess.run([venv / "bin" / "modelship", "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert helped.returncode == 0 and "serve" in helped.stdout  # the CLI runs with the base install alone
+
+
+def base_dependencies() -> list[str]:
+    """The distributions `pip install modelship` brings: pyproject's [project] dependencies, by name."""
+    import re
+
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0] for d in deps]
+
+
+def offline_site(folder: Path) -> Path:
+    """A folder holding exactly the base dependencies, as they are installed here (their top-level packages and
+    metadata linked): what `pip install .` adds to a fresh environment, without the network tests may not use."""
+    import importlib.metadata
+
+    folder.mkdir()
+    for name in base_dependencies():
+        dist = importlib.metadata.distribution(name)
+        tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for top in tops:
+            source = Path(str(dist.locate_file(top)))
+            if source.exists() and not (folder / top).exists():
+                (folder / top).symlink_to(source)
+    return folder
+
+
+def test_the_base_install_runs_the_client_and_predict_url(wheel: Path, tmp_path: Path, affine_bundle: Path) -> None:
+    """`pip install modelship` (no extras) is the CLI, the Python client and the shared preprocessing: it calls a
+    running server with `modelship predict --url`, and `import modelship.client` works, with nothing of the server's
+    (pydantic, litserve, onnxruntime, grpc) to lean on."""
+    from PIL import Image
+
+    from tests.helpers import running_server
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True,
+    )
+    site = next((venv / "lib").glob("python3.*/site-packages"))
+    (site / "base-dependencies.pth").write_text(f"{offline_site(tmp_path / 'deps')}\n")
+    server_side = ("pydantic_core", "litserve", "onnxruntime", "grpc", "torch")
+    probe = f"import importlib.util as u; print([m for m in {server_side!r} if u.find_spec(m)])"
+    run = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert (run.returncode, run.stdout.strip()) == (0, "[]"), run.stderr  # the server's libraries are not here
+    image = tmp_path / "x.png"
+    Image.fromarray(np.array([[10, 200], [30, 40]], np.uint8), "L").save(image)  # the brightest pixel is class b
+    with running_server(affine_bundle, tmp=tmp_path) as s:
+        predict = [venv / "bin" / "modelship", "predict", "--url", s.url, image]
+        r = subprocess.run(predict, capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.startswith(f"{image}\tb\t"), r.stdout
+        client = f"import modelship.client as c; print(c.Client({s.url!r}).predict_image({str(image)!r})['label'])"
+        r = subprocess.run([python, "-c", client], capture_output=True, text=True, cwd=tmp_path)
+        assert (r.returncode, r.stdout.strip()) == (0, "b"), r.stderr[-3000:]

@@ -26,10 +26,10 @@ from google.protobuf import descriptor_pb2
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from modelship.client import ClientError
 from modelship.files import sha256_file
-from modelship.serving.client import ClientError
-from modelship.serving.grpc_client import GRPCClient, connect
-from modelship.serving.protos import health_pb2, inference_pb2
+from modelship.grpc_client import GRPCClient, connect
+from modelship.protos import health_pb2, inference_pb2
 from tests.helpers import KEY, Server, busy_port, free_port, run_modelship, running_server, scrape, wait_ready
 from tests.serving.test_repository import make_repo
 from tests.serving.test_server import val_png
@@ -131,7 +131,7 @@ def test_every_message_is_wire_compatible_with_tritonclients_proto() -> None:
 
 def test_the_checked_in_protobuf_code_is_what_the_protos_generate() -> None:
     pytest.importorskip("grpc_tools")
-    from modelship.serving.protos import generate
+    from modelship.protos import generate
 
     for name, text in generate.generated().items():
         assert (generate.HERE / name).read_text() == text, f"{name} is stale: python -m {generate.__name__}"

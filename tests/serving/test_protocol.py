@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from modelship.preprocess import Preprocess, preprocess_image
+from modelship.scores import prediction
 from modelship.serving.http_api.guard import route_label
 from modelship.serving.protocol import (
     RequestError,
@@ -20,7 +21,6 @@ from modelship.serving.protocol import (
     decompress,
     parse_predict_json,
     parse_v2_infer,
-    predict_response,
     v2_response,
 )
 
@@ -102,7 +102,7 @@ def test_huge_images_are_refused_before_decoding() -> None:
 
 
 def test_predict_response_is_a_ranked_softmax() -> None:
-    r = predict_response(np.array([0.0, 2.0, 1.0], np.float32), SPEC, top_k=2)
+    r = prediction(np.array([0.0, 2.0, 1.0], np.float32), SPEC.classes, top_k=2)
     assert (r["label"], r["index"]) == ("b", 1)
     assert [t["label"] for t in r["top_k"]] == ["b", "c"]
     p = np.exp([0.0, 2.0, 1.0]) / np.exp([0.0, 2.0, 1.0]).sum()

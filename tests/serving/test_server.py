@@ -16,8 +16,8 @@ import pytest
 import tritonclient.http as triton
 from PIL import Image
 
+from modelship.client import Client, ClientError
 from modelship.preprocess import Preprocess
-from modelship.serving.client import Client, ClientError
 from modelship.training.checkpoint import load_checkpoint
 from modelship.training.data import EvalTransform
 from tests.helpers import Server, run_modelship, scrape

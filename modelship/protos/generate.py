@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROTOS = ("inference", "health")
-PACKAGE = "modelship.serving.protos"
+PACKAGE = "modelship.protos"
 
 
 def generated() -> dict[str, str]:

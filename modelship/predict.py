@@ -24,9 +24,9 @@ from modelship.errors import DataError
 from modelship.files import write_bytes
 from modelship.imagefolder import check_readable, images_under, open_image
 from modelship.manifest import check_bundle, require_artifact
+from modelship.options import PredictConfig
 from modelship.preprocess import Preprocess, preprocess_image
-from modelship.serving.config import PredictConfig
-from modelship.serving.protocol import ServedModel, predict_response
+from modelship.scores import default_top_k, prediction
 
 
 def image_files(paths: tuple[Path, ...], decode: bool) -> list[str]:
@@ -51,7 +51,7 @@ def batch_runner(cfg: PredictConfig, manifest: dict[str, Any]) -> Callable[[np.n
     """float32 [N, C, H, W] -> logits: the local artifact, or v2 inference at --url."""
     assert cfg.bundle is not None
     if cfg.url is not None:
-        from modelship.serving.grpc_client import connect
+        from modelship.grpc_client import connect
 
         client = connect(cfg.url, cfg.api_key, cfg.timeout)
         names = (manifest["input"]["name"], manifest["output"]["name"])
@@ -68,7 +68,7 @@ def predictions(cfg: PredictConfig) -> Iterator[dict[str, Any]]:
     """One row per image, in order."""
     files = image_files(cfg.paths, decode=cfg.output is None)  # --output is written whole, once all succeeded
     if cfg.bundle is None:
-        from modelship.serving.client import Client
+        from modelship.client import Client
 
         assert cfg.url is not None
         client = Client(cfg.url, cfg.api_key, cfg.timeout)
@@ -76,16 +76,16 @@ def predictions(cfg: PredictConfig) -> Iterator[dict[str, Any]]:
             yield {"path": f, **client.predict_image(f, cfg.top_k)}
         return
     manifest = check_bundle(cfg.bundle)
-    model = ServedModel.from_manifest(manifest, max_batch=int(manifest["max_batch"]))
-    top_k = min(cfg.top_k, len(model.classes)) if cfg.top_k else model.default_top_k
+    classes = tuple(manifest["classes"])
+    top_k = min(cfg.top_k, len(classes)) if cfg.top_k else default_top_k(len(classes))
     run = batch_runner(cfg, manifest)
     pre = Preprocess.from_dict(manifest["preprocess"])
-    size = min(cfg.batch_size, model.max_batch)
+    size = min(cfg.batch_size, int(manifest["max_batch"]))
     for i in range(0, len(files), size):
         chunk = files[i : i + size]
         logits = run(np.stack([preprocess_image(open_image(f), pre) for f in chunk]))
         for f, row in zip(chunk, logits, strict=True):
-            yield {"path": f, **predict_response(row, model, top_k)}
+            yield {"path": f, **prediction(row, classes, top_k)}
 
 
 def format_row(row: dict[str, Any], fmt: str) -> str:

@@ -24,9 +24,9 @@ from modelship.errors import ConfigError, DataError
 from modelship.files import write_json
 from modelship.imagefolder import check_readable, class_name, decode_each, eval_split, scan_folder
 from modelship.manifest import check_bundle, require_artifact
+from modelship.options import EvaluateConfig
 from modelship.preprocess import Preprocess, preprocess_image
-from modelship.serving.config import EvaluateConfig
-from modelship.serving.protocol import softmax
+from modelship.scores import softmax
 
 log = logging.getLogger(__name__)
 
