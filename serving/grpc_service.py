@@ -23,8 +23,9 @@ from google.protobuf.message import DecodeError, Message
 import modelship
 from modelship.protos import health_pb2 as health
 from modelship.protos import inference_pb2 as pb
-from modelship.serving import protocol
+from modelship.serving import v2
 from modelship.serving.control import table as models
+from modelship.serving.errors import GRPC_CODES, RequestError
 from modelship.serving.http_api.guard import authorized
 from modelship.serving.metrics import metrics
 
@@ -35,16 +36,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"
-CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
+CODES = {status: getattr(grpc.StatusCode, name) for status, name in GRPC_CODES.items()}
 OPEN = frozenset({"ServerLive", "ServerReady"})  # as /v2/health/live and /v2/health/ready: no API key needed
 WATCH_EVERY = 0.5  # seconds between the readiness looks of a health Watch
 Handler = Callable[[Any], Awaitable[Message]]
@@ -117,15 +109,15 @@ class Service:
                     given = {k.encode(): v.encode() for k, v in context.invocation_metadata() or ()
                              if isinstance(v, str)}  # fmt: skip
                     if not authorized(self.api_key, given):
-                        raise protocol.RequestError(
+                        raise RequestError(
                             "missing or wrong API key; send it as x-api-key or authorization: Bearer metadata", 401
                         )
                 try:
                     request = kind.FromString(raw)
                 except DecodeError as e:
-                    raise protocol.RequestError(f"the {kind.__name__} message cannot be parsed ({e})") from None
+                    raise RequestError(f"the {kind.__name__} message cannot be parsed ({e})") from None
                 return (await fn(request)).SerializeToString()
-            except protocol.RequestError as e:
+            except RequestError as e:
                 code = CODES.get(e.status, grpc.StatusCode.INTERNAL)
                 message = e.message
             except asyncio.CancelledError:
@@ -162,15 +154,13 @@ class Service:
         """ready: false, not an error, for a model or version that is not READY or not there (as Triton answers)."""
         try:
             return pb.ModelReadyResponse(ready=self.spec.model_ready(request.name, request.version or None))
-        except protocol.RequestError as e:
+        except RequestError as e:
             if e.status != 404:
                 raise
             return pb.ModelReadyResponse(ready=False)
 
     async def server_metadata(self, request: pb.ServerMetadataRequest) -> Message:
-        return pb.ServerMetadataResponse(
-            name="modelship", version=modelship.__version__, extensions=protocol.V2_EXTENSIONS
-        )
+        return pb.ServerMetadataResponse(name="modelship", version=modelship.__version__, extensions=v2.EXTENSIONS)
 
     async def model_metadata(self, request: pb.ModelMetadataRequest) -> Message:
         doc = self.spec.catalog.metadata(request.name, request.version or None)
@@ -186,13 +176,13 @@ class Service:
         size = request.ByteSize()
         if size > served.max_message_bytes:
             c, h, w = model.shape
-            raise protocol.RequestError(
+            raise RequestError(
                 f"the request is {size} bytes, over the {served.max_message_bytes} byte limit for model "
                 f"{model.name!r} (its largest batch, {model.max_batch} x {c}x{h}x{w} FP32)", 413,
             )  # fmt: skip
         x = infer_input(request, model)
         for o in request.outputs:
-            protocol.v2_check_output(o.name, model)
+            v2.check_output(o.name, model)
         logits = await self.spec.infer(served, x, "grpc")
         response = pb.ModelInferResponse(model_name=model.name, model_version=served.version, id=request.id)
         response.outputs.add(name=model.output_name, datatype="FP32", shape=logits.shape)
@@ -219,7 +209,7 @@ class Service:
     async def repository_change(self, op: str, name: str, parameters: list[str]) -> None:
         status, doc = await self.spec.repository_ask(op, name, parameters)
         if status != 200:
-            raise protocol.RequestError(doc.get("error", f"{op} failed") if isinstance(doc, dict) else str(doc),
+            raise RequestError(doc.get("error", f"{op} failed") if isinstance(doc, dict) else str(doc),
                                         status)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ health
@@ -228,7 +218,7 @@ class Service:
         """SERVING while `service` can answer: the server ("" or the inference service) or one model by name."""
         try:
             ready = self.spec.ready() if service in ("", SERVICE) else self.spec.model_ready(service)
-        except protocol.RequestError as e:
+        except RequestError as e:
             if e.status != 404:
                 raise
             return health.HealthCheckResponse.SERVICE_UNKNOWN
@@ -237,7 +227,7 @@ class Service:
     async def health_check(self, request: health.HealthCheckRequest) -> Message:
         status = self.serving_status(request.service)
         if status == health.HealthCheckResponse.SERVICE_UNKNOWN:
-            raise protocol.RequestError(f"unknown service {request.service!r}; ask for '' or a model's name", 404)
+            raise RequestError(f"unknown service {request.service!r}; ask for '' or a model's name", 404)
         return health.HealthCheckResponse(status=status)
 
     async def health_watch(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -258,29 +248,29 @@ class Service:
             yield health.HealthCheckResponse(status=health.HealthCheckResponse.NOT_SERVING).SerializeToString()
 
 
-def infer_input(request: pb.ModelInferRequest, model: protocol.ServedModel) -> np.ndarray:
+def infer_input(request: pb.ModelInferRequest, model: v2.ServedModel) -> np.ndarray:
     """The one input tensor of a ModelInfer -> float32 [N, C, H, W]: `raw_input_contents` (a view, no copy) or
     typed `contents.fp32_contents`, checked as HTTP checks a v2 input. (Each field is read once: a protobuf field
     read costs as much as a check, and this runs for every request.)"""
     inputs, raw = request.inputs, request.raw_input_contents
     if len(inputs) != 1:
-        raise protocol.RequestError(f"inputs must be a list with one tensor named {model.input_name!r}")
+        raise RequestError(f"inputs must be a list with one tensor named {model.input_name!r}")
     t = inputs[0]
     shape = list(t.shape)
-    protocol.v2_check_input(t.name, t.datatype, shape, model)
+    v2.check_input(t.name, t.datatype, shape, model)
     typed = [f.name for f, _ in t.contents.ListFields()] if t.HasField("contents") else []
     if raw:
         if typed:
-            raise protocol.RequestError("input has both raw_input_contents and contents; send one")
+            raise RequestError("input has both raw_input_contents and contents; send one")
         if len(raw) != 1:
-            raise protocol.RequestError(f"raw_input_contents has {len(raw)} entries; expected one, for the one input")
-        return protocol.v2_raw_tensor(raw[0], shape, "raw_input_contents[0]")
+            raise RequestError(f"raw_input_contents has {len(raw)} entries; expected one, for the one input")
+        return v2.raw_tensor(raw[0], shape, "raw_input_contents[0]")
     if not typed:
-        raise protocol.RequestError("input needs contents.fp32_contents or raw_input_contents")
+        raise RequestError("input needs contents.fp32_contents or raw_input_contents")
     if typed != ["fp32_contents"]:
-        raise protocol.RequestError(f"input contents hold {', '.join(typed)}; an FP32 input takes fp32_contents")
+        raise RequestError(f"input contents hold {', '.join(typed)}; an FP32 input takes fp32_contents")
     values = np.asarray(t.contents.fp32_contents, dtype=np.float32)
     if values.size != int(np.prod(shape)):
-        raise protocol.RequestError(f"contents.fp32_contents has {values.size} values; shape {shape} needs "
+        raise RequestError(f"contents.fp32_contents has {values.size} values; shape {shape} needs "
                                     f"{int(np.prod(shape))}")  # fmt: skip
     return values.reshape(shape)

@@ -12,7 +12,8 @@ from typing import Any
 
 from modelship.backends import PLATFORMS
 from modelship.serving.control import table as models
-from modelship.serving.protocol import RequestError, ServedModel
+from modelship.serving.errors import RequestError
+from modelship.serving.v2 import ServedModel
 
 JSON_NUMBER_BYTES = 26  # the longest float32 in JSON, "-1.2345678e-38" at most, with room for ", " and exponent forms
 JSON_ENVELOPE_BYTES = 1 << 16  # names, datatype, shape, parameters around the numbers

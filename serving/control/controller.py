@@ -32,7 +32,7 @@ from modelship import repository
 from modelship.errors import ConfigError, ModelshipError
 from modelship.serving.control import table as models
 from modelship.serving.control.table import HELD, LOADING, READY, UNAVAILABLE, UNLOADING, Table, Version, key_of
-from modelship.serving.protocol import RequestError
+from modelship.serving.errors import RequestError
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from modelship.serving.errors import RequestError
 from modelship.serving.metrics import metrics
-from modelship.serving.protocol import RequestError
 
 log = logging.getLogger(__name__)
 

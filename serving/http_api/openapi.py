@@ -1,7 +1,7 @@
 """The OpenAPI document behind `/docs` and `/openapi.json`: every route with its real request and response schemas.
 
-LitSpec endpoints take a raw `Request` (bodies are parsed and validated by modelship.serving.protocol, which knows
-each model's shape), so FastAPI cannot infer their bodies; the schemas are pydantic models
+LitSpec endpoints take a raw `Request` (bodies are parsed and validated by http_api.codec, which knows each model's
+shape), so FastAPI cannot infer their bodies; the schemas are pydantic models
 (modelship.serving.http_api.schemas), and `install_openapi` attaches them to the operations FastAPI lists. The
 examples are built for a served model, so they work when pasted; the description lists every model version the
 server holds.

@@ -1,6 +1,6 @@
 """The request and response schemas of the HTTP API, as pydantic models: `/docs` and `/openapi.json` show them
 (modelship.serving.http_api.openapi attaches them to the routes). Requests are validated by
-modelship.serving.protocol, which knows each model's shape; these describe them."""
+http_api.codec, which knows each model's shape; these describe them."""
 
 from __future__ import annotations
 

@@ -24,12 +24,14 @@ from starlette.requests import ClientDisconnect
 
 import modelship
 from modelship.scores import prediction
-from modelship.serving import compat, protocol
+from modelship.serving import compat, v2
 from modelship.serving.config import Settings
 from modelship.serving.control import controller
 from modelship.serving.control.catalog import Catalog, Served
 from modelship.serving.control.table import READY, index
 from modelship.serving.dispatch import broker, in_process, transport
+from modelship.serving.errors import RequestError
+from modelship.serving.http_api import codec
 from modelship.serving.http_api.guard import CLIENT_CLOSED, JSON_HEADERS, Answer, Route, Scope, error_answer, too_large
 from modelship.serving.metrics import exposition, metrics
 
@@ -128,7 +130,7 @@ class HTTPSpec(compat.LitSpec):
         from routing; RequestError 404 for a model or version that is not there."""
         try:
             self.catalog.resolve(name, version)
-        except protocol.RequestError as e:
+        except RequestError as e:
             if e.status != 503:
                 raise
             return False
@@ -143,13 +145,13 @@ class HTTPSpec(compat.LitSpec):
         try:
             logits = await self.client.call(served.key, x, self.settings.timeout)
         except TimeoutError:
-            raise protocol.RequestError(
+            raise RequestError(
                 f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
             ) from None
         except transport.WorkerError as e:
             if e.status >= 500 and e.status != 503:
                 log.error("inference failed: %s", e.detail)
-            raise protocol.RequestError(e.detail, e.status) from None
+            raise RequestError(e.detail, e.status) from None
         key = (served.key, protocol_name)
         if key not in self.counters:  # a labelled child per version and protocol, looked up once (3 us a request)
             self.counters[key] = metrics().inferences.labels(served.model.name, served.version, protocol_name)
@@ -199,13 +201,13 @@ class HTTPSpec(compat.LitSpec):
         model = served.model
         ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower().decode("latin-1")
         if ctype == "application/json":
-            req = protocol.parse_predict_json(body, model)
+            req = codec.parse_predict_json(body, model)
         elif ctype.startswith("image/"):
-            req = protocol.PredictRequest(model.default_top_k, image=body)
+            req = codec.PredictRequest(model.default_top_k, image=body)
         elif ctype == "multipart/form-data":
             req = await self.parse_multipart(headers, body, model)
         else:
-            raise protocol.RequestError(
+            raise RequestError(
                 f"Content-Type {ctype} is not supported; send application/json, multipart/form-data or image/*", 415
             )
         # decoding a large image takes long enough to stall every other request on this event loop
@@ -215,7 +217,7 @@ class HTTPSpec(compat.LitSpec):
         return json_answer({**answer, "model_name": model.name, "model_version": served.version})
 
     async def parse_multipart(self, headers: dict[bytes, bytes], body: bytes,
-                              model: protocol.ServedModel) -> protocol.PredictRequest:  # fmt: skip
+                              model: v2.ServedModel) -> codec.PredictRequest:  # fmt: skip
         async def chunks() -> Any:
             yield body
 
@@ -223,13 +225,13 @@ class HTTPSpec(compat.LitSpec):
         try:
             form = await parser.parse()
         except Exception as e:
-            raise protocol.RequestError(f"the multipart body cannot be parsed ({e})") from None
+            raise RequestError(f"the multipart body cannot be parsed ({e})") from None
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
-            raise protocol.RequestError("a multipart upload needs a file field named `file`")
-        top_k = protocol.parse_top_k(form.get("top_k"), model)
+            raise RequestError("a multipart upload needs a file field named `file`")
+        top_k = codec.parse_top_k(form.get("top_k"), model)
         what = f"uploaded file {upload.filename or ''}".strip()
-        return protocol.PredictRequest(top_k, image=await upload.read(), what=what)
+        return codec.PredictRequest(top_k, image=await upload.read(), what=what)
 
     @handled
     async def info(self, request: Request) -> Response:
@@ -262,7 +264,7 @@ class HTTPSpec(compat.LitSpec):
             {
                 "name": "modelship",
                 "version": modelship.__version__,
-                "extensions": protocol.V2_EXTENSIONS,
+                "extensions": v2.EXTENSIONS,
             }
         )
 
@@ -289,21 +291,21 @@ class HTTPSpec(compat.LitSpec):
         extension."""
         served = self.catalog.resolve(name, version)
         encoding = headers.get(b"content-encoding")
-        body = protocol.decompress(body, encoding.decode() if encoding else None, self.settings.max_bytes)
+        body = codec.decompress(body, encoding.decode() if encoding else None, self.settings.max_bytes)
         length = headers.get(b"inference-header-content-length")
         if length is None and len(body) > served.max_json_bytes:  # a gzip body is only measured once inflated
-            raise protocol.RequestError(too_large(len(body), served.max_json_bytes, json_limit_why(served)), 413)
-        req = protocol.parse_v2_infer(body, length.decode() if length is not None else None, served.model)
+            raise RequestError(too_large(len(body), served.max_json_bytes, json_limit_why(served)), 413)
+        req = codec.parse_v2_infer(body, length.decode() if length is not None else None, served.model)
         logits = await self.infer(served, req.tensor, "http")
-        content, extra = protocol.v2_response(logits, req, served.model, served.version)
+        content, extra = codec.v2_response(logits, req, served.model, served.version)
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
 
     async def repository_index(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
         """POST /v2/repository/index: every model of the repository, each version with its state (Triton's
         repository extension); {"ready": true} lists only what is READY."""
-        doc = protocol.parse_json(body) if body.strip() else {}
+        doc = codec.parse_json(body) if body.strip() else {}
         if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
-            raise protocol.RequestError('expected a JSON object, optionally {"ready": true}')
+            raise RequestError('expected a JSON object, optionally {"ready": true}')
         return json_answer(index(self.catalog.fresh(), ready_only=bool(doc.get("ready"))))
 
     def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Route | None:
@@ -342,7 +344,7 @@ class HTTPSpec(compat.LitSpec):
 
             try:
                 served = self.catalog.resolve(name, version)
-            except protocol.RequestError:
+            except RequestError:
                 return (Route(infer), None), False  # the handler answers why
             return (Route(infer), Route(infer, served.max_json_bytes, json_limit_why(served))), True
         m = REPOSITORY_POST.match(path)
@@ -358,10 +360,10 @@ class HTTPSpec(compat.LitSpec):
     async def repository_change(self, op: str, name: str, body: bytes) -> Answer:
         """POST /v2/repository/models/{name}/load or /unload: asked of the controller in the main process, answered
         once the change is done (loaded on every worker, or drained and unloaded) or has failed."""
-        doc = protocol.parse_json(body) if body.strip() else {}
+        doc = codec.parse_json(body) if body.strip() else {}
         params = doc.get("parameters", {}) if isinstance(doc, dict) else None
         if not isinstance(params, dict):
-            raise protocol.RequestError(f"{op} takes no model configuration or files here; send {{}} or no body")
+            raise RequestError(f"{op} takes no model configuration or files here; send {{}} or no body")
         status, answer = await self.repository_ask(op, name, list(params))
         return json_answer(answer, status)
 

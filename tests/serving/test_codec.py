@@ -13,16 +13,10 @@ from PIL import Image
 
 from modelship.preprocess import Preprocess, preprocess_image
 from modelship.scores import prediction
+from modelship.serving.errors import RequestError
+from modelship.serving.http_api.codec import V2Request, decompress, parse_predict_json, parse_v2_infer, v2_response
 from modelship.serving.http_api.guard import route_label
-from modelship.serving.protocol import (
-    RequestError,
-    ServedModel,
-    V2Request,
-    decompress,
-    parse_predict_json,
-    parse_v2_infer,
-    v2_response,
-)
+from modelship.serving.v2 import ServedModel
 
 SPEC = ServedModel(
     name="m", classes=("a", "b", "c"), input_name="input", output_name="logits", shape=(3, 4, 4),

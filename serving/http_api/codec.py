@@ -1,8 +1,10 @@
-"""Request parsing and response formatting, for /predict and the KServe v2 (Open Inference) protocol.
+"""The HTTP request and response formats: /predict (JSON, a raw image, multipart's fields) and KServe v2 over HTTP (JSON
+`data` or the binary tensor extension, Content-Encoding), parsed into validated float32 arrays and written back.
 
-Everything here runs in the HTTP process, before a request is queued: a malformed request is answered 4xx with a
+Everything here runs in the API server, before a request is queued: a malformed request is answered 4xx with a
 message naming what was wrong and what was expected, and never reaches a batch where it could fail the others.
-Pure functions of bytes, headers and the manifest; numpy, PIL and the standard library only.
+Pure functions of bytes, headers and the manifest; numpy, PIL and the standard library only (and pydantic-core's
+JSON parser).
 """
 
 from __future__ import annotations
@@ -19,49 +21,11 @@ import numpy as np
 import pydantic_core
 
 from modelship.errors import DataError
-from modelship.preprocess import ImageTooLarge, Preprocess, decode_image, preprocess_image
-from modelship.scores import default_top_k
+from modelship.preprocess import ImageTooLarge, decode_image, preprocess_image
+from modelship.serving.errors import RequestError
+from modelship.serving.v2 import ServedModel, check_input, check_output, expected_shape, raw_tensor
 
 MAX_IMAGE_PIXELS = 40_000_000  # a 16 MB PNG can unpack to gigabytes; refuse before decoding
-
-
-class RequestError(Exception):
-    """A client mistake: HTTP `status` with a message that says what was wrong and what was expected."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What request validation needs from the manifest."""
-
-    name: str
-    classes: tuple[str, ...]
-    input_name: str
-    output_name: str
-    shape: tuple[int, int, int]  # C, H, W
-    preprocess: Preprocess
-    max_batch: int
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], max_batch: int) -> ServedModel:
-        c, h, w = (int(v) for v in manifest["input"]["shape"][1:])
-        return cls(
-            name=manifest["name"],
-            classes=tuple(manifest["classes"]),
-            input_name=manifest["input"]["name"],
-            output_name=manifest["output"]["name"],
-            shape=(c, h, w),
-            preprocess=Preprocess.from_dict(manifest["preprocess"]),
-            max_batch=max_batch,
-        )
-
-    @property
-    def default_top_k(self) -> int:
-        return default_top_k(len(self.classes))
 
 
 def tensor_from_json(value: Any, what: str, shape: tuple[int, ...], flat_ok: bool = False) -> np.ndarray:
@@ -165,9 +129,7 @@ def parse_predict_json(body: bytes, model: ServedModel) -> PredictRequest:
 
 # ------------------------------------------------------------------------------------------------ KServe v2
 
-V2_DTYPES = {"FP32": np.dtype("<f4")}
-V2_EXTENSIONS = ["binary_tensor_data", "model_repository"]  # what the server metadata lists, over HTTP and gRPC
-V2_REQUEST_FIELDS = ("id", "inputs", "outputs", "parameters")
+REQUEST_FIELDS = ("id", "inputs", "outputs", "parameters")
 
 
 @dataclass
@@ -235,7 +197,7 @@ def parse_v2_infer(body: bytes, header_length: str | None, model: ServedModel) -
     doc, binary = _split_binary(body, header_length)
     if not isinstance(doc, dict):
         raise RequestError("expected a JSON object with an inputs list (KServe v2 inference request)")
-    _v2_fields(doc, V2_REQUEST_FIELDS, "the request")
+    _v2_fields(doc, REQUEST_FIELDS, "the request")
     request_id = doc.get("id")
     if request_id is not None:
         _v2_type(request_id, str, "id", "a string")
@@ -255,7 +217,7 @@ def parse_v2_infer(body: bytes, header_length: str | None, model: ServedModel) -
         _v2_type(o, dict, where, "an object")
         _v2_fields(o, V2_OUTPUT_FIELDS, where)
         _v2_type(o.get("name"), str, f"{where}.name", "a string")
-        v2_check_output(o["name"], model)
+        check_output(o["name"], model)
         out_params = _v2_parameters(o.get("parameters"), f"{where}.parameters")
         binary_out = _v2_binary_flag(out_params, f"{where}.parameters.binary_data") or binary_out
         names.append(o["name"])
@@ -294,7 +256,7 @@ def _v2_input(t: Any, binary: bytes | memoryview, model: ServedModel) -> np.ndar
     shape = t.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise RequestError(f"inputs[0].shape must be an array of integers {expected_shape(model)}, got {shape!r}")
-    v2_check_input(t["name"], t["datatype"], shape, model)
+    check_input(t["name"], t["datatype"], shape, model)
     params = _v2_parameters(t.get("parameters"), "inputs[0].parameters")
     if "binary_data_size" not in params:
         if binary:
@@ -307,36 +269,7 @@ def _v2_input(t: Any, binary: bytes | memoryview, model: ServedModel) -> np.ndar
         raise RequestError(f"binary input is {len(binary)} bytes but its binary_data_size is {size!r}")
     if "data" in t:
         raise RequestError("input has both binary data and a data field; send one")
-    return v2_raw_tensor(binary, shape, "binary input")
-
-
-def expected_shape(model: ServedModel) -> str:
-    return f"[N, {', '.join(map(str, model.shape))}]"
-
-
-def v2_check_input(name: str, datatype: str, shape: list[int], model: ServedModel) -> None:
-    """The checks every v2 input tensor passes, over HTTP or gRPC, with the same messages."""
-    if name != model.input_name:
-        raise RequestError(f"unknown input {name!r}; this model's input is {model.input_name!r}")
-    if datatype not in V2_DTYPES:
-        raise RequestError(f"input datatype {datatype!r} is not supported; expected FP32")
-    if len(shape) != 4 or tuple(shape[1:]) != model.shape or shape[0] < 1:
-        raise RequestError(f"input shape {shape} does not fit the model; expected {expected_shape(model)}")
-    if shape[0] > model.max_batch:
-        raise RequestError(f"input batch of {shape[0]} is over this server's limit of {model.max_batch}")
-
-
-def v2_check_output(name: str, model: ServedModel) -> None:
-    if name != model.output_name:
-        raise RequestError(f"unknown output {name!r}; this model's output is {model.output_name!r}")
-
-
-def v2_raw_tensor(data: bytes | memoryview, shape: list[int], what: str) -> np.ndarray:
-    """Raw little-endian FP32 bytes of a checked shape -> the array, a view of the bytes (no copy)."""
-    need = math.prod(shape) * 4
-    if len(data) != need:
-        raise RequestError(f"{what} is {len(data)} bytes; shape {shape} FP32 needs {need} bytes")
-    return np.frombuffer(data, dtype=V2_DTYPES["FP32"]).reshape(shape)
+    return raw_tensor(binary, shape, "binary input")
 
 
 def v2_response(logits: np.ndarray, req: V2Request, model: ServedModel, version: str) -> tuple[bytes, dict[str, str]]:
