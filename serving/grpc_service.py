@@ -1,10 +1,11 @@
 """KServe v2 over gRPC (`inference.GRPCInferenceService`, with Triton's repository calls) and `grpc.health.v1.Health`.
 
 Every API server process serves it beside HTTP, on the same event loop, on its own SO_REUSEPORT socket of the gRPC
-port. It answers through the HTTP spec: the same catalog resolves a model version, the same checks (the same
-messages) validate a tensor, and ModelInfer awaits the spec's `infer`, so a gRPC request joins the batches HTTP
-requests join. A client mistake is a status code with the message HTTP would give (`CODES`); the request bytes are
-parsed here rather than by grpc, so a malformed message is INVALID_ARGUMENT naming the message, not INTERNAL.
+port. It holds nothing of its own: a call goes to the data plane HTTP calls too (the same routing to a model version,
+the same readiness, `infer` through the same dispatcher, so a gRPC request joins the batches HTTP requests join),
+and a tensor is checked by v2's shared rules, with the same messages. A client mistake is the status code
+`errors.GRPC_CODES` gives its HTTP status; the request bytes are parsed here rather than by grpc, so a malformed
+message is INVALID_ARGUMENT naming the message, not INTERNAL.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import modelship
 from modelship.protos import health_pb2 as health
 from modelship.protos import inference_pb2 as pb
 from modelship.serving import v2
-from modelship.serving.control import table as models
+from modelship.serving.dataplane import authorized
 from modelship.serving.errors import GRPC_CODES, RequestError
-from modelship.serving.http_api.guard import authorized
 from modelship.serving.metrics import metrics
 
 if TYPE_CHECKING:
-    from modelship.serving.http_api.spec import HTTPSpec
+    from modelship.serving.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ Handler = Callable[[Any], Awaitable[Message]]
 class Service:
     """The gRPC server of one API server process: made before the fork, started inside the process's event loop."""
 
-    def __init__(self, spec: HTTPSpec, host: str, port: int, api_key: str | None, max_bytes: int) -> None:
-        self.spec = spec
+    def __init__(self, plane: DataPlane, host: str, port: int, api_key: str | None, max_bytes: int) -> None:
+        self.plane = plane
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.api_key = api_key.encode() if api_key else None
         self.max_bytes = max_bytes
@@ -148,12 +148,12 @@ class Service:
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(self, request: pb.ServerReadyRequest) -> Message:
-        return pb.ServerReadyResponse(ready=self.spec.ready())
+        return pb.ServerReadyResponse(ready=self.plane.ready())
 
     async def model_ready(self, request: pb.ModelReadyRequest) -> Message:
         """ready: false, not an error, for a model or version that is not READY or not there (as Triton answers)."""
         try:
-            return pb.ModelReadyResponse(ready=self.spec.model_ready(request.name, request.version or None))
+            return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version or None))
         except RequestError as e:
             if e.status != 404:
                 raise
@@ -163,7 +163,7 @@ class Service:
         return pb.ServerMetadataResponse(name="modelship", version=modelship.__version__, extensions=v2.EXTENSIONS)
 
     async def model_metadata(self, request: pb.ModelMetadataRequest) -> Message:
-        doc = self.spec.catalog.metadata(request.name, request.version or None)
+        doc = self.plane.catalog.metadata(request.name, request.version or None)
         tensors = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=doc["name"], versions=doc["versions"], platform=doc["platform"],
@@ -171,7 +171,7 @@ class Service:
         )  # fmt: skip
 
     async def model_infer(self, request: pb.ModelInferRequest) -> Message:
-        served = self.spec.catalog.resolve(request.model_name, request.model_version or None)
+        served = self.plane.resolve(request.model_name, request.model_version or None)
         model = served.model
         size = request.ByteSize()
         if size > served.max_message_bytes:
@@ -183,14 +183,14 @@ class Service:
         x = infer_input(request, model)
         for o in request.outputs:
             v2.check_output(o.name, model)
-        logits = await self.spec.infer(served, x, "grpc")
+        logits = await self.plane.infer(served, x, "grpc")
         response = pb.ModelInferResponse(model_name=model.name, model_version=served.version, id=request.id)
         response.outputs.add(name=model.output_name, datatype="FP32", shape=logits.shape)
         response.raw_output_contents.append(np.ascontiguousarray(logits, "<f4").tobytes())
         return response
 
     async def repository_index(self, request: pb.RepositoryIndexRequest) -> Message:
-        rows = models.index(self.spec.catalog.fresh(), ready_only=request.ready)
+        rows = self.plane.index(ready_only=request.ready)
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(
             models=[
@@ -207,7 +207,7 @@ class Service:
         return pb.RepositoryModelUnloadResponse()
 
     async def repository_change(self, op: str, name: str, parameters: list[str]) -> None:
-        status, doc = await self.spec.repository_ask(op, name, parameters)
+        status, doc = await self.plane.repository_change(op, name, parameters)
         if status != 200:
             raise RequestError(doc.get("error", f"{op} failed") if isinstance(doc, dict) else str(doc),
                                         status)  # fmt: skip
@@ -217,7 +217,7 @@ class Service:
     def serving_status(self, service: str) -> health.HealthCheckResponse.ServingStatus:
         """SERVING while `service` can answer: the server ("" or the inference service) or one model by name."""
         try:
-            ready = self.spec.ready() if service in ("", SERVICE) else self.spec.model_ready(service)
+            ready = self.plane.ready() if service in ("", SERVICE) else self.plane.model_ready(service)
         except RequestError as e:
             if e.status != 404:
                 raise

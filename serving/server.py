@@ -162,6 +162,7 @@ def build_server(
     from starlette.middleware.cors import CORSMiddleware
 
     from modelship.serving import compat
+    from modelship.serving.dataplane import DataPlane
     from modelship.serving.dispatch import broker
     from modelship.serving.dispatch import in_process as local
     from modelship.serving.dispatch.worker import InferenceAPI
@@ -171,7 +172,8 @@ def build_server(
     from modelship.serving.http_api.spec import HTTPSpec
 
     settings = Settings.from_config(cfg, accelerator, models(cfg, n_devices), run_dir)
-    spec = HTTPSpec(settings)
+    plane = DataPlane(settings)
+    spec = HTTPSpec(plane)
     inference = InferenceAPI(settings, spec)
     in_api_server = None
     if cfg.in_process:
@@ -181,7 +183,7 @@ def build_server(
             runner = local.Runner(lambda: inference.setup("cpu"), inference.run, settings.max_batch_size,
                                   settings.batch_timeout, loaded)  # fmt: skip
             runner.start()
-            spec.client = runner
+            plane.dispatcher = runner
 
     def front(app: Any) -> Any:
         """The guard in front of the FastAPI app, and CORS in front of the guard (a browser's preflight is answered
@@ -193,7 +195,7 @@ def build_server(
     if cfg.grpc_port is not None:
         from modelship.serving.grpc_service import Service
 
-        grpc = Service(spec, cfg.host, cfg.grpc_port, cfg.api_key, cfg.max_bytes)
+        grpc = Service(plane, cfg.host, cfg.grpc_port, cfg.api_key, cfg.max_bytes)
     server = compat.Server(
         inference,
         accelerator=accelerator,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
@@ -11,6 +10,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from modelship.serving.dataplane import authorized
 from modelship.serving.errors import RequestError
 from modelship.serving.metrics import metrics
 
@@ -82,15 +82,6 @@ def error_answer(e: Exception) -> Answer:
         return e.status, JSON_HEADERS, json.dumps({"error": e.message}).encode()
     log.error("unhandled error answering a request", exc_info=e)
     return 500, JSON_HEADERS, json.dumps({"error": "internal server error; see the server log"}).encode()
-
-
-def authorized(api_key: bytes, headers: dict[bytes, bytes]) -> bool:
-    """The API key is given as X-API-Key or Authorization: Bearer (HTTP headers, or gRPC metadata, lower-cased)."""
-    given = headers.get(b"x-api-key")
-    if given is None:
-        auth = headers.get(b"authorization", b"")
-        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else None
-    return given is not None and hmac.compare_digest(given, api_key)
 
 
 class Guard:

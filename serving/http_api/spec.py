@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import pydantic_core
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -25,15 +24,13 @@ from starlette.requests import ClientDisconnect
 import modelship
 from modelship.scores import prediction
 from modelship.serving import compat, v2
-from modelship.serving.config import Settings
-from modelship.serving.control import controller
-from modelship.serving.control.catalog import Catalog, Served
-from modelship.serving.control.table import READY, index
-from modelship.serving.dispatch import broker, in_process, transport
+from modelship.serving.control.catalog import Served
+from modelship.serving.control.table import READY
+from modelship.serving.dataplane import DataPlane
 from modelship.serving.errors import RequestError
 from modelship.serving.http_api import codec
 from modelship.serving.http_api.guard import CLIENT_CLOSED, JSON_HEADERS, Answer, Route, Scope, error_answer, too_large
-from modelship.serving.metrics import exposition, metrics
+from modelship.serving.metrics import exposition
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +70,12 @@ def json_answer(doc: Any, status: int = 200) -> Answer:
 class HTTPSpec(compat.LitSpec):
     """The HTTP side: /, /predict, KServe v2 with its repository extension, /info and /metrics."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane  # before LitSpec's own __init__, which sets response_queue_id
         super().__init__()
         self.api_path = "/predict"
-        self.settings = settings
-        self.catalog = Catalog(settings.run_dir, settings.backend)
-        self.addresses: transport.Addresses | None = None  # set by the server before the API servers fork
-        # how this API server reaches the models: its own (--in-process, set by the server after the fork) or the
-        # workers' transport (made on the first request, inside this process's event loop)
-        self.client: transport.Client | in_process.Runner | None = None
-        self.counters: dict[tuple[str, str], Any] = {}  # (version, protocol) -> its inferences counter
+        self.settings = plane.settings
+        self.catalog = plane.catalog
         # the POST routes, answered by the guard (fast_route) before FastAPI; FastAPI serves the rest
         self.routes, self.routes_generation = self.fixed_routes(), -1
         self.add_endpoint("/", self.root, ["GET"])
@@ -102,61 +95,30 @@ class HTTPSpec(compat.LitSpec):
             "/v2/repository/index": (Route(self.repository_index), None),
         }
 
-    # LitSpec asks for these; modelship's endpoints talk to the workers through `infer`
+    @property
+    def addresses(self) -> Any:
+        """The workers' transport endpoints, which the server sets on the spec before the API servers fork."""
+        return self.plane.addresses
+
+    @addresses.setter
+    def addresses(self, addresses: Any) -> None:
+        self.plane.addresses = addresses
+
+    @property
+    def response_queue_id(self) -> int | None:
+        """This API server's number, which LitServe sets on the spec: the data plane's, where its answers go."""
+        return self.plane.consumer
+
+    @response_queue_id.setter
+    def response_queue_id(self, consumer: int | None) -> None:
+        self.plane.consumer = consumer or 0
+
+    # LitSpec asks for these; modelship's endpoints talk to the models through the data plane
     def decode_request(self, request: Any, context_kwargs: dict | None = None) -> Any:
         return request
 
     def encode_response(self, output: Any, context_kwargs: dict | None = None) -> Any:
         return output
-
-    # ------------------------------------------------------------------------------------------ plumbing
-
-    def ready(self) -> bool:
-        """This API server can answer now: every model asked for at start has loaded (or failed) and one is READY,
-        and its own models are loaded (--in-process) or the broker is up and at least one worker has asked it for
-        work (Kubernetes' readiness: a restarting worker beside a serving one is not a reason to leave the load
-        balancer)."""
-        table = self.catalog.table
-        if not table.started:
-            table = self.catalog.fresh()  # starting: another API server may already have seen the models load
-        if not (table.started and (table.names() or self.settings.model_control == "explicit")):
-            return False  # (explicit control may start with nothing loaded, and take load requests: as Triton)
-        if isinstance(self.client, in_process.Runner):
-            return self.client.up
-        return broker.broker_ready()
-
-    def model_ready(self, name: str, version: str | None = None) -> bool:
-        """A model (version) can answer: READY here, and this server ready. False while it loads or is unloaded
-        from routing; RequestError 404 for a model or version that is not there."""
-        try:
-            self.catalog.resolve(name, version)
-        except RequestError as e:
-            if e.status != 503:
-                raise
-            return False
-        return self.ready()
-
-    async def infer(self, served: Served, x: np.ndarray, protocol_name: str) -> np.ndarray:
-        """Send one validated array to a model version (the inference workers, or this process's own) for its
-        logits."""
-        if self.client is None:
-            assert self.addresses is not None
-            self.client = transport.Client(self.addresses, self.response_queue_id)
-        try:
-            logits = await self.client.call(served.key, x, self.settings.timeout)
-        except TimeoutError:
-            raise RequestError(
-                f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
-            ) from None
-        except transport.WorkerError as e:
-            if e.status >= 500 and e.status != 503:
-                log.error("inference failed: %s", e.detail)
-            raise RequestError(e.detail, e.status) from None
-        key = (served.key, protocol_name)
-        if key not in self.counters:  # a labelled child per version and protocol, looked up once (3 us a request)
-            self.counters[key] = metrics().inferences.labels(served.model.name, served.version, protocol_name)
-        self.counters[key].inc()
-        return logits
 
     # ------------------------------------------------------------------------------------------ endpoints
 
@@ -172,7 +134,7 @@ class HTTPSpec(compat.LitSpec):
                 "model": only,
                 "models": names,
                 "backend": self.settings.backend,
-                "ready": self.ready(),
+                "ready": self.plane.ready(),
                 "links": {
                     "docs": "/docs",
                     "openapi": "/openapi.json",
@@ -189,7 +151,7 @@ class HTTPSpec(compat.LitSpec):
     @handled
     async def health(self, request: Request) -> Response:
         """Readiness: 200 while this server can answer, else 503 (GET or HEAD, for load balancers and probes)."""
-        ready = self.ready()
+        ready = self.plane.ready()
         return Response("ok" if ready else "not ready", status_code=200 if ready else 503)
 
     async def predict_body(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
@@ -212,7 +174,7 @@ class HTTPSpec(compat.LitSpec):
             )
         # decoding a large image takes long enough to stall every other request on this event loop
         x = req.tensor if req.tensor is not None else await asyncio.to_thread(req.to_tensor, model)
-        logits = await self.infer(served, x, "http")
+        logits = await self.plane.infer(served, x, "http")
         answer = prediction(logits[0], model.classes, req.top_k)
         return json_answer({**answer, "model_name": model.name, "model_version": served.version})
 
@@ -274,7 +236,7 @@ class HTTPSpec(compat.LitSpec):
 
     @handled
     async def v2_ready(self, request: Request) -> Response:
-        ready = self.ready()
+        ready = self.plane.ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @handled
@@ -283,7 +245,7 @@ class HTTPSpec(compat.LitSpec):
 
     @handled
     async def v2_model_ready(self, request: Request, name: str, version: str | None = None) -> Response:
-        ready = self.model_ready(name, version)
+        ready = self.plane.model_ready(name, version)
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
     async def v2_body(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes) -> Answer:
@@ -296,7 +258,7 @@ class HTTPSpec(compat.LitSpec):
         if length is None and len(body) > served.max_json_bytes:  # a gzip body is only measured once inflated
             raise RequestError(too_large(len(body), served.max_json_bytes, json_limit_why(served)), 413)
         req = codec.parse_v2_infer(body, length.decode() if length is not None else None, served.model)
-        logits = await self.infer(served, req.tensor, "http")
+        logits = await self.plane.infer(served, req.tensor, "http")
         content, extra = codec.v2_response(logits, req, served.model, served.version)
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
 
@@ -306,7 +268,7 @@ class HTTPSpec(compat.LitSpec):
         doc = codec.parse_json(body) if body.strip() else {}
         if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
             raise RequestError('expected a JSON object, optionally {"ready": true}')
-        return json_answer(index(self.catalog.fresh(), ready_only=bool(doc.get("ready"))))
+        return json_answer(self.plane.index(ready_only=bool(doc.get("ready"))))
 
     def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Route | None:
         """The POST routes, answered by the guard itself without FastAPI's routing (BENCHMARKS.md, serving):
@@ -364,13 +326,8 @@ class HTTPSpec(compat.LitSpec):
         params = doc.get("parameters", {}) if isinstance(doc, dict) else None
         if not isinstance(params, dict):
             raise RequestError(f"{op} takes no model configuration or files here; send {{}} or no body")
-        status, answer = await self.repository_ask(op, name, list(params))
+        status, answer = await self.plane.repository_change(op, name, list(params))
         return json_answer(answer, status)
-
-    async def repository_ask(self, op: str, name: str, parameters: list[str]) -> tuple[int, Any]:
-        """(HTTP status, answer) of the controller for a load or unload (HTTP or gRPC)."""
-        return await asyncio.to_thread(controller.change, self.settings.run_dir, self.settings.model_control, op, name,
-                                       parameters)  # fmt: skip
 
 
 def json_limit_why(served: Served) -> str:

@@ -1,0 +1,111 @@
+"""The data plane: what every protocol of an API server calls, HTTP (http_api) and gRPC (grpc_service) alike.
+
+Readiness, a model's readiness, routing a request to a model version (the catalog), inference through this API
+server's dispatcher (the workers' transport, or its own model with --in-process), the repository's index and its
+load/unload requests, and the API key. A protocol parses its own messages into these calls and writes their results
+in its own format; the rules and their messages live here once, as KServe's python server has them
+(`protocol/dataplane.py` under `protocol/rest` and `protocol/grpc`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any
+
+import numpy as np
+
+from modelship.serving.config import Settings
+from modelship.serving.control import controller
+from modelship.serving.control.catalog import Catalog, Served
+from modelship.serving.control.table import index
+from modelship.serving.dispatch import broker, in_process, transport
+from modelship.serving.errors import RequestError
+from modelship.serving.metrics import metrics
+
+log = logging.getLogger(__name__)
+
+
+class DataPlane:
+    """One API server's view of the models and its way to them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.catalog = Catalog(settings.run_dir, settings.backend)
+        self.addresses: transport.Addresses | None = None  # set by the server before the API servers fork
+        self.consumer = 0  # this API server's number: where the workers send its answers
+        # how this API server reaches the models: its own (--in-process, set by the server after the fork) or the
+        # workers' transport (made on the first request, inside this process's event loop)
+        self.dispatcher: transport.Client | in_process.Runner | None = None
+        self.counters: dict[tuple[str, str], Any] = {}  # (version, protocol) -> its inferences counter
+
+    def ready(self) -> bool:
+        """This API server can answer now: every model asked for at start has loaded (or failed) and one is READY,
+        and its own models are loaded (--in-process) or the broker is up and at least one worker has asked it for
+        work (Kubernetes' readiness: a restarting worker beside a serving one is not a reason to leave the load
+        balancer)."""
+        table = self.catalog.table
+        if not table.started:
+            table = self.catalog.fresh()  # starting: another API server may already have seen the models load
+        if not (table.started and (table.names() or self.settings.model_control == "explicit")):
+            return False  # (explicit control may start with nothing loaded, and take load requests: as Triton)
+        if isinstance(self.dispatcher, in_process.Runner):
+            return self.dispatcher.up
+        return broker.broker_ready()
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        """A model (version) can answer: READY here, and this server ready. False while it loads or is unloaded
+        from routing; RequestError 404 for a model or version that is not there."""
+        try:
+            self.catalog.resolve(name, version)
+        except RequestError as e:
+            if e.status != 503:
+                raise
+            return False
+        return self.ready()
+
+    def resolve(self, name: str, version: str | None = None) -> Served:
+        """The model version a request goes to (no version: the newest READY one), or RequestError 404 / 503."""
+        return self.catalog.resolve(name, version)
+
+    async def infer(self, served: Served, x: np.ndarray, protocol: str) -> np.ndarray:
+        """One validated array through a model version (the inference workers, or this process's own): its
+        logits, or RequestError (504 on --timeout, the worker's status otherwise)."""
+        if self.dispatcher is None:
+            assert self.addresses is not None
+            self.dispatcher = transport.Client(self.addresses, self.consumer)
+        try:
+            logits = await self.dispatcher.call(served.key, x, self.settings.timeout)
+        except TimeoutError:
+            raise RequestError(
+                f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
+            ) from None
+        except transport.WorkerError as e:
+            if e.status >= 500 and e.status != 503:
+                log.error("inference failed: %s", e.detail)
+            raise RequestError(e.detail, e.status) from None
+        key = (served.key, protocol)
+        if key not in self.counters:  # a labelled child per version and protocol, looked up once (3 us a request)
+            self.counters[key] = metrics().inferences.labels(served.model.name, served.version, protocol)
+        self.counters[key].inc()
+        return logits
+
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """The repository index as Triton answers it: every model, each version with its state and reason."""
+        return index(self.catalog.fresh(), ready_only=ready_only)
+
+    async def repository_change(self, op: str, name: str, parameters: list[str]) -> tuple[int, Any]:
+        """(HTTP status, answer) of the controller for a load or unload of `name`, once it is done or has failed."""
+        return await asyncio.to_thread(
+            controller.change, self.settings.run_dir, self.settings.model_control, op, name, parameters
+        )
+
+
+def authorized(api_key: bytes, headers: dict[bytes, bytes]) -> bool:
+    """The API key is given as X-API-Key or Authorization: Bearer (HTTP headers, or gRPC metadata, lower-cased)."""
+    given = headers.get(b"x-api-key")
+    if given is None:
+        auth = headers.get(b"authorization", b"")
+        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else None
+    return given is not None and hmac.compare_digest(given, api_key)
