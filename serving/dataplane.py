@@ -20,7 +20,8 @@ from modelship.serving.config import Settings
 from modelship.serving.control import controller
 from modelship.serving.control.catalog import Catalog, Served
 from modelship.serving.control.table import index
-from modelship.serving.dispatch import broker, in_process, transport
+from modelship.serving.dispatch import broker, transport
+from modelship.serving.dispatch.base import Dispatcher
 from modelship.serving.errors import RequestError
 from modelship.serving.metrics import metrics
 
@@ -37,7 +38,7 @@ class DataPlane:
         self.consumer = 0  # this API server's number: where the workers send its answers
         # how this API server reaches the models: its own (--in-process, set by the server after the fork) or the
         # workers' transport (made on the first request, inside this process's event loop)
-        self.dispatcher: transport.Client | in_process.Runner | None = None
+        self.dispatcher: Dispatcher | None = None
         self.counters: dict[tuple[str, str], Any] = {}  # (version, protocol) -> its inferences counter
 
     def ready(self) -> bool:
@@ -50,9 +51,7 @@ class DataPlane:
             table = self.catalog.fresh()  # starting: another API server may already have seen the models load
         if not (table.started and (table.names() or self.settings.model_control == "explicit")):
             return False  # (explicit control may start with nothing loaded, and take load requests: as Triton)
-        if isinstance(self.dispatcher, in_process.Runner):
-            return self.dispatcher.up
-        return broker.broker_ready()
+        return self.dispatcher.ready() if self.dispatcher is not None else broker.broker_ready()
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         """A model (version) can answer: READY here, and this server ready. False while it loads or is unloaded
@@ -81,10 +80,10 @@ class DataPlane:
             raise RequestError(
                 f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
             ) from None
-        except transport.WorkerError as e:
+        except RequestError as e:
             if e.status >= 500 and e.status != 503:
-                log.error("inference failed: %s", e.detail)
-            raise RequestError(e.detail, e.status) from None
+                log.error("inference failed: %s", e.message)
+            raise
         key = (served.key, protocol)
         if key not in self.counters:  # a labelled child per version and protocol, looked up once (3 us a request)
             self.counters[key] = metrics().inferences.labels(served.model.name, served.version, protocol)

@@ -163,8 +163,7 @@ def build_server(
 
     from modelship.serving import compat
     from modelship.serving.dataplane import DataPlane
-    from modelship.serving.dispatch import broker
-    from modelship.serving.dispatch import in_process as local
+    from modelship.serving.dispatch import broker, in_process
     from modelship.serving.dispatch.worker import InferenceAPI
     from modelship.serving.http_api import connections
     from modelship.serving.http_api.guard import Guard
@@ -180,8 +179,8 @@ def build_server(
 
         def in_api_server(loaded: Callable[[bool], None]) -> None:
             """In a new API server process: load the models on its own thread; requests wait for them."""
-            runner = local.Runner(lambda: inference.setup("cpu"), inference.run, settings.max_batch_size,
-                                  settings.batch_timeout, loaded)  # fmt: skip
+            batching = (settings.max_batch_size, settings.batch_timeout, settings.timeout)
+            runner = in_process.Runner(lambda: inference.setup("cpu"), inference.run, batching, loaded)
             runner.start()
             plane.dispatcher = runner
 

@@ -23,26 +23,36 @@ from typing import Any
 
 import numpy as np
 
-from modelship.serving.dispatch.transport import OK, Request, WorkerError, expire, run_batch
+from modelship.serving.dispatch.base import fill, split_late
+from modelship.serving.dispatch.transport import OK, Request, expire, run_batch
+from modelship.serving.errors import RequestError
 
 log = logging.getLogger(__name__)
 
 Item = tuple[Request, asyncio.Future]
-Answer = tuple[asyncio.Future, Any, "WorkerError | None"]  # the future, its logits or its error
+Answer = tuple[asyncio.Future, Any, "RequestError | None"]  # the future, its logits or its error
 
 
 class Runner:
-    """The model on a thread of this API server: `call` queues an array and awaits its logits (or WorkerError, or
-    TimeoutError), the same contract as the workers' transport client."""
+    """The model on a thread of this API server: `call` queues an array and awaits its logits (or RequestError, or
+    TimeoutError), the same contract as the workers' transport client (dispatch.base.Dispatcher)."""
 
-    def __init__(self, setup: Callable[[], None], run: Callable[[list[Request]], list[np.ndarray]],
-                 max_batch: int, window: float, loaded: Callable[[bool], None]):  # fmt: skip
+    def __init__(
+        self,
+        setup: Callable[[], None],
+        run: Callable[[list[Request]], list[np.ndarray]],
+        batching: tuple[int, float, float],
+        loaded: Callable[[bool], None],
+    ):
         self.setup, self.run, self.loaded = setup, run, loaded  # loaded(ok) once the model is up or has failed
-        self.max_batch, self.window = max_batch, window
+        self.max_batch, self.window, self.timeout = batching  # --max-batch-size, --batch-timeout, --timeout
         self.queue: collections.deque[Item] = collections.deque()
-        self.ready = threading.Condition()
-        self.broken: WorkerError | None = None  # set when the model failed to load: every call gets it
+        self.arrived = threading.Condition()
+        self.broken: RequestError | None = None  # set when the model failed to load: every call gets it
         self.up = False  # the model is loaded and warm: this API server is ready
+
+    def ready(self) -> bool:
+        return self.up
 
     def start(self) -> None:
         threading.Thread(target=self._main, name="modelship-inference", daemon=True).start()
@@ -50,11 +60,11 @@ class Runner:
     async def call(self, key: str, x: np.ndarray, timeout: float) -> np.ndarray:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        with self.ready:
+        with self.arrived:
             if self.broken is not None:
                 raise self.broken
             self.queue.append((Request(b"", 0, time.monotonic(), x, key), future))
-            self.ready.notify()
+            self.arrived.notify()
         timer = loop.call_later(timeout, expire, future)
         try:
             return await future
@@ -67,8 +77,8 @@ class Runner:
         except Exception as e:  # each version's reason is logged where it failed; serve ends with it
             log.error("the model failed to load: %s", e)
             log.debug("why", exc_info=True)
-            with self.ready:
-                self.broken = WorkerError(503, "the model failed to load; the server is shutting down")
+            with self.arrived:
+                self.broken = RequestError("the model failed to load; the server is shutting down", 503)
                 waiting, self.queue = list(self.queue), collections.deque()
             self.loaded(False)
             if waiting:
@@ -82,21 +92,27 @@ class Runner:
 
     def _take(self) -> list[Item]:
         """Up to max_batch requests: those waiting once the first is here, and what arrives within the window."""
-        with self.ready:
+        with self.arrived:
             while not self.queue:
-                self.ready.wait()
-            deadline = time.monotonic() + self.window
-            while len(self.queue) < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
-                self.ready.wait(remaining)
-            return [self.queue.popleft() for _ in range(min(self.max_batch, len(self.queue)))]
+                self.arrived.wait()
+
+            def more(wait: float, room: int) -> list[Item]:
+                if not self.queue and wait > 0:
+                    self.arrived.wait(wait)
+                return [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
+
+            return fill(more(0.0, self.max_batch), self.max_batch, self.window, more)
 
     def _serve(self, batch: list[Item]) -> None:
-        live = [(r, f) for r, f in batch if not f.done()]  # a caller that timed out is not run
+        # the late rule the workers apply, and here also a caller that left (its future cancelled)
+        fresh, _ = split_late([r for r, _ in batch], self.timeout, time.monotonic())
+        kept = {id(r) for r in fresh}
+        live = [(r, f) for r, f in batch if id(r) in kept and not f.done()]
         if not live:
             return
         outcome = run_batch(self.run, [r for r, _ in live])
         answers: list[Answer] = [
-            (f, value, None) if status == OK else (f, None, WorkerError(*value))
+            (f, value, None) if status == OK else (f, None, RequestError(value[1], value[0]))
             for (_, f), (status, value) in zip(live, outcome, strict=True)
         ]
         live[0][1].get_loop().call_soon_threadsafe(_settle, answers)  # one wake-up of the event loop per batch

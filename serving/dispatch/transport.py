@@ -37,6 +37,8 @@ import zmq
 
 from modelship.errors import ConfigError
 from modelship.serving.control.table import REFRESH
+from modelship.serving.dispatch.base import fill, split_late
+from modelship.serving.errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ class Client:
         self.loop.add_reader(self.pull.fileno(), self._read)
 
     async def call(self, key: str, x: np.ndarray, timeout: float) -> np.ndarray:
-        """Send one array to model version `key`, wait for its answer: the array, or WorkerError / TimeoutError."""
+        """Send one array to model version `key`, wait for its answer: the array, or RequestError / TimeoutError."""
         uid = self.prefix + struct.pack("!Q", next(self.count))
         future = self.loop.create_future()
         self.pending[uid] = future
@@ -171,6 +173,12 @@ class Client:
         finally:
             timer.cancel()
             del self.pending[uid]
+
+    def ready(self) -> bool:
+        """The broker is up and at least one worker has asked it for work."""
+        from modelship.serving.dispatch.broker import broker_ready
+
+        return broker_ready()
 
     def _send(self) -> None:
         outbox, self.outbox = self.outbox, {}
@@ -201,7 +209,7 @@ class Client:
                 if future is not None and not future.done():
                     future.set_result(part.copy())
             elif future is not None and not future.done():
-                future.set_exception(WorkerError(*detail))
+                future.set_exception(RequestError(detail[1], detail[0]))
 
     def close(self) -> None:
         self.loop.remove_reader(self.pull.fileno())
@@ -211,15 +219,6 @@ class Client:
 def expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
-
-
-class WorkerError(Exception):
-    """An inference worker answered with an error: an HTTP status and a message."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -261,16 +260,11 @@ class Worker:
             news = self.refresh()
             if news:  # idle and loaded or unloaded a version: say so now (the same ask again, nothing to ack)
                 self.dealer.send_multipart([b"ready", credit, b"", news])
-        batch = self._receive()
-        deadline = time.monotonic() + window
-        while len(batch) < max_batch:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and not self.dealer.poll(0):
-                break
-            if remaining > 0 and not self.dealer.poll(max(1, int(remaining * 1000))):
-                break
-            batch += self._receive()
-        return batch
+
+        def more(wait: float, room: int) -> list[Request]:
+            return self._receive() if self.dealer.poll(max(1, int(wait * 1000)) if wait > 0 else 0) else []
+
+        return fill(self._receive(), max_batch, window, more)
 
     def _receive(self) -> list[Request]:
         seq, *frames = self.dealer.recv_multipart(copy=False)
@@ -300,9 +294,7 @@ def serve_batches(worker: Worker, run: Callable[[list[Request]], list[np.ndarray
     """The worker's loop: batches in, answers out, forever; a request older than `timeout` is answered 504."""
     while True:
         batch = worker.next_batch(max_batch, window)
-        now = time.monotonic()
-        late = [r for r in batch if now - r.queued_at > timeout]
-        fresh = [r for r in batch if now - r.queued_at <= timeout]
+        fresh, late = split_late(batch, timeout, time.monotonic())
         items: list[tuple[Request, int, Any]] = [(r, ERROR, (504, "timed out in the queue")) for r in late]
         if fresh:
             items += [(r, *answer) for r, answer in zip(fresh, run_batch(run, fresh), strict=True)]
@@ -310,12 +302,12 @@ def serve_batches(worker: Worker, run: Callable[[list[Request]], list[np.ndarray
 
 
 def run_batch(run: Callable[[list[Request]], list[Any]], batch: list[Request]) -> list[tuple[int, Any]]:
-    """(OK, logits) per request, (ERROR, (status, detail)) for a request `run` answered with a WorkerError (a model
+    """(OK, logits) per request, (ERROR, (status, detail)) for a request `run` answered with a RequestError (a model
     version this worker does not hold), or (ERROR, (500, detail)) for every one when the forward pass fails: requests
     are validated before they are queued, so a failure here is the model's."""
     try:
         return [
-            (ERROR, (y.status, y.detail)) if isinstance(y, WorkerError) else (OK, y)
+            (ERROR, (y.status, y.message)) if isinstance(y, RequestError) else (OK, y)
             for _, y in zip(batch, run(batch), strict=True)
         ]  # fmt: skip  (a count mismatch fails here too)
     except Exception as e:

@@ -30,6 +30,7 @@ from modelship.serving import compat, lifeline
 from modelship.serving.config import Settings
 from modelship.serving.control import table as models
 from modelship.serving.dispatch import transport
+from modelship.serving.errors import RequestError
 from modelship.serving.http_api.spec import HTTPSpec
 from modelship.serving.metrics import metrics
 
@@ -163,7 +164,7 @@ class InferenceAPI(ls.LitAPI):
         for key, idx in groups.items():
             held = self.held.get(key)
             if held is None:  # routed in the instant it was unloaded, or failed here: not served by this worker
-                error = transport.WorkerError(503, f"model version {key} is not loaded; retry")
+                error = RequestError(f"model version {key} is not loaded; retry", 503)
                 for i in idx:
                     out[i] = error
                 continue
@@ -182,7 +183,7 @@ class InferenceAPI(ls.LitAPI):
         return output
 
 
-NON_FINITE = transport.WorkerError(400, "input contains NaN or infinity; expected finite numbers")
+NON_FINITE = RequestError("input contains NaN or infinity; expected finite numbers", 400)
 
 
 @dataclass

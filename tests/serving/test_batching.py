@@ -97,8 +97,9 @@ def test_an_input_with_nan_or_infinity_is_refused_alone_and_the_rest_of_its_batc
     """Finiteness is checked where a batch is formed: the request at fault gets its 400, the others their logits."""
     from modelship.backends import onnx_backend
     from modelship.serving import metrics
-    from modelship.serving.dispatch.transport import Request, WorkerError
+    from modelship.serving.dispatch.transport import Request
     from modelship.serving.dispatch.worker import Held
+    from modelship.serving.errors import RequestError
 
     monkeypatch.setenv(metrics.ENV, str(tmp_path))  # the batch's metrics: a server run earlier in this process
     # may have left the variable naming its own folder, removed when it stopped
@@ -111,8 +112,8 @@ def test_an_input_with_nan_or_infinity_is_refused_alone_and_the_rest_of_its_batc
     xs[3][2, 0, 1, 0] = -np.inf
     answers = held.run([Request(b"%d" % i, 0, 0.0, x, "affine/1") for i, x in enumerate(xs)], "affine/1")
     for i in (1, 3):
-        assert isinstance(answers[i], WorkerError) and answers[i].status == 400
-        assert answers[i].detail == "input contains NaN or infinity; expected finite numbers"
+        assert isinstance(answers[i], RequestError) and answers[i].status == 400
+        assert answers[i].message == "input contains NaN or infinity; expected finite numbers"
     for i in (0, 2):
         np.testing.assert_allclose(answers[i], backend(xs[i]), atol=1e-6)
     finite = held.run([Request(b"a", 0, 0.0, xs[0], "affine/1"), Request(b"b", 0, 0.0, xs[2], "affine/1")], "affine/1")

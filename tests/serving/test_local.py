@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from modelship.serving.dispatch.in_process import Runner
-from modelship.serving.dispatch.transport import Request, WorkerError
+from modelship.serving.dispatch.transport import Request
+from modelship.serving.errors import RequestError
 
 
 class Model:
@@ -33,7 +34,7 @@ class Model:
         return [r.x * 2 for r in requests]
 
     def runner(self, max_batch: int = 32, window: float = 0.0) -> Runner:
-        r = Runner(self.setup, self.run, max_batch, window, self.loaded.append)
+        r = Runner(self.setup, self.run, (max_batch, window, 30.0), self.loaded.append)
         r.start()
         return r
 
@@ -79,9 +80,9 @@ def test_a_failing_forward_pass_fails_its_batch_with_500_and_the_next_batch_runs
 
     async def main() -> np.ndarray:
         runner = model.runner()
-        with pytest.raises(WorkerError) as e:
+        with pytest.raises(RequestError) as e:
             await runner.call("m/1", rows(1), 5)
-        assert (e.value.status, e.value.detail) == (500, "inference failed: RuntimeError")
+        assert (e.value.status, e.value.message) == (500, "inference failed: RuntimeError")
         model.fail_run = False
         return await runner.call("m/1", rows(3), 5)
 
@@ -111,12 +112,12 @@ def test_a_model_that_fails_to_load_answers_503_to_the_waiting_and_to_later_requ
         await asyncio.sleep(0.05)
         model.gate.set()
         errors = await asyncio.gather(waiting, return_exceptions=True)
-        with pytest.raises(WorkerError) as later:
+        with pytest.raises(RequestError) as later:
             await runner.call("m/1", rows(2), 5)
         return [*errors, later.value]
 
     errors = asyncio.run(main())
     assert model.loaded == [False] and model.batches == []
-    assert [(e.status, e.detail) for e in errors if isinstance(e, WorkerError)] == [
+    assert [(e.status, e.message) for e in errors if isinstance(e, RequestError)] == [
         (503, "the model failed to load; the server is shutting down")
     ] * 2

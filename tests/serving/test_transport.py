@@ -24,13 +24,13 @@ from modelship.serving.dispatch.transport import (
     Addresses,
     Client,
     Worker,
-    WorkerError,
     decode_requests,
     encode_answers,
     encode_requests,
     identity,
     uids,
 )
+from modelship.serving.errors import RequestError
 
 
 def sockets(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, zmq.Socket]:
@@ -320,7 +320,7 @@ def test_an_api_server_keeps_reading_answers_after_an_error_only_message_and_a_m
             answers.send_multipart(encode_answers([(uid, *answer(uid))]))
             return await call
 
-        with pytest.raises(WorkerError) as died:  # e.g. the broker's 503 after two deaths: no rows at all
+        with pytest.raises(RequestError) as died:  # e.g. the broker's 503 after two deaths: no rows at all
             await ask_and_answer(lambda uid: (ERROR, (503, "two inference workers died on this request")))
         assert died.value.status == 503
         answers.send_multipart([b"not a pickled answer", b""])  # logged, and the reader carries on
