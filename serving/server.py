@@ -164,7 +164,7 @@ def build_server(
     from modelship.serving import compat
     from modelship.serving.dataplane import DataPlane
     from modelship.serving.dispatch import broker, in_process
-    from modelship.serving.dispatch.worker import InferenceAPI
+    from modelship.serving.dispatch.worker import InferenceWorker
     from modelship.serving.http_api import connections
     from modelship.serving.http_api.guard import Guard
     from modelship.serving.http_api.openapi import install_errors, install_openapi
@@ -173,14 +173,14 @@ def build_server(
     settings = Settings.from_config(cfg, accelerator, models(cfg, n_devices), run_dir)
     plane = DataPlane(settings)
     spec = HTTPSpec(plane)
-    inference = InferenceAPI(settings, spec)
+    worker = InferenceWorker(settings)
     in_api_server = None
     if cfg.in_process:
 
         def in_api_server(loaded: Callable[[bool], None]) -> None:
             """In a new API server process: load the models on its own thread; requests wait for them."""
             batching = (settings.max_batch_size, settings.batch_timeout, settings.timeout)
-            runner = in_process.Runner(lambda: inference.setup("cpu"), inference.run, batching, loaded)
+            runner = in_process.Runner(lambda: worker.setup("cpu"), worker.run, batching, loaded)
             runner.start()
             plane.dispatcher = runner
 
@@ -196,7 +196,7 @@ def build_server(
 
         grpc = Service(plane, cfg.host, cfg.grpc_port, cfg.api_key, cfg.max_bytes)
     server = compat.Server(
-        inference,
+        compat.WorkerAPI(worker, spec),
         accelerator=accelerator,
         devices=n_devices,
         workers_per_device=cfg.workers_per_device,

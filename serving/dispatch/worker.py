@@ -1,4 +1,4 @@
-"""The inference worker side of LitServe: `InferenceAPI` holds every model version the model table lists (loaded and
+"""The inference worker: `InferenceWorker` holds every model version the model table lists (loaded and
 warmed up before it counts as loaded) and runs dynamic batches, one forward pass per version.
 
 A worker follows the table (modelship.serving.control.table) between batches and while idle: it loads what was
@@ -19,19 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import litserve as ls
 import numpy as np
 
 from modelship import allocator
 from modelship.backends import Backend, load_backend
 from modelship.errors import ArtifactError
 from modelship.manifest import read_manifest
-from modelship.serving import compat, lifeline
+from modelship.serving import lifeline
 from modelship.serving.config import Settings
 from modelship.serving.control import table as models
 from modelship.serving.dispatch import transport
 from modelship.serving.errors import RequestError
-from modelship.serving.http_api.spec import HTTPSpec
 from modelship.serving.metrics import metrics
 
 log = logging.getLogger(__name__)
@@ -39,17 +37,12 @@ log = logging.getLogger(__name__)
 Loaded = tuple[int, dict[str, "Held"], dict[str, str]]  # (table generation, loaded, failed)
 
 
-class InferenceAPI(ls.LitAPI):
+class InferenceWorker:
     """The inference worker side: holds every model version the model table lists (loaded and warmed up), and runs
-    dynamic batches, one forward pass per version."""
+    dynamic batches, one forward pass per version. LitServe starts it in each worker process (compat.WorkerAPI); with
+    --in-process, each API server runs one on a thread (in_process.Runner)."""
 
-    def __init__(self, settings: Settings, spec: HTTPSpec) -> None:
-        super().__init__(
-            max_batch_size=settings.max_batch_size,
-            batch_timeout=settings.batch_timeout,
-            spec=spec,
-            loop=compat.ZMQLoop(),
-        )
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.addresses: transport.Addresses | None = None  # set by the server before the workers start
         self.device = "cpu"
@@ -76,7 +69,6 @@ class InferenceAPI(ls.LitAPI):
         # a version asked for at start (with --in-process every version is): the server must not start without it
         if self.failed and (self.settings.in_process or not self.reader.table.started):
             models.record_start_failure(self.settings.run_dir, self.failed, self.refused)
-            compat.quiet_setup_error()  # the reason is logged above in one line; serve ends with it
             raise RuntimeError("; ".join(f"{k}: {why}" for k, why in self.failed.items()))
 
     def refresh(self) -> bytes | None:
@@ -171,16 +163,6 @@ class InferenceAPI(ls.LitAPI):
             for i, logits in zip(idx, held.run([requests[i] for i in idx], key), strict=True):
                 out[i] = logits
         return out
-
-    # LitAPI asks for these; modelship's loop (compat.ZMQLoop) calls `run` instead
-    def decode_request(self, request: Any, **kwargs: Any) -> Any:
-        return request
-
-    def predict(self, x: Any, **kwargs: Any) -> Any:
-        raise AssertionError("modelship's workers run batches through InferenceAPI.run")
-
-    def encode_response(self, output: Any, **kwargs: Any) -> Any:
-        return output
 
 
 NON_FINITE = RequestError("input contains NaN or infinity; expected finite numbers", 400)

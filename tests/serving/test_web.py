@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modelship.serving import compat
+from modelship.serving.compat import check
 from tests.helpers import KEY, Server, running_server, scrape
 
 ROUTES = {
@@ -176,7 +176,7 @@ def test_cors_lets_a_browser_app_call_with_its_key(tiny_bundle: Path, tmp_path: 
 def test_serve_refuses_a_litserve_outside_the_tested_range(
     tiny_bundle: Path, cli, monkeypatch: pytest.MonkeyPatch, version: str
 ) -> None:
-    monkeypatch.setattr(compat.ls, "__version__", version)
+    monkeypatch.setattr(check.ls, "__version__", version)
     r = cli("serve", tiny_bundle)
     assert r.code == 2
     assert r.last_line == (
@@ -184,23 +184,23 @@ def test_serve_refuses_a_litserve_outside_the_tested_range(
         "litserve==0.2.19 (it relies on LitServe internals that change between releases); "
         "pip install 'litserve==0.2.19'"
     )
-    compat.check_version("0.2.19")
+    check.check_version("0.2.19")
 
 
 def test_serve_refuses_a_litserve_whose_overridden_hook_moved(
     tiny_bundle: Path, cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    found = compat.mismatch(((compat.ls.LitServer, "launch_worker_renamed", ("self",), None),))
-    monkeypatch.setattr(compat, "MISMATCH", found)
+    found = check.mismatch(((check.ls.LitServer, "launch_worker_renamed", ("self",), None),))
+    monkeypatch.setattr(check, "MISMATCH", found)
     r = cli("serve", tiny_bundle)
     assert r.code == 2 and r.last_line == (
-        f"modelship serve: error: litserve {compat.ls.__version__}: litserve.server.LitServer.launch_worker_renamed "
+        f"modelship serve: error: litserve {check.ls.__version__}: litserve.server.LitServer.launch_worker_renamed "
         "is missing; modelship serve overrides it and needs litserve==0.2.19"
     )
 
 
 def test_every_overridden_litserve_name_is_checked_for_its_signature_and_its_caller() -> None:
-    assert compat.MISMATCH is None  # the pinned LitServe fits every override
+    assert check.MISMATCH is None  # the pinned LitServe fits every override
 
     class Moved:  # what a LitServe release that renamed or reshaped a hook looks like
         def run(self) -> None:
@@ -210,14 +210,26 @@ def test_every_overridden_litserve_name_is_checked_for_its_signature_and_its_cal
 
         def setup(self) -> None: ...
 
-    assert compat.mismatch(((Moved, "gone", ("self",), None),)).startswith(
-        f"litserve {compat.ls.__version__}: tests.serving.test_web."
+    assert check.mismatch(((Moved, "gone", ("self",), None),)).startswith(
+        f"litserve {check.ls.__version__}: tests.serving.test_web."
     )
-    assert "Moved.gone is missing; modelship serve overrides it and needs litserve==0.2.19" in compat.mismatch(
+    assert "Moved.gone is missing; modelship serve overrides it and needs litserve==0.2.19" in check.mismatch(
         ((Moved, "gone", ("self",), None),)
     )
     assert "Moved.launch takes (self, lit_api, worker_id, extra), expected (self, lit_api, worker_id)" in (
-        compat.mismatch(((Moved, "launch", ("self", "lit_api", "worker_id"), None),)) or ""
+        check.mismatch(((Moved, "launch", ("self", "lit_api", "worker_id"), None),)) or ""
     )
-    assert "Moved.setup is no longer called by " in (compat.mismatch(((Moved, "setup", ("self",), Moved.run),)) or "")
-    assert compat.mismatch(((Moved, "launch", ("self", "lit_api", "worker_id", "extra"), Moved.run),)) is None
+    assert "Moved.setup is no longer called by " in (check.mismatch(((Moved, "setup", ("self",), Moved.run),)) or "")
+    assert check.mismatch(((Moved, "launch", ("self", "lit_api", "worker_id", "extra"), Moved.run),)) is None
+
+
+def test_every_litserve_attribute_modelship_reads_is_checked() -> None:
+    assert check.missing_attribute(check.ATTRIBUTES) is None  # the pinned LitServe sets every one
+
+    class Renamed(check.ls.LitServer):  # a release whose __init__ no longer sets an attribute modelship reads
+        pass
+
+    found = check.missing_attribute(((Renamed, ("_shutdown_event", "_stop_event_renamed")),)) or ""
+    assert found.startswith(f"litserve {check.ls.__version__}: tests.serving.test_web.") and found.endswith(
+        "Renamed no longer sets _stop_event_renamed; modelship serve reads it and needs litserve==0.2.19"
+    )

@@ -1,47 +1,11 @@
-"""Every use of LitServe's internals, in one module, with the reason for each (ARCHITECTURE.md has them as a table).
-
-modelship uses LitServe's public API (LitAPI, LitServer, LitSpec endpoints) for what it offers — the FastAPI app,
-the uvicorn API server processes, the inference worker processes and their replacement when one dies — and reaches
-past it only where listed here. These names are private and move between patch releases, so modelship pins one
-release (`SUPPORTED`), and at import checks every overridden name against the parameters its override expects and
-the LitServe function that must still call it (`OVERRIDES`); `check_version` refuses to start on a mismatch.
-
-1. Requests and answers travel over modelship's own ZeroMQ transport (`modelship.serving.dispatch.transport`, and the
-   broker in `modelship.serving.dispatch.broker`), not over LitServe's Manager request queue and response transport: the
-   Manager round trips took a third of the API servers' and half of the workers' time, and a worker killed while
-   reading could strand a request. `Server` starts the broker in `_init_manager`, gives LitServe an idle response
-   transport, and registers each worker process LitServe starts (`launch_inference_worker`, and the monitor's
-   `launch_single_inference_worker`) with the broker, which sees its death at once. `ZMQLoop` is the worker loop.
-2. `verify_worker_status` is replaced: LitServe waits for a ready worker before it starts HTTP; modelship starts
-   HTTP at once so `/health` answers 503 while the workers warm up, and watches for a worker that fails to load.
-3. LitServe's own `/` ("litserve running"), `/health` and info routes are removed from the app: modelship answers
-   them itself (readiness from the broker's heartbeat, with HEAD). Its GZip middleware is removed (answers here are
-   a few hundred bytes, and the layer costs every request), and the spec's routes are registered again without
-   LitServe's per-route auth dependency, a synchronous function FastAPI runs in a thread pool on every request:
-   modelship checks the API key in its own middleware.
-4. `_start_server` gives each API server process its own listening socket with SO_REUSEPORT, so the kernel spreads
-   new connections over them: with LitServe's one shared socket, a burst of connections often all went to one
-   process while the other idled (BENCHMARKS.md, serving). It serves the app wrapped in modelship's front door
-   (`front`: the guard, and CORS when asked) rather than passing those to LitServe as middlewares, which FastAPI
-   would put inside its own layers, on uvicorn with read timeouts (`modelship.serving.http_api.connections`);
-   and a dead API server is replaced. Each API server follows the main process through the fork hook `serve` registers
-   (`modelship.serving.lifeline`).
-5. `_perform_graceful_shutdown` stops every API server at once (LitServe stops them one after another, so the later
-   ones kept connections alive while the first drained), and no worker is replaced once shutdown has begun (a flag
-   `launch_single_inference_worker` reads): LitServe's monitor would otherwise restart the workers shutdown just
-   stopped, and those would fail on the Manager being shut down, with a traceback.
-6. With --in-process (`modelship.serving.dispatch.in_process`) LitServe starts no inference worker
-   (`_inference_workers_config_for_api` is empty); each API server reports its own model under
-   `in_process_key(i)` in `workers_setup_status`, so the setup watch reads it as it reads workers'.
-7. A worker whose model did not load has logged why in one line; LitServe's `inference_worker` then logs "Error
-   setting up worker N." with the whole traceback. `quiet_setup_error` drops that traceback (kept under -v).
-"""
+"""LitServer on modelship's terms: the broker instead of LitServe's Manager queues, HTTP up before the workers are warm,
+an API server per SO_REUSEPORT socket with modelship's front door, every API server drained at once (the numbered
+overrides of the package's docstring)."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import inspect
 import logging
 import multiprocessing as mp
 import socket
@@ -53,130 +17,16 @@ from typing import Any
 import litserve as ls
 import uvicorn
 from fastapi.routing import APIRoute
-from litserve.loops.base import LitLoop
 from litserve.server import _Server
-from litserve.specs.base import LitSpec
 from litserve.utils import WorkerSetupStatus
 from starlette.middleware.gzip import GZipMiddleware
 
-from modelship.errors import ConfigError
+from modelship.serving.compat.worker import IdleTransport
 from modelship.serving.dispatch import broker, transport
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("0.2.19",)  # the exact releases the test suite ran on: hooks move between patch releases
-SUPPORTED_TEXT = "litserve==0.2.19"
 LITSERVE_INFO_PATH = "/litserve/info"  # where LitServe's info route is put before it is removed
-
-__all__ = ["LitSpec", "check_version"]
-
-# Every LitServe name modelship overrides or calls, with the parameters the override expects; and for each hook,
-# the LitServe function that must still call it (a renamed hook would silently stop being called).
-OVERRIDES: tuple[tuple[Any, str, tuple[str, ...], Any], ...] = (
-    (ls.LitServer, "_init_manager", ("self", "num_api_servers"), ls.LitServer.run),
-    (ls.LitServer, "_inference_workers_config_for_api", ("self", "api_path"), ls.LitServer.launch_inference_worker),
-    (ls.LitServer, "launch_inference_worker", ("self", "lit_api"), ls.LitServer.run),
-    (ls.LitServer, "launch_single_inference_worker", ("self", "lit_api", "worker_id"),
-     ls.LitServer._start_worker_monitoring),
-    (ls.LitServer, "_perform_graceful_shutdown", ("self", "manager", "uvicorn_workers", "shutdown_reason"),
-     ls.LitServer.run),
-    (ls.LitServer, "_start_server",
-     ("self", "port", "num_uvicorn_servers", "log_level", "sockets", "uvicorn_worker_type", "kwargs"),
-     ls.LitServer.run),
-    (ls.LitServer, "verify_worker_status", ("self",), ls.LitServer.run),
-    (ls.LitServer, "_prepare_app_run", ("self", "app"), None),
-    (_Server, "run", ("self", "worker_id", "sockets"), None),
-    (LitLoop, "__call__", ("self", "lit_api", "device", "worker_id", "request_queue", "transport",
-                           "workers_setup_status", "callback_runner"), None),
-)  # fmt: skip
-
-
-def check_version(version: str | None = None) -> None:
-    """ConfigError naming the installed and the supported LitServe when they do not fit, or the first overridden
-    name that does not (checked when this module was imported)."""
-    version = version or ls.__version__
-    if version.split("+")[0] not in SUPPORTED:
-        raise ConfigError(
-            f"litserve {version} is installed, but modelship serve is tested with {SUPPORTED_TEXT} (it relies on "
-            f"LitServe internals that change between releases); pip install '{SUPPORTED_TEXT}'"
-        )
-    if MISMATCH is not None:
-        raise ConfigError(MISMATCH)
-
-
-def mismatch(overrides: tuple[tuple[Any, str, tuple[str, ...], Any], ...]) -> str | None:
-    """The first LitServe name that is missing, takes other parameters than its override expects, or is no longer
-    called where the override relies on it; None when all fit."""
-    for owner, name, params, caller in overrides:
-        where = f"{owner.__module__}.{owner.__qualname__}.{name}"
-        fn = getattr(owner, name, None)
-        if fn is None:
-            found = "is missing"
-        elif tuple(inspect.signature(fn).parameters) != params:
-            found = f"takes ({', '.join(inspect.signature(fn).parameters)}), expected ({', '.join(params)})"
-        elif caller is not None and name not in inspect.getsource(caller):
-            found = f"is no longer called by {caller.__qualname__}"
-        else:
-            continue
-        return f"litserve {ls.__version__}: {where} {found}; modelship serve overrides it and needs {SUPPORTED_TEXT}"
-    return None
-
-
-SETUP_ERROR = "Error setting up worker"  # what LitServe's inference_worker logs, with a traceback, when setup raises
-
-
-def _setup_error_mismatch() -> str | None:
-    from litserve.loops import loops
-
-    if SETUP_ERROR in inspect.getsource(loops.inference_worker):
-        return None
-    return (
-        f"litserve {ls.__version__}: inference_worker no longer logs {SETUP_ERROR!r}; modelship needs {SUPPORTED_TEXT}"
-    )
-
-
-MISMATCH = mismatch(OVERRIDES) or _setup_error_mismatch()  # at import: a server refuses to start on it
-
-
-def quiet_setup_error() -> None:
-    """In a worker whose model did not load (the reason already logged in one line): LitServe's record of it keeps
-    its message and loses its traceback, unless debug logging (-v) is on."""
-
-    def one_line(record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith(SETUP_ERROR) and not log.isEnabledFor(logging.DEBUG):
-            record.exc_info = record.exc_text = None
-        return True
-
-    logging.getLogger("litserve.loops.loops").addFilter(one_line)
-
-
-# ------------------------------------------------------------------------------------------------ 1. transport
-
-
-class IdleTransport:
-    """What LitServe's response reader in each API server waits on: nothing ever arrives (answers come over
-    modelship's transport instead), and waiting costs nothing."""
-
-    def send(self, item: Any, consumer_id: int) -> None:
-        raise AssertionError("modelship's workers answer over modelship.serving.dispatch.transport")
-
-    async def areceive(self, consumer_id: int | None = None, timeout: float | None = None) -> Any:
-        await asyncio.Event().wait()
-
-    def close(self, **kwargs: Any) -> None:
-        pass
-
-
-class ZMQLoop(LitLoop):
-    """The inference worker's loop: batches from the broker, answers straight to the API servers."""
-
-    def __call__(self, lit_api: Any, device: str, worker_id: int, *unused: Any) -> None:
-        worker = transport.Worker(lit_api.addresses, worker_id, lit_api.refresh)
-        transport.serve_batches(worker, lit_api.run, lit_api.max_batch_size, lit_api.batch_timeout,
-                                lit_api.request_timeout)  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------------ 2 and 3. server
 
 
 class Server(ls.LitServer):
@@ -219,7 +69,7 @@ class Server(ls.LitServer):
         assert self._sockets is not None
         addresses = transport.Addresses.fresh(self._sockets, num_api_servers)
         for lit_api in self.litapi_connector:
-            lit_api.addresses = addresses  # pickled into the workers, inherited by the forked API servers
+            lit_api.worker.addresses = addresses  # pickled into the workers, inherited by the forked API servers
             lit_api.spec.addresses = addresses
         self._broker = broker.Broker(addresses, self._hung)
         self._broker.start()
