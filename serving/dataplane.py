@@ -94,9 +94,9 @@ class DataPlane:
         """The repository index as Triton answers it: every model, each version with its state and reason."""
         return index(self.catalog.fresh(), ready_only=ready_only)
 
-    async def repository_change(self, op: str, name: str, parameters: list[str]) -> tuple[int, Any]:
-        """(HTTP status, answer) of the controller for a load or unload of `name`, once it is done or has failed."""
-        return await asyncio.to_thread(
+    async def repository_change(self, op: str, name: str, parameters: list[str]) -> None:
+        """A load or unload of `name` by the controller, returned once it is done; RequestError when it failed."""
+        await asyncio.to_thread(
             controller.change, self.settings.run_dir, self.settings.model_control, op, name, parameters
         )
 

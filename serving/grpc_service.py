@@ -199,18 +199,12 @@ class Service:
         )
 
     async def repository_load(self, request: pb.RepositoryModelLoadRequest) -> Message:
-        await self.repository_change("load", request.model_name, list(request.parameters))
+        await self.plane.repository_change("load", request.model_name, list(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     async def repository_unload(self, request: pb.RepositoryModelUnloadRequest) -> Message:
-        await self.repository_change("unload", request.model_name, list(request.parameters))
+        await self.plane.repository_change("unload", request.model_name, list(request.parameters))
         return pb.RepositoryModelUnloadResponse()
-
-    async def repository_change(self, op: str, name: str, parameters: list[str]) -> None:
-        status, doc = await self.plane.repository_change(op, name, parameters)
-        if status != 200:
-            raise RequestError(doc.get("error", f"{op} failed") if isinstance(doc, dict) else str(doc),
-                                        status)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ health
 

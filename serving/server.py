@@ -166,8 +166,9 @@ def build_server(
     from modelship.serving.dispatch import broker, in_process
     from modelship.serving.dispatch.worker import InferenceWorker
     from modelship.serving.http_api import connections
+    from modelship.serving.http_api.answers import install_errors
     from modelship.serving.http_api.guard import Guard
-    from modelship.serving.http_api.openapi import install_errors, install_openapi
+    from modelship.serving.http_api.openapi import install_openapi
     from modelship.serving.http_api.spec import HTTPSpec
 
     settings = Settings.from_config(cfg, accelerator, models(cfg, n_devices), run_dir)

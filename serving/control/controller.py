@@ -44,23 +44,25 @@ def address(run_dir: str) -> str:
     return f"ipc://{os.path.join(run_dir, 'ctl')}"
 
 
-def ask(run_dir: str, request: dict[str, Any]) -> tuple[int, Any]:
-    """In an API server: (HTTP status, answer) of the controller for a load or unload request."""
+def ask(run_dir: str, request: dict[str, Any]) -> None:
+    """In an API server: a load or unload request to the controller, returned once it is done; RequestError with
+    the controller's status and message when it failed."""
     sock: zmq.Socket = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address(run_dir))
     try:
         sock.send(json.dumps(request).encode())
         if not sock.poll(int(ASK_TIMEOUT * 1000) + 5000):
-            return 503, {"error": "the model controller did not answer; see the server log"}
-        status, doc = json.loads(sock.recv())
-        return int(status), doc
+            raise RequestError("the model controller did not answer; see the server log", 503)
+        status, message = json.loads(sock.recv())
     finally:
         sock.close()
+    if status != 200:
+        raise RequestError(message, int(status))
 
 
-def change(run_dir: str, model_control: str, op: str, name: str, parameters: list[str]) -> tuple[int, Any]:
-    """(HTTP status, answer) of a load or unload request (with these parameter names) from an API server."""
+def change(run_dir: str, model_control: str, op: str, name: str, parameters: list[str]) -> None:
+    """A load or unload request (with these parameter names) from an API server, returned once done."""
     if model_control != "explicit":
         raise RequestError(
             f"the model repository is not under explicit control (--model-control {model_control}); start the "
@@ -69,7 +71,7 @@ def change(run_dir: str, model_control: str, op: str, name: str, parameters: lis
         )
     if any(k == "config" or k.startswith("file:") for k in parameters):
         raise RequestError(f"{op} takes no model configuration or files here; send no parameters")
-    return ask(run_dir, {"op": op, "name": name})
+    ask(run_dir, {"op": op, "name": name})
 
 
 @dataclass
@@ -321,16 +323,16 @@ class Controller:
                 del self.table.versions[v.key]  # asked again: a version that failed is tried again
             found = self.rescan(only=name)
             if name in self.table.problems:
-                self.reply(sock, who, 400, {"error": self.table.problems[name]})
+                self.reply(sock, who, 400, self.table.problems[name])
                 return
             if name not in found:
-                self.reply(sock, who, 404, {"error": f"no model {name!r} in the repository {self.source}"})
+                self.reply(sock, who, 404, f"no model {name!r} in the repository {self.source}")
                 return
             keys = [key_of(name, v) for v in wanted(found[name], self.policy)]
         else:
             keys = [v.key for v in self.table.versions.values() if v.name == name and v.state in HELD]
             if not keys:
-                self.reply(sock, who, 400, {"error": f"model {name!r} is not loaded"})
+                self.reply(sock, who, 400, f"model {name!r} is not loaded")
                 return
             for key in keys:
                 self.set(self.table.versions[key], UNLOADING)
@@ -344,15 +346,16 @@ class Controller:
             failed = [v for v in states.values() if v.state == UNAVAILABLE]
             loaded = len(states) == len(w.keys) and all(v.state == READY for v in states.values())
             if w.op == "load" and failed:
-                self.reply(sock, w.who, 400, {"error": f"failed to load {w.name!r}: {failed[0].reason}"})
+                self.reply(sock, w.who, 400, f"failed to load {w.name!r}: {failed[0].reason}")
             elif loaded if w.op == "load" else not states:
-                self.reply(sock, w.who, 200, {})
+                self.reply(sock, w.who, 200)
             elif now > w.deadline:
-                self.reply(sock, w.who, 504, {"error": f"{w.op} of {w.name!r} did not finish in {ASK_TIMEOUT:g}s"})
+                self.reply(sock, w.who, 504, f"{w.op} of {w.name!r} did not finish in {ASK_TIMEOUT:g}s")
             else:
                 still.append(w)
         self.waiting = still
 
     @staticmethod
-    def reply(sock: zmq.Socket, who: list[bytes], status: int, doc: Any) -> None:
-        sock.send_multipart([*who, json.dumps([status, doc]).encode()])
+    def reply(sock: zmq.Socket, who: list[bytes], status: int, message: str = "") -> None:
+        """Answer a load or unload request: its HTTP status, and what failed (the API server raises it)."""
+        sock.send_multipart([*who, json.dumps([status, message]).encode()])

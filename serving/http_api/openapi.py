@@ -16,30 +16,19 @@ import math
 from types import SimpleNamespace
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import modelship
 from modelship.errors import ModelshipError
+from modelship.serving.http_api.routes import ROUTES, Route
 from modelship.serving.http_api.schemas import (
     MODELS,
     Error,
-    Info,
     PredictImage,
-    Prediction,
     PredictTensor,
-    RepositoryIndex,
-    Root,
     V2InferenceRequest,
-    V2InferenceResponse,
-    V2Live,
-    V2ModelMetadata,
-    V2ModelReady,
-    V2Ready,
-    V2ServerMetadata,
 )
 
 EXAMPLE_LIMIT = 16384  # a tensor example with more numbers than this would make /openapi.json megabytes long
@@ -129,55 +118,6 @@ def infer_body(model_input: str, shape: tuple[int, int, int]) -> dict[str, Any]:
     }
 
 
-def v2_model_operations(m: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    """The per-model v2 routes, with and without /versions/{version}."""
-    v2 = {"tags": ["KServe v2"]}
-    model_ops = {}
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        model_ops[(prefix, "get")] = {
-            **v2,
-            "summary": "model metadata",
-            "responses": {"200": json_body(V2ModelMetadata), **errors(401, 404)},
-        }
-        model_ops[(prefix + "/ready", "get")] = {
-            **v2,
-            "summary": "model readiness",
-            "responses": {
-                "200": json_body(V2ModelReady),
-                "503": json_body(V2ModelReady, "warming up"),
-                **errors(401, 404),
-            },
-        }
-        model_ops[(prefix + "/infer", "post")] = {
-            **v2,
-            "summary": f"inference on a batch [N, {', '.join(map(str, m.shape))}] (no version: the newest ready)",
-            "requestBody": infer_body(m.input_name, m.shape),
-            "responses": {
-                "200": json_body(V2InferenceResponse, "logits [N, classes]; binary when asked"),
-                **errors(400, 401, 404, 413, 415, 503, 504),
-            },
-        }
-        model_ops[(prefix + "/predict", "post")] = {
-            "tags": ["predict"], "summary": "classify one image with this model", "requestBody": predict_body(m.shape),
-            "responses": {
-                "200": json_body(Prediction, "the best class and the top_k, with softmax scores",
-                                 prediction_example(m)),
-                **errors(400, 401, 404, 413, 415, 503, 504),
-            },
-        }  # fmt: skip
-    repository = {"tags": ["model repository"]}
-    model_ops[("/v2/repository/index", "post")] = {
-        **repository, "summary": "every model of the repository, each version with its state",
-        "responses": {"200": json_body(RepositoryIndex)},
-    }  # fmt: skip
-    for op in ("load", "unload"):
-        model_ops[(f"/v2/repository/models/{{name}}/{op}", "post")] = {
-            **repository, "summary": f"{op} a model (--model-control explicit); answered once done",
-            "responses": {"200": {"description": "done"}, **errors(400, 401, 404)},
-        }  # fmt: skip
-    return model_ops
-
-
 PLACEHOLDER = SimpleNamespace(
     name="{name}", classes=("class",), input_name="input", output_name="logits", shape=(3, 224, 224)
 )  # fmt: skip  (the examples' model while none is loaded)
@@ -206,44 +146,42 @@ def describe_models(spec: Any) -> str:
     return "\n".join(lines) or "- none loaded yet (POST /v2/repository/models/{name}/load)"
 
 
+SCHEMAS = {model.__name__: model for model in MODELS}
+TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+def operation(route: Route, m: Any) -> dict[str, Any]:
+    """The OpenAPI fields modelship adds to a route's operation, from its entry in the route table; `m` is the model
+    the examples are made for."""
+    doc = route.doc
+    assert doc is not None
+    op: dict[str, Any] = {"tags": [doc.tag], "summary": doc.summary.format(shape=", ".join(map(str, m.shape)))}
+    if route.open:
+        op["security"] = []
+    if doc.body == "predict":
+        op["requestBody"] = predict_body(m.shape)
+    elif doc.body == "infer":
+        op["requestBody"] = infer_body(m.input_name, m.shape)
+    if doc.ok == "text":
+        responses = {"200": {"description": doc.ok_description or "ok", **TEXT}}
+    elif not doc.ok:
+        responses = {"200": {"description": doc.ok_description}}
+    else:
+        example = prediction_example(m) if doc.ok == "Prediction" else None
+        responses = {"200": json_body(SCHEMAS[doc.ok], doc.ok_description, example)}
+    if doc.unready:
+        responses["503"] = (
+            {"description": "not ready", **TEXT} if doc.ok == "text" else json_body(SCHEMAS[doc.ok], "warming up")
+        )
+    return op | {"responses": responses | errors(*doc.errors)}
+
+
 def operations(spec: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    """(path, method) -> the OpenAPI fields modelship adds to FastAPI's operation."""
+    """(path, method) -> the OpenAPI fields modelship adds to FastAPI's operation: every documented route of the
+    table (HEAD is GET without a body: one operation)."""
     m = example_model(spec)
-    v2 = {"tags": ["KServe v2"]}
-    model_ops = v2_model_operations(m)
-    text = {"content": {"text/plain": {"schema": {"type": "string"}}}}
-    server = {"tags": ["server"]}
-    return {
-        ("/predict", "post"): {
-            "tags": ["predict"], "summary": "classify one image", "requestBody": predict_body(m.shape),
-            "responses": {
-                "200": json_body(Prediction, "the best class and the top_k, with softmax scores",
-                                 prediction_example(m)),
-                **errors(400, 401, 413, 415, 503, 504),
-            },
-        },
-        ("/v2", "get"): {**v2, "summary": "server metadata", "responses": {"200": json_body(V2ServerMetadata)}},
-        ("/v2/health/live", "get"): {**v2, "summary": "liveness", "security": [],
-                                     "responses": {"200": json_body(V2Live)}},
-        ("/v2/health/ready", "get"): {
-            **v2, "summary": "readiness", "security": [],
-            "responses": {"200": json_body(V2Ready), "503": json_body(V2Ready, "warming up")},
-        },
-        **model_ops,
-        ("/", "get"): {**server, "summary": "what this server is, and links", "responses": {"200": json_body(Root)}},
-        ("/health", "get"): {
-            **server, "summary": "readiness: 200 while the models can answer, 503 before", "security": [],
-            "responses": {"200": {"description": "ok", **text}, "503": {"description": "not ready", **text}},
-        },
-        ("/info", "get"): {
-            **server, "summary": "every model version held, with its manifest and memory, and the batching settings",
-            "responses": {"200": json_body(Info)},
-        },
-        ("/metrics", "get"): {
-            **server, "summary": "Prometheus metrics, summed over every server process",
-            "responses": {"200": {"description": "Prometheus text format", **text}},
-        },
-    }  # fmt: skip
+    documented = [(r, method.lower()) for r in ROUTES if r.doc is not None for method in r.methods if method != "HEAD"]
+    return {(r.path, method): operation(r, m) for r, method in documented}
 
 
 def build_openapi(app: FastAPI, spec: Any) -> dict[str, Any]:
@@ -318,20 +256,3 @@ def install_openapi(app: FastAPI, spec: Any) -> None:
 
     app.title = title(spec)  # the /docs page's title
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def install_errors(app: Any) -> None:
-    """FastAPI's own answers (an unknown route, a method a route does not take) in the API's {"error"} shape."""
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 404:
-            message = f"no route {request.url.path}; GET / lists the routes, /docs describes them"
-        elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
-            message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed or 'other methods'}"
-        else:
-            message = str(exc.detail)
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
-
-    app.add_exception_handler(StarletteHTTPException, http_error)

@@ -9,17 +9,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-import pydantic_core
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
-from starlette.requests import ClientDisconnect
 
 import modelship
 from modelship.scores import prediction
@@ -28,43 +24,12 @@ from modelship.serving.control.catalog import Served
 from modelship.serving.control.table import READY
 from modelship.serving.dataplane import DataPlane
 from modelship.serving.errors import RequestError
-from modelship.serving.http_api import codec
-from modelship.serving.http_api.guard import CLIENT_CLOSED, JSON_HEADERS, Answer, Route, Scope, error_answer, too_large
+from modelship.serving.http_api import codec, routes
+from modelship.serving.http_api.answers import Answer, handled, json_answer, too_large
+from modelship.serving.http_api.guard import Fast
 from modelship.serving.metrics import exposition
 
 log = logging.getLogger(__name__)
-
-
-V2_POST = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/(infer|predict)$")
-REPOSITORY_POST = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)$")
-
-
-def raw(status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> Response:
-    """An Answer as a Starlette response (the routes FastAPI serves)."""
-    response = Response(content, status_code=status)
-    response.raw_headers = [(b"content-length", str(len(content)).encode()), *headers]
-    return response
-
-
-def handled(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-    """Client mistakes become {"error": ...} with their 4xx; a client gone mid-request is 499 (counted, not logged as
-    an error); anything else is logged and answered 500."""
-
-    @functools.wraps(fn)  # FastAPI reads the endpoint's signature through __wrapped__
-    async def wrapper(*args: Any, **kwargs: Any) -> Response:
-        try:
-            return await fn(*args, **kwargs)
-        except ClientDisconnect:
-            log.debug("%s: the client disconnected before its request arrived", fn.__name__)
-            return Response(status_code=CLIENT_CLOSED)
-        except Exception as e:
-            return raw(*error_answer(e))
-
-    return wrapper
-
-
-def json_answer(doc: Any, status: int = 200) -> Answer:
-    return status, JSON_HEADERS, pydantic_core.to_json(doc)
 
 
 class HTTPSpec(compat.LitSpec):
@@ -76,24 +41,13 @@ class HTTPSpec(compat.LitSpec):
         self.api_path = "/predict"
         self.settings = plane.settings
         self.catalog = plane.catalog
-        # the POST routes, answered by the guard (fast_route) before FastAPI; FastAPI serves the rest
-        self.routes, self.routes_generation = self.fixed_routes(), -1
-        self.add_endpoint("/", self.root, ["GET"])
-        self.add_endpoint("/health", self.health, ["GET", "HEAD"])
-        self.add_endpoint("/info", self.info, ["GET"])
-        self.add_endpoint("/metrics", self.metrics, ["GET"])
-        self.add_endpoint("/v2", self.v2_server, ["GET"])
-        self.add_endpoint("/v2/health/live", self.v2_live, ["GET", "HEAD"])
-        self.add_endpoint("/v2/health/ready", self.v2_ready, ["GET", "HEAD"])
-        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-            self.add_endpoint(prefix, self.v2_model, ["GET"])
-            self.add_endpoint(prefix + "/ready", self.v2_model_ready, ["GET", "HEAD"])
-
-    def fixed_routes(self) -> dict[str, tuple[Route, Route | None]]:
-        return {
-            "/predict": (Route(self.predict_body), None),
-            "/v2/repository/index": (Route(self.repository_index), None),
-        }
+        # the fast routes, answered by the Guard (fast_route) before FastAPI, per path until the models change; FastAPI
+        # serves the rest, registered here from the route table
+        self.fast: dict[tuple[str, ...], tuple[Fast, Fast | None]] = {}
+        self.fast_generation = -1
+        for route in routes.ROUTES:
+            if route.handler is not None and not route.fast:
+                self.add_endpoint(route.path, getattr(self, route.handler), list(route.methods))
 
     @property
     def addresses(self) -> Any:
@@ -154,9 +108,13 @@ class HTTPSpec(compat.LitSpec):
         ready = self.plane.ready()
         return Response("ok" if ready else "not ready", status_code=200 if ready else 503)
 
-    async def predict_body(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
+    async def predict_body(self, params: dict[str, str], headers: dict[bytes, bytes], body: bytes) -> Answer:
         """POST /predict: the only model's newest version."""
         return await self.predict_for(self.catalog.only(), headers, body)
+
+    async def predict_model(self, params: dict[str, str], headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """POST /v2/models/{name}[/versions/{v}]/predict: one image, for that model (version)."""
+        return await self.predict_for(self.catalog.resolve(params["name"], params.get("version")), headers, body)
 
     async def predict_for(self, served: Served, headers: dict[bytes, bytes], body: bytes) -> Answer:
         """One image as JSON {"image" | "inputs", "top_k"?}, a multipart field `file`, or a raw image/* body."""
@@ -248,10 +206,10 @@ class HTTPSpec(compat.LitSpec):
         ready = self.plane.model_ready(name, version)
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
-    async def v2_body(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes) -> Answer:
+    async def v2_body(self, params: dict[str, str], headers: dict[bytes, bytes], body: bytes) -> Answer:
         """POST /v2/models/{name}[/versions/{v}]/infer: a batch [N, C, H, W] as JSON data or with the binary tensor
         extension."""
-        served = self.catalog.resolve(name, version)
+        served = self.catalog.resolve(params["name"], params.get("version"))
         encoding = headers.get(b"content-encoding")
         body = codec.decompress(body, encoding.decode() if encoding else None, self.settings.max_bytes)
         length = headers.get(b"inference-header-content-length")
@@ -262,7 +220,7 @@ class HTTPSpec(compat.LitSpec):
         content, extra = codec.v2_response(logits, req, served.model, served.version)
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
 
-    async def repository_index(self, headers: dict[bytes, bytes], body: bytes) -> Answer:
+    async def repository_index(self, params: dict[str, str], headers: dict[bytes, bytes], body: bytes) -> Answer:
         """POST /v2/repository/index: every model of the repository, each version with its state (Triton's
         repository extension); {"ready": true} lists only what is READY."""
         doc = codec.parse_json(body) if body.strip() else {}
@@ -270,64 +228,45 @@ class HTTPSpec(compat.LitSpec):
             raise RequestError('expected a JSON object, optionally {"ready": true}')
         return json_answer(self.plane.index(ready_only=bool(doc.get("ready"))))
 
-    def fast_route(self, scope: Scope, headers: dict[bytes, bytes]) -> Route | None:
-        """The POST routes, answered by the guard itself without FastAPI's routing (BENCHMARKS.md, serving):
-        /predict, a model's v2 infer and predict, and the repository extension. None for everything else. A v2 JSON
-        body (no binary tensor header) may be no larger than the model's largest batch written out, refused from
-        its Content-Length before it is read or parsed."""
-        if scope["method"] != "POST":
-            return None
-        path = scope["path"]
+    def fast_route(self, route: routes.Route, params: dict[str, str], headers: dict[bytes, bytes]) -> Fast:
+        """How the Guard answers a fast route (BENCHMARKS.md, serving): its handler, and for a v2 JSON body (no binary
+        tensor header) the model's largest batch written out as its size limit, refused from its Content-Length
+        before it is read or parsed. Worked out once per path while the model table stays as it is."""
         generation = self.catalog.table.generation
-        if generation != self.routes_generation:  # versions changed: limits and routes are worked out again
-            self.routes, self.routes_generation = self.fixed_routes(), generation
-        routes = self.routes.get(path)
-        if routes is None:
-            found = self.model_routes(path)
-            if found is None:
-                return None
-            routes, lasting = found
-            if lasting and len(self.routes) < 64:  # the served models' paths: a bounded few
-                self.routes[path] = routes
-        binary, json_body = routes
+        if generation != self.fast_generation:  # versions changed: limits are worked out again
+            self.fast, self.fast_generation = {}, generation
+        key = (route.path, *params.values())
+        known = self.fast.get(key)
+        if known is None:
+            known, lasting = self.fast_for(route, params)
+            if lasting and len(self.fast) < 256:  # the served models' paths: a bounded few
+                self.fast[key] = known
+        binary, json_body = known
         return binary if json_body is None or b"inference-header-content-length" in headers else json_body
 
-    def model_routes(self, path: str) -> tuple[tuple[Route, Route | None], bool] | None:
-        """A per-model POST path's routes: (with binary tensors or any other body, with a v2 JSON body), and whether
-        they may be kept until the model table changes (not for a model that is not served now: no limit known)."""
-        m = V2_POST.match(path)
-        if m is not None:
-            name, version, op = m.groups()
-            if op == "predict":
-                return (Route(lambda h, b: self.predict_for(self.catalog.resolve(name, version), h, b)), None), True
+    def fast_for(self, route: routes.Route, params: dict[str, str]) -> tuple[tuple[Fast, Fast | None], bool]:
+        """(for binary tensors or any other body, for a v2 JSON body), and whether they may be kept until the model
+        table changes (not for a model that is not served now: no limit is known)."""
+        assert route.handler is not None
+        handler = functools.partial(getattr(self, route.handler), params)
+        if not route.json_limit:
+            return (Fast(handler), None), True
+        try:
+            served = self.catalog.resolve(params["name"], params.get("version"))
+        except RequestError:
+            return (Fast(handler), None), False  # the handler answers why
+        return (Fast(handler), Fast(handler, served.max_json_bytes, json_limit_why(served))), True
 
-            async def infer(headers: dict[bytes, bytes], body: bytes) -> Answer:
-                return await self.v2_body(name, version, headers, body)
-
-            try:
-                served = self.catalog.resolve(name, version)
-            except RequestError:
-                return (Route(infer), None), False  # the handler answers why
-            return (Route(infer), Route(infer, served.max_json_bytes, json_limit_why(served))), True
-        m = REPOSITORY_POST.match(path)
-        if m is None:
-            return None
-        name, op = m.groups()
-
-        async def change(headers: dict[bytes, bytes], body: bytes) -> Answer:
-            return await self.repository_change(op, name, body)
-
-        return (Route(change), None), False
-
-    async def repository_change(self, op: str, name: str, body: bytes) -> Answer:
+    async def repository_change(self, params: dict[str, str], headers: dict[bytes, bytes], body: bytes) -> Answer:
         """POST /v2/repository/models/{name}/load or /unload: asked of the controller in the main process, answered
         once the change is done (loaded on every worker, or drained and unloaded) or has failed."""
+        op = params["op"]
         doc = codec.parse_json(body) if body.strip() else {}
-        params = doc.get("parameters", {}) if isinstance(doc, dict) else None
-        if not isinstance(params, dict):
+        parameters = doc.get("parameters", {}) if isinstance(doc, dict) else None
+        if not isinstance(parameters, dict):
             raise RequestError(f"{op} takes no model configuration or files here; send {{}} or no body")
-        status, answer = await self.plane.repository_change(op, name, list(params))
-        return json_answer(answer, status)
+        await self.plane.repository_change(op, params["name"], list(parameters))
+        return json_answer({})
 
 
 def json_limit_why(served: Served) -> str:

@@ -15,7 +15,7 @@ from modelship.preprocess import Preprocess, preprocess_image
 from modelship.scores import prediction
 from modelship.serving.errors import RequestError
 from modelship.serving.http_api.codec import V2Request, decompress, parse_predict_json, parse_v2_infer, v2_response
-from modelship.serving.http_api.guard import route_label
+from modelship.serving.http_api.routes import label as route_label
 from modelship.serving.v2 import ServedModel
 
 SPEC = ServedModel(

@@ -13,17 +13,10 @@ import httpx
 import pytest
 
 from modelship.serving.compat import check
+from modelship.serving.http_api.routes import ROUTES as TABLE
 from tests.helpers import KEY, Server, running_server, scrape
 
-ROUTES = {
-    ("/", "get"), ("/health", "get"), ("/info", "get"), ("/metrics", "get"), ("/predict", "post"), ("/v2", "get"),
-    ("/v2/health/live", "get"), ("/v2/health/ready", "get"), ("/v2/models/{name}", "get"),
-    ("/v2/models/{name}/ready", "get"), ("/v2/models/{name}/infer", "post"),
-    ("/v2/models/{name}/versions/{version}", "get"), ("/v2/models/{name}/versions/{version}/ready", "get"),
-    ("/v2/models/{name}/versions/{version}/infer", "post"), ("/v2/models/{name}/predict", "post"),
-    ("/v2/models/{name}/versions/{version}/predict", "post"), ("/v2/repository/index", "post"),
-    ("/v2/repository/models/{name}/load", "post"), ("/v2/repository/models/{name}/unload", "post"),
-}  # fmt: skip
+ROUTES = {(r.path, m.lower()) for r in TABLE if r.doc is not None for m in r.methods if m != "HEAD"}
 
 
 def test_root_says_what_is_served_and_litserve_own_routes_are_gone(server: Server) -> None:
@@ -33,6 +26,18 @@ def test_root_says_what_is_served_and_litserve_own_routes_are_gone(server: Serve
     assert (body["project"], body["model"], body["backend"], body["ready"]) == ("modelship", "shapes-cnn", "onnx", True)
     assert body["links"]["docs"] == "/docs" and body["links"]["v2"] == "/v2/models/shapes-cnn"
     assert httpx.get(server.url + "/litserve/info").status_code == 404
+
+
+def test_every_route_of_the_table_is_answered_by_its_handler(server: Server) -> None:
+    """The route table drives dispatch: each route's path, with a served model's name, reaches a handler (FastAPI's
+    or the Guard's), never FastAPI's 'no route'; and a path that is not in the table gets 404."""
+    for route in TABLE:
+        path = route.path.format(name="shapes-cnn", version="1")
+        for method in route.methods:
+            r = httpx.request(method, server.url + path, content=b"{}" if method == "POST" else None)
+            assert r.status_code != 404 or "no route" not in r.text, (method, path, r.text)
+    r = httpx.get(server.url + "/v2/models/shapes-cnn/infer/extra")
+    assert r.status_code == 404 and r.json()["error"].startswith("no route /v2/models/shapes-cnn/infer/extra")
 
 
 def test_openapi_describes_every_route_with_its_schemas(server: Server) -> None:
