@@ -70,14 +70,18 @@ class ServeConfig:
             not self.load_models or self.model_control == "explicit",
             "--load-model chooses what explicit model control loads at start; add --model-control explicit",
         )
-        need(not self.in_process or self.model_control == "none",
-             "--in-process serves the models loaded at start (each API server holds its own copy); use "
-             "--model-control none, or leave out --in-process to load and unload models while serving")  # fmt: skip
+        need(
+            not self.in_process or self.model_control == "none",
+            "--in-process serves the models loaded at start (each API server holds its own copy); use "
+            "--model-control none, or leave out --in-process to load and unload models while serving",
+        )
         need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.host in HOSTS, f"--host must be one of {', '.join(HOSTS)} (LitServe binds these), got {self.host!r}")
         need(1024 <= self.port <= 65535, f"--port must be between 1024 and 65535, got {self.port}")
-        need(self.grpc_port is None or 1024 <= self.grpc_port <= 65535,
-             f"--grpc-port must be between 1024 and 65535, got {self.grpc_port}")  # fmt: skip
+        need(
+            self.grpc_port is None or 1024 <= self.grpc_port <= 65535,
+            f"--grpc-port must be between 1024 and 65535, got {self.grpc_port}",
+        )
         need(self.grpc_port != self.port, f"--grpc-port must differ from --port (both are {self.port})")
         need(
             1 <= self.max_batch_size <= 1024, f"--max-batch-size must be between 1 and 1024, got {self.max_batch_size}"
@@ -90,8 +94,11 @@ class ServeConfig:
         need(self.api_servers is None or self.api_servers >= 1, f"--api-servers must be >= 1, got {self.api_servers}")
         need(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
         need(self.timeout > 0, f"--timeout must be positive, got {self.timeout}")
-        for flag, value in (("--hang-timeout", self.hang_timeout), ("--header-timeout", self.header_timeout),
-                            ("--body-timeout", self.body_timeout)):  # fmt: skip
+        for flag, value in (
+            ("--hang-timeout", self.hang_timeout),
+            ("--header-timeout", self.header_timeout),
+            ("--body-timeout", self.body_timeout),
+        ):
             need(value > 0, f"{flag} must be a positive number of seconds, got {value}")
         need(self.max_payload_mb > 0, f"--max-payload-mb must be positive, got {self.max_payload_mb}")
         need(

@@ -93,8 +93,10 @@ class Service:
 
     def health_methods(self) -> dict[str, grpc.RpcMethodHandler]:
         check = self.unary("Check", health.HealthCheckRequest, self.health_check, service=HEALTH)
-        return {"Check": grpc.unary_unary_rpc_method_handler(check),
-                "Watch": grpc.unary_stream_rpc_method_handler(self.health_watch)}  # fmt: skip
+        return {
+            "Check": grpc.unary_unary_rpc_method_handler(check),
+            "Watch": grpc.unary_stream_rpc_method_handler(self.health_watch),
+        }
 
     def unary(self, name: str, kind: type[Message], fn: Handler, service: str = SERVICE) -> Callable[..., Any]:
         """A method: the API key, the message parsed, the answer serialized, mistakes as status codes, metrics."""
@@ -106,8 +108,9 @@ class Service:
             try:
                 if needs_key:
                     assert self.api_key is not None
-                    given = {k.encode(): v.encode() for k, v in context.invocation_metadata() or ()
-                             if isinstance(v, str)}  # fmt: skip
+                    given = {
+                        k.encode(): v.encode() for k, v in context.invocation_metadata() or () if isinstance(v, str)
+                    }
                     if not authorized(self.api_key, given):
                         raise RequestError(
                             "missing or wrong API key; send it as x-api-key or authorization: Bearer metadata", 401
@@ -166,9 +169,12 @@ class Service:
         doc = self.plane.catalog.metadata(request.name, request.version or None)
         tensors = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=doc["name"], versions=doc["versions"], platform=doc["platform"],
-            inputs=[tensors(**t) for t in doc["inputs"]], outputs=[tensors(**t) for t in doc["outputs"]],
-        )  # fmt: skip
+            name=doc["name"],
+            versions=doc["versions"],
+            platform=doc["platform"],
+            inputs=[tensors(**t) for t in doc["inputs"]],
+            outputs=[tensors(**t) for t in doc["outputs"]],
+        )
 
     async def model_infer(self, request: pb.ModelInferRequest) -> Message:
         served = self.plane.resolve(request.model_name, request.model_version or None)
@@ -178,8 +184,9 @@ class Service:
             c, h, w = model.shape
             raise RequestError(
                 f"the request is {size} bytes, over the {served.max_message_bytes} byte limit for model "
-                f"{model.name!r} (its largest batch, {model.max_batch} x {c}x{h}x{w} FP32)", 413,
-            )  # fmt: skip
+                f"{model.name!r} (its largest batch, {model.max_batch} x {c}x{h}x{w} FP32)",
+                413,
+            )
         x = infer_input(request, model)
         for o in request.outputs:
             v2.check_output(o.name, model)
@@ -265,6 +272,7 @@ def infer_input(request: pb.ModelInferRequest, model: v2.ServedModel) -> np.ndar
         raise RequestError(f"input contents hold {', '.join(typed)}; an FP32 input takes fp32_contents")
     values = np.asarray(t.contents.fp32_contents, dtype=np.float32)
     if values.size != int(np.prod(shape)):
-        raise RequestError(f"contents.fp32_contents has {values.size} values; shape {shape} needs "
-                                    f"{int(np.prod(shape))}")  # fmt: skip
+        raise RequestError(
+            f"contents.fp32_contents has {values.size} values; shape {shape} needs {int(np.prod(shape))}"
+        )
     return values.reshape(shape)

@@ -71,7 +71,43 @@ def check_port(host: str, port: int, flag: str = "--port") -> None:
 
 
 def serve(cfg: ServeConfig) -> None:
-    """Run the server until SIGTERM or Ctrl+C."""
+    """Run the server until SIGTERM or Ctrl+C: check what can be checked before any process starts, check every
+    model version to serve, build the server, say what it serves, run it."""
+    from modelship.serving import lifeline, metrics
+    from modelship.serving.control.controller import Controller
+    from modelship.serving.dispatch import transport
+
+    accelerator, n_devices = preflight(cfg)
+    allocator.keep_freed_memory()  # before the API servers fork: they inherit it
+    run_dir = transport.socket_directory()  # the model table and the transport's sockets
+    metrics_dir = metrics.init_dir()  # before prometheus_client is imported anywhere
+    try:
+        controller = Controller.for_config(cfg, run_dir)
+        table = controller.start_table()  # every version checked before any process starts
+        failed = threading.Event()
+        server = build_server(cfg, accelerator, n_devices, failed, run_dir, controller)
+        on_sigterm_drain()
+        announce(cfg, table, accelerator, n_devices)
+        lifeline.follow_in_forked_children()  # LitServe's Manager and the API servers end with this process
+        servers = api_servers(cfg, n_devices)
+        server.run(
+            cfg.host,
+            cfg.port,
+            num_api_servers=servers,
+            log_level=cfg.log_level,
+            access_log=cfg.access_log,
+            generate_client_file=False,
+        )
+        if failed.is_set():
+            raise start_failure(run_dir, table)
+    finally:
+        metrics.remove_dir(metrics_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def preflight(cfg: ServeConfig) -> tuple[str, int]:
+    """(accelerator, device count), once LitServe's version, the backend's runtime, the devices and the ports are
+    known to fit: ConfigError (exit 2) otherwise, before anything starts."""
     from modelship.serving import compat
 
     compat.check_version()
@@ -85,48 +121,24 @@ def serve(cfg: ServeConfig) -> None:
     check_port(cfg.host, cfg.port)
     if cfg.grpc_port is not None:
         check_port(cfg.host, cfg.grpc_port, "--grpc-port")
+    return accelerator, n_devices
 
-    from modelship.serving import lifeline, metrics
-    from modelship.serving.control import controller as control
-    from modelship.serving.dispatch import transport
 
-    allocator.keep_freed_memory()  # before the API servers fork: they inherit it
-    run_dir = transport.socket_directory()  # the model table and the transport's sockets
-    metrics_dir = metrics.init_dir()  # before prometheus_client is imported anywhere
-    try:
-        controller = control.Controller(cfg.bundle, run_dir, cfg.backend, cfg.model_control, cfg.version_policy,
-                                        cfg.load_models, cfg.poll_interval, static=cfg.in_process)  # fmt: skip
-        table = controller.start_table()  # every version checked before any process starts
-        failed = threading.Event()
-        server = build_server(cfg, accelerator, n_devices, failed, run_dir, controller)
-        on_sigterm_drain()
-        url_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        wait = f"waiting up to {cfg.batch_timeout:g}s for more" if cfg.batch_timeout else "of what is waiting"
-        n = models(cfg, n_devices)
-        copies = f"the models in each of {n} API server(s)" if cfg.in_process else f"{n} worker(s)"
-        held = ", ".join(f"{v.name} {v.version}" for v in table.versions.values()) or "no model yet"
-        log.info(
-            "serving %s (%s on %s, %s, batches of up to %d %s, model control %s) at http://%s:%d — POST /predict, "
-            "POST /v2/models/{name}/infer, docs at /docs; /health turns 200 once warmed up",
-            held, cfg.backend, accelerator, copies, cfg.max_batch_size, wait, cfg.model_control, url_host, cfg.port,
-        )  # fmt: skip
-        if cfg.grpc_port is not None:
-            log.info("and KServe v2 over gRPC at %s:%d (inference.GRPCInferenceService, grpc.health.v1.Health)",
-                     url_host, cfg.grpc_port)  # fmt: skip
-        lifeline.follow_in_forked_children()  # LitServe's Manager and the API servers end with this process
-        server.run(
-            host=cfg.host,
-            port=cfg.port,
-            num_api_servers=api_servers(cfg, n_devices),
-            log_level=cfg.log_level,
-            generate_client_file=False,
-            access_log=cfg.access_log,
-        )
-        if failed.is_set():
-            raise start_failure(run_dir, table)
-    finally:
-        metrics.remove_dir(metrics_dir)
-        shutil.rmtree(run_dir, ignore_errors=True)
+def announce(cfg: ServeConfig, table: Any, accelerator: str, n_devices: int) -> None:
+    """The log line that says what is served, how, and where."""
+    url_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    wait = f"waiting up to {cfg.batch_timeout:g}s for more" if cfg.batch_timeout else "of what is waiting"
+    n = models(cfg, n_devices)
+    copies = f"the models in each of {n} API server(s)" if cfg.in_process else f"{n} worker(s)"
+    held = ", ".join(f"{v.name} {v.version}" for v in table.versions.values()) or "no model yet"
+    log.info(
+        "serving %s (%s on %s, %s, batches of up to %d %s, model control %s) at http://%s:%d — POST /predict, "
+        "POST /v2/models/{name}/infer, docs at /docs; /health turns 200 once warmed up",
+        held, cfg.backend, accelerator, copies, cfg.max_batch_size, wait, cfg.model_control, url_host, cfg.port,
+    )  # fmt: skip
+    if cfg.grpc_port is not None:
+        grpc = "inference.GRPCInferenceService, grpc.health.v1.Health"
+        log.info("and KServe v2 over gRPC at %s:%d (%s)", url_host, cfg.grpc_port, grpc)
 
 
 def start_failure(run_dir: str, table: Any) -> ModelshipError:
@@ -156,18 +168,16 @@ def models(cfg: ServeConfig, n_devices: int) -> int:
 
 
 def build_server(
-    cfg: ServeConfig, accelerator: str, n_devices: int, failed: threading.Event, run_dir: str, controller: Any,
-) -> Any:  # fmt: skip
-    """The LitServer: modelship's spec and inference API, the guard middleware, CORS when asked, the OpenAPI doc."""
-    from starlette.middleware.cors import CORSMiddleware
-
+    cfg: ServeConfig, accelerator: str, n_devices: int, failed: threading.Event, run_dir: str, controller: Any
+) -> Any:
+    """The LitServer: the data plane, the HTTP spec over it and the gRPC service, the inference worker (in worker
+    processes, or in each API server with --in-process), the Guard in front of the app, the OpenAPI document."""
     from modelship.serving import compat
     from modelship.serving.dataplane import DataPlane
-    from modelship.serving.dispatch import broker, in_process
+    from modelship.serving.dispatch import broker
     from modelship.serving.dispatch.worker import InferenceWorker
     from modelship.serving.http_api import connections
     from modelship.serving.http_api.answers import install_errors
-    from modelship.serving.http_api.guard import Guard
     from modelship.serving.http_api.openapi import install_openapi
     from modelship.serving.http_api.spec import HTTPSpec
 
@@ -175,27 +185,6 @@ def build_server(
     plane = DataPlane(settings)
     spec = HTTPSpec(plane)
     worker = InferenceWorker(settings)
-    in_api_server = None
-    if cfg.in_process:
-
-        def in_api_server(loaded: Callable[[bool], None]) -> None:
-            """In a new API server process: load the models on its own thread; requests wait for them."""
-            batching = (settings.max_batch_size, settings.batch_timeout, settings.timeout)
-            runner = in_process.Runner(lambda: worker.setup("cpu"), worker.run, batching, loaded)
-            runner.start()
-            plane.dispatcher = runner
-
-    def front(app: Any) -> Any:
-        """The guard in front of the FastAPI app, and CORS in front of the guard (a browser's preflight is answered
-        before the API key is asked for)."""
-        guarded = Guard(app, api_key=cfg.api_key, max_bytes=cfg.max_bytes, fast=spec.fast_route)
-        return CORSMiddleware(guarded, **cors_options(cfg.cors_origins)) if cfg.cors_origins else guarded
-
-    grpc = None
-    if cfg.grpc_port is not None:
-        from modelship.serving.grpc_service import Service
-
-        grpc = Service(plane, cfg.host, cfg.grpc_port, cfg.api_key, cfg.max_bytes)
     server = compat.Server(
         compat.WorkerAPI(worker, spec),
         accelerator=accelerator,
@@ -203,18 +192,53 @@ def build_server(
         workers_per_device=cfg.workers_per_device,
         timeout=cfg.timeout,
         restart_workers=True,
-        front=front,
+        front=lambda app: front_door(cfg, app, spec),
         on_worker_failure=failed.set,
         sockets=None if cfg.in_process else run_dir,
         hung=broker.HungPolicy(floor=cfg.hang_timeout),
         http=connections.protocol(cfg.header_timeout, cfg.body_timeout),
-        in_api_server=in_api_server,
+        in_api_server=in_api_server(plane, worker) if cfg.in_process else None,
         on_broker=controller.start,
-        grpc=grpc,
+        grpc=grpc_service(cfg, plane),
     )
     install_errors(server.app)
     install_openapi(server.app, spec)
     return server
+
+
+def in_api_server(plane: Any, worker: Any) -> Callable[[Callable[[bool], None]], None]:
+    """With --in-process: what each new API server process runs first, loading the models on a thread of its own
+    (requests wait for them) and making that runner its data plane's dispatcher."""
+    from modelship.serving.dispatch import in_process
+
+    def start(loaded: Callable[[bool], None]) -> None:
+        s = plane.settings
+        batching = (s.max_batch_size, s.batch_timeout, s.timeout)
+        runner = in_process.Runner(lambda: worker.setup("cpu"), worker.run, batching, loaded)
+        runner.start()
+        plane.dispatcher = runner
+
+    return start
+
+
+def front_door(cfg: ServeConfig, app: Any, spec: Any) -> Any:
+    """The Guard in front of the FastAPI app, and CORS in front of the Guard (a browser's preflight is answered before
+    the API key is asked for)."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    from modelship.serving.http_api.guard import Guard
+
+    guarded = Guard(app, api_key=cfg.api_key, max_bytes=cfg.max_bytes, fast=spec.fast_route)
+    return CORSMiddleware(guarded, **cors_options(cfg.cors_origins)) if cfg.cors_origins else guarded
+
+
+def grpc_service(cfg: ServeConfig, plane: Any) -> Any:
+    """The gRPC service every API server starts beside HTTP (--grpc-port), or None."""
+    if cfg.grpc_port is None:
+        return None
+    from modelship.serving.grpc_service import Service
+
+    return Service(plane, cfg.host, cfg.grpc_port, cfg.api_key, cfg.max_bytes)
 
 
 def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
@@ -223,11 +247,15 @@ def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
         "allow_origins": list(origins),
         "allow_methods": ["GET", "POST"],
         "allow_headers": [
-            "Content-Type", "Content-Encoding", "Authorization", "X-API-Key", "Inference-Header-Content-Length",
+            "Content-Type",
+            "Content-Encoding",
+            "Authorization",
+            "X-API-Key",
+            "Inference-Header-Content-Length",
         ],
         "expose_headers": ["Inference-Header-Content-Length"],
         "max_age": 600,
-    }  # fmt: skip
+    }
 
 
 def on_sigterm_drain() -> None:

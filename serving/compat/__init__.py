@@ -48,6 +48,15 @@ from modelship.serving.compat.server import APIServer, Server, in_process_key
 from modelship.serving.compat.worker import WorkerAPI, ZMQLoop, quiet_setup_error
 
 __all__ = [
-    "MISMATCH", "SUPPORTED", "SUPPORTED_TEXT", "APIServer", "LitSpec", "Server", "WorkerAPI", "ZMQLoop",
-    "check_version", "in_process_key", "quiet_setup_error",
-]  # fmt: skip
+    "MISMATCH",
+    "SUPPORTED",
+    "SUPPORTED_TEXT",
+    "APIServer",
+    "LitSpec",
+    "Server",
+    "WorkerAPI",
+    "ZMQLoop",
+    "check_version",
+    "in_process_key",
+    "quiet_setup_error",
+]

@@ -32,11 +32,19 @@ LITSERVE_INFO_PATH = "/litserve/info"  # where LitServe's info route is put befo
 class Server(ls.LitServer):
     """LitServer on modelship's transport, with HTTP up before the workers are warm, and modelship's own `/`."""
 
-    def __init__(self, *args: Any, front: Callable[[Any], Any], on_worker_failure: Callable[[], None],
-                 sockets: str | None, hung: broker.HungPolicy, http: type,
-                 in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
-                 on_broker: Callable[[broker.Broker], None] | None = None, grpc: Any = None,
-                 **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *args: Any,
+        front: Callable[[Any], Any],
+        on_worker_failure: Callable[[], None],
+        sockets: str | None,
+        hung: broker.HungPolicy,
+        http: type,
+        in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
+        on_broker: Callable[[broker.Broker], None] | None = None,
+        grpc: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
         self._grpc = grpc  # the gRPC service each API server starts beside HTTP (--grpc-port), or None
         self._front = front  # wraps the FastAPI app as each API server serves it
@@ -96,8 +104,9 @@ class Server(ls.LitServer):
         if self._broker is not None:
             self._broker.watch(worker_id, process)
 
-    def _perform_graceful_shutdown(self, manager: Any, uvicorn_workers: dict[int, Any],
-                                   shutdown_reason: str = "normal") -> None:  # fmt: skip
+    def _perform_graceful_shutdown(
+        self, manager: Any, uvicorn_workers: dict[int, Any], shutdown_reason: str = "normal"
+    ) -> None:
         with self._lock:
             self._stopping = True
         # every API server drains at once (LitServe stops them one after another): each answers what it holds
@@ -121,8 +130,15 @@ class Server(ls.LitServer):
             before += len(self._inference_workers_config_for_api(api.api_path))
         raise AssertionError("unknown LitAPI")
 
-    def _start_server(self, port: int, num_uvicorn_servers: int, log_level: str, sockets: list[socket.socket],
-                      uvicorn_worker_type: str, **kwargs: Any) -> dict[int, Any]:  # fmt: skip
+    def _start_server(
+        self,
+        port: int,
+        num_uvicorn_servers: int,
+        log_level: str,
+        sockets: list[socket.socket],
+        uvicorn_worker_type: str,
+        **kwargs: Any,
+    ) -> dict[int, Any]:
         shared = sockets[0]
         self._listen = (shared.family, shared.getsockname()[:2], port, log_level, kwargs)
         for sock in sockets:
@@ -141,8 +157,15 @@ class Server(ls.LitServer):
             lit_api.spec.response_queue_id = consumer
         app = copy.copy(self.app)
         self._prepare_app_run(app)
-        config = uvicorn.Config(app=self._front(app), host=address[0], port=port, log_level=log_level, http=self._http,
-                                timeout_graceful_shutdown=self.uvicorn_graceful_timeout, **kwargs)  # fmt: skip
+        config = uvicorn.Config(
+            app=self._front(app),
+            host=address[0],
+            port=port,
+            log_level=log_level,
+            http=self._http,
+            timeout_graceful_shutdown=self.uvicorn_graceful_timeout,
+            **kwargs,
+        )
         server = APIServer(config=config, beside=self._grpc)
         own = [reuseport_socket(family, address)]
         process = mp.get_context("fork").Process(
@@ -173,8 +196,12 @@ class Server(ls.LitServer):
                     return
                 for consumer, process in list(self._api_servers.items()):
                     if not process.is_alive():
-                        log.error("API server %d (pid %d) died with exit code %s; starting a new one", consumer,
-                                  process.pid, process.exitcode)  # fmt: skip
+                        log.error(
+                            "API server %d (pid %d) died with exit code %s; starting a new one",
+                            consumer,
+                            process.pid,
+                            process.exitcode,
+                        )
                         self._api_servers[consumer] = self._start_api_server(consumer)
 
     def verify_worker_status(self) -> None:

@@ -23,8 +23,9 @@ class WorkerAPI(ls.LitAPI):
 
     def __init__(self, worker: Any, spec: Any) -> None:
         settings = worker.settings
-        super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, spec=spec,
-                         loop=ZMQLoop())  # fmt: skip
+        super().__init__(
+            max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, spec=spec, loop=ZMQLoop()
+        )
         self.worker = worker
 
     def setup(self, device: str) -> None:

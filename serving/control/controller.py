@@ -105,8 +105,17 @@ def wanted(versions: dict[int, Path], policy: str) -> dict[int, Path]:
 
 
 class Controller:
-    def __init__(self, source: Path, run_dir: str, backend: str, mode: str = "none", policy: str = "latest",
-                 load: tuple[str, ...] = (), poll_interval: float = 5.0, static: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        source: Path,
+        run_dir: str,
+        backend: str,
+        mode: str = "none",
+        policy: str = "latest",
+        load: tuple[str, ...] = (),
+        poll_interval: float = 5.0,
+        static: bool = False,
+    ) -> None:
         self.source, self.run_dir, self.backend = source, run_dir, backend
         self.mode, self.policy, self.load, self.poll_interval = mode, policy, load, poll_interval
         self.static = static  # --in-process: each API server loads the start table itself; it never changes
@@ -117,6 +126,20 @@ class Controller:
         self.gone: set[str] = set()  # READY versions whose folder left, serving from memory until their successor is
         self.next_scan = 0.0
         self.dirty = False
+
+    @classmethod
+    def for_config(cls, cfg: Any, run_dir: str) -> Controller:
+        """The controller of a server for `cfg` (a ServeConfig), writing its table in `run_dir`."""
+        return cls(
+            cfg.bundle,
+            run_dir,
+            cfg.backend,
+            cfg.model_control,
+            cfg.version_policy,
+            cfg.load_models,
+            cfg.poll_interval,
+            static=cfg.in_process,
+        )
 
     # ------------------------------------------------------------------------------------------ start
 

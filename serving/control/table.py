@@ -129,15 +129,24 @@ class Reader:
 def index(table: Table, ready_only: bool = False) -> list[dict[str, Any]]:
     """The repository index as Triton answers POST /v2/repository/index: every model, with its versions' states
     (only the READY versions with `ready_only`, Triton's {"ready": true})."""
-    rows = [{"name": v.name, "version": str(v.version), "state": v.state, "reason": v.reason,
-             "resident_bytes": v.resident_bytes} for v in table.versions.values()]  # fmt: skip
+    rows = [
+        {
+            "name": v.name,
+            "version": str(v.version),
+            "state": v.state,
+            "reason": v.reason,
+            "resident_bytes": v.resident_bytes,
+        }
+        for v in table.versions.values()
+    ]
     if ready_only:
         return sorted((r for r in rows if r["state"] == READY), key=lambda r: (r["name"], int(r["version"])))
     listed = {v.name for v in table.versions.values()}
     rows += [{"name": n, "version": "", "state": UNAVAILABLE, "reason": why} for n, why in table.problems.items()]
     listed |= set(table.problems)
-    rows += [{"name": n, "version": "", "state": UNAVAILABLE, "reason": "unloaded"} for n in table.known
-             if n not in listed]  # fmt: skip
+    rows += [
+        {"name": n, "version": "", "state": UNAVAILABLE, "reason": "unloaded"} for n in table.known if n not in listed
+    ]
     return sorted(rows, key=lambda r: (r["name"], int(r["version"] or 0)))
 
 

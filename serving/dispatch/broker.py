@@ -111,8 +111,9 @@ class Broker:
         for sock in (front, back, *answers):
             sock.close(linger=0)
 
-    def _loop(self, state: _BrokerState, poller: zmq.Poller, front: zmq.Socket, back: zmq.Socket,
-              sentinels: dict[int, bytes]) -> None:  # fmt: skip
+    def _loop(
+        self, state: _BrokerState, poller: zmq.Poller, front: zmq.Socket, back: zmq.Socket, sentinels: dict[int, bytes]
+    ) -> None:
         next_check = 0.0
         while True:
             now = time.monotonic()
@@ -121,8 +122,12 @@ class Broker:
                 self.pulse[0], self.pulse[1] = now, len(state.credit)
                 self.snapshot = state.snapshot()
                 for who in state.hung(now):
-                    log.error("inference worker %s has held a batch for over %.1f s; killing it, its requests go "
-                              "to the next worker", who.decode(), state.threshold())  # fmt: skip
+                    log.error(
+                        "inference worker %s has held a batch for over %.1f s; killing it, its requests go "
+                        "to the next worker",
+                        who.decode(),
+                        state.threshold(),
+                    )
                     if who in sentinels.values():  # only a process this server started and watches is killed
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid_of(who), signal.SIGKILL)
@@ -208,8 +213,9 @@ class _BrokerState:
         live = set(self.credit) | set(self.held)
         return {who: self.status.get(who) for who in live}, dict(self.outstanding)
 
-    def ready(self, who: bytes, n: int, acked: tuple[int, ...] = (), now: float | None = None,
-              status: bytes = b"") -> None:  # fmt: skip
+    def ready(
+        self, who: bytes, n: int, acked: tuple[int, ...] = (), now: float | None = None, status: bytes = b""
+    ) -> None:
         if who in self.gone:
             return
         if status:

@@ -289,8 +289,9 @@ def pid_of(who: bytes) -> int:
     return int(who.rsplit(b"-", 1)[1])
 
 
-def serve_batches(worker: Worker, run: Callable[[list[Request]], list[np.ndarray]], max_batch: int, window: float,
-                  timeout: float) -> None:  # fmt: skip
+def serve_batches(
+    worker: Worker, run: Callable[[list[Request]], list[np.ndarray]], max_batch: int, window: float, timeout: float
+) -> None:
     """The worker's loop: batches in, answers out, forever; a request older than `timeout` is answered 504."""
     while True:
         batch = worker.next_batch(max_batch, window)
@@ -309,7 +310,7 @@ def run_batch(run: Callable[[list[Request]], list[Any]], batch: list[Request]) -
         return [
             (ERROR, (y.status, y.message)) if isinstance(y, RequestError) else (OK, y)
             for _, y in zip(batch, run(batch), strict=True)
-        ]  # fmt: skip  (a count mismatch fails here too)
+        ]  # (a count mismatch fails here too)
     except Exception as e:
         log.exception("inference failed")
         return [(ERROR, (500, f"inference failed: {type(e).__name__}"))] * len(batch)

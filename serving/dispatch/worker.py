@@ -131,8 +131,13 @@ class InferenceWorker:
                 failed[key] = f"failed to load on a worker: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 continue
             held[key].resident_bytes = max(0, models.resident_bytes() - before)
-            log.info("model %s ready on %s: %s via %s", key, self.device, self.settings.backend,
-                     ", ".join(held[key].backend.providers))  # fmt: skip
+            log.info(
+                "model %s ready on %s: %s via %s",
+                key,
+                self.device,
+                self.settings.backend,
+                ", ".join(held[key].backend.providers),
+            )
         return table.generation, held, failed
 
     def absorb(self, loaded: Loaded) -> None:

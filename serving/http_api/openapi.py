@@ -120,7 +120,7 @@ def infer_body(model_input: str, shape: tuple[int, int, int]) -> dict[str, Any]:
 
 PLACEHOLDER = SimpleNamespace(
     name="{name}", classes=("class",), input_name="input", output_name="logits", shape=(3, 224, 224)
-)  # fmt: skip  (the examples' model while none is loaded)
+)  # (the examples' model while none is loaded)
 
 
 def example_model(spec: Any) -> Any:
@@ -205,8 +205,11 @@ def build_openapi(app: FastAPI, spec: Any) -> dict[str, Any]:
     for (path, method), extra in ops.items():
         op: dict[str, Any] | None = doc["paths"].get(path, {}).get(method)
         if op is None and method == "post":  # the POST routes are answered in front of FastAPI, which never saw them
-            params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
-                      for p in path.split("/") if p.startswith("{")]  # fmt: skip
+            params = [
+                {"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
+                for p in path.split("/")
+                if p.startswith("{")
+            ]
             op = {"operationId": operation_id(path, method), **({"parameters": params} if params else {})}
             doc["paths"].setdefault(path, {})[method] = op
         if op is not None:

@@ -134,8 +134,24 @@ class V2ModelReady(BaseModel):
 
 
 MODELS: list[type[BaseModel]] = [
-    Error, PredictImage, PredictTensor, Ranked, Prediction, Root, HeldVersion, Info, RepositoryEntry, RepositoryIndex,
-    V2Tensor, V2RequestedOutput,
-    V2InferenceRequest, V2InferenceResponse, V2TensorMetadata, V2ModelMetadata, V2ServerMetadata, V2Live, V2Ready,
+    Error,
+    PredictImage,
+    PredictTensor,
+    Ranked,
+    Prediction,
+    Root,
+    HeldVersion,
+    Info,
+    RepositoryEntry,
+    RepositoryIndex,
+    V2Tensor,
+    V2RequestedOutput,
+    V2InferenceRequest,
+    V2InferenceResponse,
+    V2TensorMetadata,
+    V2ModelMetadata,
+    V2ServerMetadata,
+    V2Live,
+    V2Ready,
     V2ModelReady,
-]  # fmt: skip
+]

@@ -136,8 +136,9 @@ class HTTPSpec(compat.LitSpec):
         answer = prediction(logits[0], model.classes, req.top_k)
         return json_answer({**answer, "model_name": model.name, "model_version": served.version})
 
-    async def parse_multipart(self, headers: dict[bytes, bytes], body: bytes,
-                              model: v2.ServedModel) -> codec.PredictRequest:  # fmt: skip
+    async def parse_multipart(
+        self, headers: dict[bytes, bytes], body: bytes, model: v2.ServedModel
+    ) -> codec.PredictRequest:
         async def chunks() -> Any:
             yield body
 
@@ -159,8 +160,13 @@ class HTTPSpec(compat.LitSpec):
         table = self.catalog.table
         held = []
         for v in sorted(table.versions.values(), key=lambda v: (v.name, v.version)):
-            entry = {"name": v.name, "version": str(v.version), "state": v.state, "reason": v.reason,
-                     "resident_bytes": v.resident_bytes}  # fmt: skip
+            entry = {
+                "name": v.name,
+                "version": str(v.version),
+                "state": v.state,
+                "reason": v.reason,
+                "resident_bytes": v.resident_bytes,
+            }
             if v.state == READY:
                 entry["manifest"] = self.catalog.get(v).manifest
             held.append(entry)
