@@ -134,8 +134,16 @@ def announce(cfg: ServeConfig, table: Any, accelerator: str, n_devices: int) -> 
     log.info(
         "serving %s (%s on %s, %s, batches of up to %d %s, model control %s) at http://%s:%d — POST /predict, "
         "POST /v2/models/{name}/infer, docs at /docs; /health turns 200 once warmed up",
-        held, cfg.backend, accelerator, copies, cfg.max_batch_size, wait, cfg.model_control, url_host, cfg.port,
-    )  # fmt: skip
+        held,
+        cfg.backend,
+        accelerator,
+        copies,
+        cfg.max_batch_size,
+        wait,
+        cfg.model_control,
+        url_host,
+        cfg.port,
+    )
     if cfg.grpc_port is not None:
         grpc = "inference.GRPCInferenceService, grpc.health.v1.Health"
         log.info("and KServe v2 over gRPC at %s:%d (%s)", url_host, cfg.grpc_port, grpc)
