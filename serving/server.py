@@ -152,9 +152,9 @@ def announce(cfg: ServeConfig, table: Any, accelerator: str, n_devices: int) -> 
 def start_failure(run_dir: str, table: Any) -> ModelshipError:
     """Why the server stopped at start, in one line: BundleError (exit 2) when every version that failed has an
     artifact its runtime refused (the bundle is at fault), ServeError (exit 1) otherwise."""
-    from modelship.serving.control import table as models
+    from modelship.serving.control.table import start_failure as recorded_failure
 
-    failed, refused = models.start_failure(run_dir)
+    failed, refused = recorded_failure(run_dir)
     if not failed:
         return ServeError("a model could not be loaded; the log above says why")
     key, reason = next(iter(failed.items()))

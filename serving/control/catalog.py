@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelship.backends import PLATFORMS
-from modelship.serving.control import table as models
+from modelship.serving.control.table import READY, Reader, Table, Version, kept_manifest
 from modelship.serving.errors import RequestError
 from modelship.serving.v2 import ServedModel
 
@@ -39,8 +39,8 @@ def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "source": source}
 
 
-def served(entry: models.Version, backend: str, run_dir: str) -> Served:
-    manifest = models.kept_manifest(run_dir, entry.key)  # the controller's copy: the folder may have left since
+def served(entry: Version, backend: str, run_dir: str) -> Served:
+    manifest = kept_manifest(run_dir, entry.key)  # the controller's copy: the folder may have left since
     model = ServedModel.from_manifest({**manifest, "name": entry.name}, max_batch=int(manifest.get("max_batch", 64)))
     c, h, w = model.shape
     artifact = manifest["artifacts"][backend]
@@ -56,18 +56,18 @@ class Catalog:
 
     def __init__(self, run_dir: str, backend: str):
         self.run_dir = run_dir
-        self.reader = models.Reader(run_dir)
+        self.reader = Reader(run_dir)
         self.backend = backend
         self.cache: dict[str, Served] = {}
 
     @property
-    def table(self) -> models.Table:
+    def table(self) -> Table:
         return self.reader.current()
 
     def names(self) -> list[str]:
         return self.table.names()
 
-    def get(self, entry: models.Version) -> Served:
+    def get(self, entry: Version) -> Served:
         found = self.cache.get(entry.key)
         if found is None:
             if len(self.cache) > 256:  # versions come and go for the life of the server
@@ -87,7 +87,7 @@ class Catalog:
                 raise
         return self._resolve(name, version)
 
-    def fresh(self) -> models.Table:
+    def fresh(self) -> Table:
         """The table as it is now (for the index and readiness: a stale view would contradict another process's)."""
         self.reader.reload()
         return self.reader.table
@@ -112,7 +112,7 @@ class Catalog:
         if match is None:
             listed = ", ".join(repr(str(v.version)) for v in versions)
             raise RequestError(f"model {name!r} has no version {version!r}; its versions are {listed}", 404)
-        if match.state != models.READY:
+        if match.state != READY:
             why = f": {match.reason}" if match.reason else "; retry shortly, or leave out the version"
             raise RequestError(f"version {version} of model {name!r} is {match.state}{why}", 503)
         return self.get(match)

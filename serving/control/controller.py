@@ -30,8 +30,18 @@ import zmq
 
 from modelship import repository
 from modelship.errors import ConfigError, ModelshipError
-from modelship.serving.control import table as models
-from modelship.serving.control.table import HELD, LOADING, READY, UNAVAILABLE, UNLOADING, Table, Version, key_of
+from modelship.serving.control.table import (
+    HELD,
+    LOADING,
+    READY,
+    UNAVAILABLE,
+    UNLOADING,
+    Table,
+    Version,
+    drop_manifest,
+    keep_manifest,
+    key_of,
+)
 from modelship.serving.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -183,7 +193,7 @@ class Controller:
     def add(self, name: str, version: int, path: Path, state: str = LOADING, reason: str = "") -> None:
         entry = Version(name, version, str(path.resolve()), state, reason, added=self.table.generation + 1)
         if state != UNAVAILABLE:
-            models.keep_manifest(self.run_dir, entry.key, entry.path)
+            keep_manifest(self.run_dir, entry.key, entry.path)
         self.table.versions[entry.key] = entry
         self.dirty = True
 
@@ -240,7 +250,7 @@ class Controller:
         for v in [v for v in self.table.versions.values() if v.state == UNLOADING]:
             if now - self.since.get(v.key, now) >= DRAIN_MIN and not outstanding.get(v.key.encode()):
                 del self.table.versions[v.key]
-                models.drop_manifest(self.run_dir, v.key)
+                drop_manifest(self.run_dir, v.key)
                 self.since.pop(v.key, None)
                 self.dirty = True
                 log.info("model %s version %d drained and unloaded", v.name, v.version)

@@ -27,7 +27,7 @@ from modelship.errors import ArtifactError
 from modelship.manifest import read_manifest
 from modelship.serving import lifeline
 from modelship.serving.config import Settings
-from modelship.serving.control import table as models
+from modelship.serving.control.table import Reader, Table, record_start_failure, resident_bytes
 from modelship.serving.dispatch import transport
 from modelship.serving.errors import RequestError
 from modelship.serving.metrics import metrics
@@ -49,7 +49,7 @@ class InferenceWorker:
         self.held: dict[str, Held] = {}  # model version -> its backend
         self.failed: dict[str, str] = {}  # model version -> why it did not load here
         self.refused: list[str] = []  # of those, the versions whose artifact its runtime refused (the bundle's fault)
-        self.reader: models.Reader | None = None
+        self.reader: Reader | None = None
         self.applied = 0  # the table generation this worker holds everything of
         self.loading: Future[Loaded] | None = None  # versions being loaded on a thread beside the serving
         self.loader: ThreadPoolExecutor | None = None
@@ -62,13 +62,13 @@ class InferenceWorker:
         logging.basicConfig(level=self.settings.log_level.upper(), format="%(message)s")
         self.device = device
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="modelship-loader")
-        self.reader = models.Reader(self.settings.run_dir)
+        self.reader = Reader(self.settings.run_dir)
         self.reader.reload()  # the table as it is now; then at most every REFRESH seconds (refresh)
         table = self.reader.table
         self.absorb(self.load(table, self.missing(table)))  # at start there is nothing to serve meanwhile
         # a version asked for at start (with --in-process every version is): the server must not start without it
         if self.failed and (self.settings.in_process or not self.reader.table.started):
-            models.record_start_failure(self.settings.run_dir, self.failed, self.refused)
+            record_start_failure(self.settings.run_dir, self.failed, self.refused)
             raise RuntimeError("; ".join(f"{k}: {why}" for k, why in self.failed.items()))
 
     def refresh(self) -> bytes | None:
@@ -93,10 +93,10 @@ class InferenceWorker:
         rss = {k: h.resident_bytes for k, h in self.held.items()}
         return json.dumps({"generation": self.applied, "failed": self.failed, "rss": rss}).encode()
 
-    def missing(self, table: models.Table) -> list[str]:
+    def missing(self, table: Table) -> list[str]:
         return [k for k in table.held() if k not in self.held and k not in self.failed]
 
-    def unload(self, table: models.Table) -> bool:
+    def unload(self, table: Table) -> bool:
         """Drop what the table no longer holds (the controller removes a version only once it has drained)."""
         wanted = table.held()
         gone = [k for k in self.held if k not in wanted]
@@ -109,7 +109,7 @@ class InferenceWorker:
         self.failed = {k: why for k, why in self.failed.items() if k in wanted}
         return bool(gone)
 
-    def load(self, table: models.Table, keys: list[str]) -> Loaded:
+    def load(self, table: Table, keys: list[str]) -> Loaded:
         """Load the versions `keys` of `table` (those it holds and this worker lacks), each warmed up at its largest
         batch before it counts as loaded (first calls allocate and pick kernels): (the table's generation, loaded,
         failed)."""
@@ -117,7 +117,7 @@ class InferenceWorker:
         failed: dict[str, str] = {}
         for key in keys:
             version = table.versions[key]
-            before = models.resident_bytes()
+            before = resident_bytes()
             try:
                 held[key] = load_version(Path(version.path), self.settings, self.device)
             except ArtifactError as e:  # the file is not what it should be: one line, and the bundle is at fault
@@ -130,7 +130,7 @@ class InferenceWorker:
                 log.exception("model %s failed to load", key)
                 failed[key] = f"failed to load on a worker: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 continue
-            held[key].resident_bytes = max(0, models.resident_bytes() - before)
+            held[key].resident_bytes = max(0, resident_bytes() - before)
             log.info(
                 "model %s ready on %s: %s via %s",
                 key,
