@@ -91,33 +91,38 @@ def serving_part(module: str) -> str | None:
 def serving_violations(mods: dict[str, Path]) -> list[str]:
     """Every import inside serving that breaks its direction, and every import of litserve outside compat."""
     found = []
+    for module, where, name in every_import(mods):
+        mine, theirs = serving_part(module), serving_part(name)
+        if name.split(".")[0] == "litserve" and mine != "compat":
+            found.append(f"{where} {module} imports {name}: only modelship.serving.compat imports litserve")
+        if mine is not None and theirs in SERVING_FORBIDDEN.get(mine, ()):
+            found.append(f"{where} {module} imports {name}: {mine} may not import {theirs}")
+    return found
+
+
+def every_import(mods: dict[str, Path]) -> list[tuple[str, str, str]]:
+    """(module, `file:line`, imported name) for every import of every module."""
+    found = []
     for module, path in mods.items():
-        mine = serving_part(module)
-        for line, name in imports(module, path):
-            where = f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:{line} {module} imports {name}"
-            if name.split(".")[0] == "litserve" and serving_part(module) != "compat":
-                found.append(f"{where}: only modelship.serving.compat imports litserve")
-            theirs = serving_part(name)
-            if mine is not None and theirs in SERVING_FORBIDDEN.get(mine, ()):
-                found.append(f"{where}: {mine} may not import {theirs}")
+        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        found += [(module, f"{shown}:{line}", name) for line, name in imports(module, path)]
     return found
 
 
 def violations(mods: dict[str, Path]) -> list[str]:
     """Every import that breaks the layer rule, as `file:line (layer) imports name: why`."""
     found = []
-    for module, path in mods.items():
+    for module, at, name in every_import(mods):
         mine = layer(module)
-        for line, name in imports(module, path):
-            where = f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:{line} ({mine}) imports {name}"
-            top = name.split(".")[0]
-            if top in STAGES:
-                found.append(f"{where}: the stages are modelship.{top}, never a top-level {top}")
-            if top != "modelship" or name == "modelship":
-                continue
-            target = layer(".".join(name.split(".")[:2]))
-            if target in FORBIDDEN[mine]:
-                found.append(f"{where}: {mine} may not import {target}")
+        where = f"{at} ({mine}) imports {name}"
+        top = name.split(".")[0]
+        if top in STAGES:
+            found.append(f"{where}: the stages are modelship.{top}, never a top-level {top}")
+        if top != "modelship" or name == "modelship":
+            continue
+        target = layer(".".join(name.split(".")[:2]))
+        if target in FORBIDDEN[mine]:
+            found.append(f"{where}: {mine} may not import {target}")
     return found
 
 

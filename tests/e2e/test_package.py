@@ -40,14 +40,17 @@ def test_the_wheel_holds_only_the_modelship_package(wheel: Path) -> None:
     assert not [n for n in names if "/tests/" in n or n.startswith(("benchmarks/", "tests/"))]
 
 
-def test_installed_in_a_fresh_venv_the_stages_are_subpackages(wheel: Path, tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
+def installed(wheel: Path, venv: Path) -> Path:
+    """A fresh virtual environment with the wheel installed, alone (no dependencies: tests stay offline)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index"]
+    subprocess.run([*pip, "-q", str(wheel)], check=True)
+    return venv
+
+
+def test_installed_in_a_fresh_venv_the_stages_are_subpackages(wheel: Path, tmp_path: Path) -> None:
+    venv = installed(wheel, tmp_path / "venv")
     python = venv / "bin" / "python"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-        check=True,
-    )
     probe = (
         "import importlib.util as u, modelship.training, modelship.export, modelship.serving\n"
         "print([m for m in ('training', 'export', 'serving') if u.find_spec(m)])"
@@ -97,13 +100,8 @@ def test_the_base_install_runs_the_client_and_predict_url(wheel: Path, tmp_path:
 
     from tests.helpers import running_server
 
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    venv = installed(wheel, tmp_path / "venv")
     python = venv / "bin" / "python"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-        check=True,
-    )
     site = next((venv / "lib").glob("python3.*/site-packages"))
     (site / "base-dependencies.pth").write_text(f"{offline_site(tmp_path / 'deps')}\n")
     server_side = ("pydantic_core", "litserve", "onnxruntime", "grpc", "torch")
