@@ -125,25 +125,22 @@ def check_readable(paths: list[str], what: str, decode: bool = False) -> None:
     """DataError listing every file among `paths` that is not an image PIL can read (headers only, or fully decoded
     with `decode`) or is over the pixel limit: all of them at once, up to SHOWN by name. When a header fails, every
     file is decoded too, so a truncated file is named in the same error as one that is not an image at all."""
-    if decode:
+    if decode or problems(paths, open_header):
         raise_bad(undecodable(paths), len(paths), what)
-        return
-    bad = []
-    for p in paths:
-        try:
-            open_header(p).close()
-        except DataError as e:
-            bad.append(str(e))
-    raise_bad(undecodable(paths) if bad else [], len(paths), what)
 
 
 def undecodable(paths: Sequence[str]) -> list[str]:
     """Why each file among `paths` does not decode to the end (a header pass found a bad file, or the caller wants
     every one decoded): one line per bad file, in order."""
+    return problems(paths, open_image)
+
+
+def problems(paths: Sequence[str], opener: Callable[[str], Image.Image]) -> list[str]:
+    """Why each file among `paths` fails `opener` (open_header: the header; open_image: decoded to the end)."""
     bad = []
     for p in paths:
         try:
-            open_image(p).close()
+            opener(p).close()
         except DataError as e:
             bad.append(str(e))
     return bad
