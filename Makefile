@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
+KSERVE ?= .venv-kserve
+
 .PHONY: install run test lint
 
 $(BIN)/python:
@@ -20,6 +22,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# KServe's Python SDK, for the test that calls the server with it, in a venv of its own: its protobuf pin clashes with
+# tritonclient.grpc's in one process
+$(KSERVE)/.installed:
+	$(PYTHON) -m venv $(KSERVE)
+	$(KSERVE)/bin/python -m pip install --quiet --upgrade pip
+	$(KSERVE)/bin/python -m pip install --quiet "kserve==0.21.0"
+	touch $@
+
 # the main job: train -> export (with fp16 and int8 variants) -> gates on `shapes`, failing under 90% accuracy;
 # each `make run` replaces the last quickstart run (--force); RUN_ARGS adds flags
 run: $(VENV)/.installed
@@ -30,5 +40,5 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint $(KSERVE)/.installed
 	$(BIN)/pytest

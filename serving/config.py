@@ -134,15 +134,18 @@ class Settings:
     api_key_required: bool
     main_pid: int  # the server's main process: workers exit when it is gone
     log_level: str = "info"
+    version_policy: str = "latest"
+    devices: int = 1  # GPUs used (1 on CPU)
+    copies: int = 1  # copies of each model the server runs: its workers, or its API servers with --in-process
 
     @property
     def max_bytes(self) -> int:
         return int(self.max_payload_mb * (1 << 20))
 
     @classmethod
-    def from_config(cls, cfg: ServeConfig, device: str, models: int, run_dir: str) -> Settings:
-        """What the API servers and workers of a server for `cfg` need: `device` (cpu or cuda), the copies of the
-        model it runs (`models`: they share the cores) and its private run folder."""
+    def from_config(cls, cfg: ServeConfig, device: str, devices: int, models: int, run_dir: str) -> Settings:
+        """What the API servers and workers of a server for `cfg` need: `device` (cpu or cuda) and how many, the
+        copies of the model it runs (`models`: they share the cores) and its private run folder."""
         return cls(
             run_dir=run_dir,
             source=str(cfg.bundle.resolve()),
@@ -159,6 +162,9 @@ class Settings:
             api_key_required=cfg.api_key is not None,
             main_pid=os.getpid(),
             log_level=cfg.log_level,
+            version_policy=cfg.version_policy,
+            devices=devices,
+            copies=models,
         )
 
 

@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from typing import Any
 
 import numpy as np
 
 from modelship.serving.config import Settings
-from modelship.serving.control import controller
+from modelship.serving.control import requests
 from modelship.serving.control.catalog import Catalog, Served
 from modelship.serving.control.table import index
 from modelship.serving.dispatch import broker, transport
 from modelship.serving.dispatch.base import Dispatcher
 from modelship.serving.errors import RequestError
-from modelship.serving.metrics import metrics
+from modelship.serving.extensions import model_config, statistics
+from modelship.serving.metrics import VersionStats, metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class DataPlane:
         # workers' transport (made on the first request, inside this process's event loop)
         self.dispatcher: Dispatcher | None = None
         self.counters: dict[tuple[str, str], Any] = {}  # (version, protocol) -> its inferences counter
+        self.stats: dict[str, VersionStats] = {}  # version -> its statistics' counters in this process
 
     def ready(self) -> bool:
         """This API server can answer now: every model asked for at start has loaded (or failed) and one is READY,
@@ -74,21 +77,51 @@ class DataPlane:
         if self.dispatcher is None:
             assert self.addresses is not None
             self.dispatcher = transport.Client(self.addresses, self.consumer)
+        start = time.perf_counter_ns()
         try:
             logits = await self.dispatcher.call(served.key, x, self.settings.timeout)
         except TimeoutError:
+            self.count(served, "fail", start)
             raise RequestError(
                 f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
             ) from None
         except RequestError as e:
+            self.count(served, "fail", start)
             if e.status >= 500 and e.status != 503:
                 log.error("inference failed: %s", e.message)
             raise
         key = (served.key, protocol)
         if key not in self.counters:  # a labelled child per version and protocol, looked up once (3 us a request)
             self.counters[key] = metrics().inferences.labels(served.model.name, served.version, protocol)
-        self.counters[key].inc()
+        self.counters[key].inc()  # the statistics' success count too
+        self.count(served, "success", start)
         return logits
+
+    def count(self, served: Served, outcome: str, start: int) -> None:
+        """A request's outcome in the version's statistics (success: its count is `inferences`')."""
+        stats = self.stats.get(served.key)
+        if stats is None:
+            stats = self.stats[served.key] = VersionStats(served.model.name, served.version)
+        if outcome != "success":
+            stats.add(f"{outcome}_count", 1)
+        stats.add(f"{outcome}_ns", time.perf_counter_ns() - start)
+
+    def config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model configuration of a version (no version: the newest READY one)."""
+        return model_config(self.resolve(name, version), self.settings)
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics: of one model's READY versions (or the one version asked for), or with no name of
+        every READY version the server holds; a model that is not there is RequestError 404, as for inference."""
+        if name is None:
+            table = self.catalog.table
+            keys = [(v.name, str(v.version)) for n in table.names() for v in table.ready(n)]
+        elif version is None:
+            self.resolve(name)
+            keys = [(name, str(v.version)) for v in self.catalog.table.ready(name)]
+        else:
+            keys = [(name, self.resolve(name, version).version)]
+        return statistics(sorted(keys, key=lambda k: (k[0], int(k[1]))))
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """The repository index as Triton answers it: every model, each version with its state and reason."""
@@ -97,7 +130,7 @@ class DataPlane:
     async def repository_change(self, op: str, name: str, parameters: list[str]) -> None:
         """A load or unload of `name` by the controller, returned once it is done; RequestError when it failed."""
         await asyncio.to_thread(
-            controller.change, self.settings.run_dir, self.settings.model_control, op, name, parameters
+            requests.change, self.settings.run_dir, self.settings.model_control, op, name, parameters
         )
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 
 class RequestError(Exception):
-    """A client mistake: HTTP `status` with a message that says what was wrong and what was expected."""
+    """A client mistake: HTTP `status` with a message that says what was wrong and what was expected. Where the
+    message names a call to make next, `grpc` is the same message naming the gRPC call (each protocol's clients are
+    told their own protocol's calls)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, grpc: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.grpc = grpc or message
 
 
 # HTTP status -> the gRPC status code with the same meaning (the names of grpc.StatusCode, so this module needs no grpc)

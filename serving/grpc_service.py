@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 import modelship
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"
 CODES = {status: getattr(grpc.StatusCode, name) for status, name in GRPC_CODES.items()}
+MISSING_KEY = "missing or wrong API key; send it as x-api-key or authorization: Bearer metadata"
+INTERNAL = "internal server error; see the server log"
 OPEN = frozenset({"ServerLive", "ServerReady"})  # as /v2/health/live and /v2/health/ready: no API key needed
 WATCH_EVERY = 0.5  # seconds between the readiness looks of a health Watch
 Handler = Callable[[Any], Awaitable[Message]]
@@ -85,11 +88,15 @@ class Service:
             "ServerMetadata": (pb.ServerMetadataRequest, self.server_metadata),
             "ModelMetadata": (pb.ModelMetadataRequest, self.model_metadata),
             "ModelInfer": (pb.ModelInferRequest, self.model_infer),
+            "ModelConfig": (pb.ModelConfigRequest, self.model_config),
+            "ModelStatistics": (pb.ModelStatisticsRequest, self.model_statistics),
             "RepositoryIndex": (pb.RepositoryIndexRequest, self.repository_index),
             "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.repository_load),
             "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_unload),
         }
-        return {name: grpc.unary_unary_rpc_method_handler(self.unary(name, *c)) for name, c in calls.items()}
+        methods = {name: grpc.unary_unary_rpc_method_handler(self.unary(name, *c)) for name, c in calls.items()}
+        methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.stream_infer)
+        return methods
 
     def health_methods(self) -> dict[str, grpc.RpcMethodHandler]:
         check = self.unary("Check", health.HealthCheckRequest, self.health_check, service=HEALTH)
@@ -108,13 +115,8 @@ class Service:
             try:
                 if needs_key:
                     assert self.api_key is not None
-                    given = {
-                        k.encode(): v.encode() for k, v in context.invocation_metadata() or () if isinstance(v, str)
-                    }
-                    if not authorized(self.api_key, given):
-                        raise RequestError(
-                            "missing or wrong API key; send it as x-api-key or authorization: Bearer metadata", 401
-                        )
+                    if not authorized(self.api_key, metadata(context)):
+                        raise RequestError(MISSING_KEY, 401)
                 try:
                     request = kind.FromString(raw)
                 except DecodeError as e:
@@ -122,13 +124,13 @@ class Service:
                 return (await fn(request)).SerializeToString()
             except RequestError as e:
                 code = CODES.get(e.status, grpc.StatusCode.INTERNAL)
-                message = e.message
+                message = e.grpc
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception:
                 log.exception("unhandled error answering %s", method)
-                code, message = grpc.StatusCode.INTERNAL, "internal server error; see the server log"
+                code, message = grpc.StatusCode.INTERNAL, INTERNAL
             finally:
                 self.count(method, code, time.perf_counter() - start)
             await context.abort(code, message)
@@ -188,13 +190,73 @@ class Service:
                 413,
             )
         x = infer_input(request, model)
-        for o in request.outputs:
+        k = None
+        for i, o in enumerate(request.outputs):
             v2.check_output(o.name, model)
+            if v2.CLASSIFICATION in o.parameters:
+                k = classification(o.parameters[v2.CLASSIFICATION], model, f"outputs[{i}].parameters")
         logits = await self.plane.infer(served, x, "grpc")
         response = pb.ModelInferResponse(model_name=model.name, model_version=served.version, id=request.id)
-        response.outputs.add(name=model.output_name, datatype="FP32", shape=logits.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(logits, "<f4").tobytes())
+        if k is None:
+            response.outputs.add(name=model.output_name, datatype="FP32", shape=logits.shape)
+            response.raw_output_contents.append(np.ascontiguousarray(logits, "<f4").tobytes())
+        else:  # Triton's classification extension: BYTES rows of "score:index:label"
+            rows = v2.classify(logits, model, k)
+            response.outputs.add(name=model.output_name, datatype="BYTES", shape=rows.shape)
+            response.raw_output_contents.append(v2.bytes_tensor(rows))
         return response
+
+    async def model_config(self, request: pb.ModelConfigRequest) -> Message:
+        doc = self.plane.config(request.name, request.version or None)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(doc, pb.ModelConfig()))
+
+    async def model_statistics(self, request: pb.ModelStatisticsRequest) -> Message:
+        """Every READY version's statistics with no name, as Triton answers."""
+        doc = self.plane.statistics(request.name or None, request.version or None)
+        return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
+
+    async def stream_infer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """ModelStreamInfer (tritonclient's start_stream / async_stream_infer): each request on the stream is answered
+        as ModelInfer answers it, all of them in flight at once, so they join the same batches; the answers come in
+        the order they are ready, each with its request's id. A request that fails is a response with its
+        error_message, and the stream goes on."""
+        start, method = time.perf_counter(), f"/{SERVICE}/ModelStreamInfer"
+        if self.api_key is not None and not authorized(self.api_key, metadata(context)):
+            self.count(method, grpc.StatusCode.UNAUTHENTICATED, 0.0)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY)
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        reader = asyncio.ensure_future(self.read_stream(requests, answers))
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            self.count(method, grpc.StatusCode.OK, time.perf_counter() - start)
+
+    async def read_stream(self, requests: AsyncIterator[bytes], answers: asyncio.Queue[bytes | None]) -> None:
+        """Each request of a stream answered on a task of its own; None once the client has closed its side and
+        every answer is in."""
+        tasks = set()
+        async for raw in requests:
+            tasks.add(asyncio.ensure_future(self.stream_answer(raw, answers)))
+        await asyncio.gather(*tasks)
+        await answers.put(None)
+
+    async def stream_answer(self, raw: bytes, answers: asyncio.Queue[bytes | None]) -> None:
+        try:
+            try:
+                request = pb.ModelInferRequest.FromString(raw)
+            except DecodeError as e:
+                raise RequestError(f"the ModelInferRequest message cannot be parsed ({e})") from None
+            response = pb.ModelStreamInferResponse(infer_response=await self.model_infer(request))
+        except RequestError as e:
+            response = pb.ModelStreamInferResponse(error_message=e.grpc)
+        except Exception:
+            log.exception("unhandled error answering a ModelStreamInfer request")
+            response = pb.ModelStreamInferResponse(error_message=INTERNAL)
+        await answers.put(response.SerializeToString())
 
     async def repository_index(self, request: pb.RepositoryIndexRequest) -> Message:
         rows = self.plane.index(ready_only=request.ready)
@@ -247,6 +309,18 @@ class Service:
                 await asyncio.wait_for(self.stopping.wait(), WATCH_EVERY)
         if last != health.HealthCheckResponse.NOT_SERVING:
             yield health.HealthCheckResponse(status=health.HealthCheckResponse.NOT_SERVING).SerializeToString()
+
+
+def metadata(context: grpc.aio.ServicerContext) -> dict[bytes, bytes]:
+    """A call's metadata as the API key check reads headers."""
+    return {k.encode(): v.encode() for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+def classification(parameter: pb.InferParameter, model: v2.ServedModel, where: str) -> int:
+    """The classification extension's k from an output's InferParameter (tritonclient sends int64_param)."""
+    choice = parameter.WhichOneof("parameter_choice")
+    value = getattr(parameter, choice) if choice else None
+    return v2.check_classification(value, model, f"{where}.{v2.CLASSIFICATION}")  # a string or a float is refused
 
 
 def infer_input(request: pb.ModelInferRequest, model: v2.ServedModel) -> np.ndarray:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from functools import lru_cache
 from types import SimpleNamespace
+from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -33,7 +35,7 @@ def remove_dir(path: str) -> None:
 @lru_cache(maxsize=1)
 def metrics() -> SimpleNamespace:
     """This process's metric objects."""
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
     return SimpleNamespace(
         requests=Counter("modelship_requests", "HTTP requests by route and status code", ["route", "status"]),
@@ -67,6 +69,24 @@ def metrics() -> SimpleNamespace:
             "answered inference requests by model, version and protocol",
             ["model", "version", "protocol"],
         ),
+        # Triton's statistics extension (serving/extensions.py reads them back): counts and nanoseconds
+        stats=Counter(
+            "modelship_stats",
+            "Triton's model statistics by model version: inference and execution counts, and count and ns of "
+            "success, fail, queue and compute_input/infer/output",
+            ["model", "version", "stat"],
+        ),
+        batch_stats=Counter(
+            "modelship_batch_stats",
+            "Triton's batch statistics: executions and their compute_input/infer/output ns by batch size",
+            ["model", "version", "batch_size", "stat"],
+        ),
+        last_inference=Gauge(
+            "modelship_last_inference_ms",
+            "when a model version last ran a batch (milliseconds since the epoch)",
+            ["model", "version"],
+            multiprocess_mode="max",
+        ),
     )
 
 
@@ -78,3 +98,64 @@ def exposition() -> tuple[bytes, str]:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def collected() -> Any:
+    """Every metric family of all processes together (for the statistics extension)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return registry.collect()
+
+
+PHASES = ("compute_input", "compute_infer", "compute_output")  # Triton's names for the parts of an execution
+
+
+class VersionStats:
+    """One model version's statistics counters in this process (Triton's statistics extension), their labelled
+    children looked up once: `labels()` takes a lock a call."""
+
+    def __init__(self, name: str, version: str) -> None:
+        m = metrics()
+        self.name, self.version = name, version
+        self.counters: dict[str, Any] = {}
+        self.batches: dict[tuple[int, str], Any] = {}
+        self.last = m.last_inference.labels(name, version)
+
+    def add(self, stat: str, value: float) -> None:
+        counter = self.counters.get(stat)
+        if counter is None:
+            counter = self.counters[stat] = metrics().stats.labels(self.name, self.version, stat)
+        counter.inc(value)
+
+    def batch(self, size: int, stat: str, value: float) -> None:
+        counter = self.batches.get((size, stat))
+        if counter is None:
+            counter = self.batches[(size, stat)] = metrics().batch_stats.labels(
+                self.name, self.version, str(size), stat
+            )
+        counter.inc(value)
+
+    def execution(
+        self, requests: int, queue_ns: int, input_ns: int, chunks: list[tuple[int, int]], output_ns: int
+    ) -> None:
+        """One batch of `requests`, queued `queue_ns` in all, its input gathered in `input_ns`, run as executions of
+        (rows, ns) `chunks`, its answers split in `output_ns`. Each request is charged its batch's phases, as Triton
+        counts them; an execution, its own compute and its rows' share of the gathering and splitting."""
+        samples = sum(rows for rows, _ in chunks)
+        phases = (input_ns, sum(ns for _, ns in chunks), output_ns)
+        self.add("inference_count", samples)
+        self.add("execution_count", len(chunks))
+        self.add("queue_count", requests)
+        self.add("queue_ns", queue_ns)
+        for phase, ns in zip(PHASES, phases, strict=True):
+            self.add(f"{phase}_count", requests)
+            self.add(f"{phase}_ns", requests * ns)
+        for rows, ns in chunks:
+            self.batch(rows, "count", 1)
+            self.batch(rows, "compute_input_ns", input_ns * rows // samples)
+            self.batch(rows, "compute_infer_ns", ns)
+            self.batch(rows, "compute_output_ns", output_ns * rows // samples)
+        self.last.set(time.time() * 1000)

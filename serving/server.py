@@ -189,7 +189,7 @@ def build_server(
     from modelship.serving.http_api.openapi import install_openapi
     from modelship.serving.http_api.spec import HTTPSpec
 
-    settings = Settings.from_config(cfg, accelerator, models(cfg, n_devices), run_dir)
+    settings = Settings.from_config(cfg, accelerator, n_devices, models(cfg, n_devices), run_dir)
     plane = DataPlane(settings)
     spec = HTTPSpec(plane)
     worker = InferenceWorker(settings)

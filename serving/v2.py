@@ -16,7 +16,9 @@ from modelship.scores import default_top_k
 from modelship.serving.errors import RequestError
 
 DTYPES = {"FP32": np.dtype("<f4")}
-EXTENSIONS = ["binary_tensor_data", "model_repository"]  # what the server metadata lists, over HTTP and gRPC
+# what the server metadata lists, over HTTP and gRPC: exactly the extensions served
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
+CLASSIFICATION = "classification"  # an output parameter: answer the top k classes as BYTES "score:index:label"
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,30 @@ def raw_tensor(data: bytes | memoryview, shape: list[int], what: str) -> np.ndar
     if len(data) != need:
         raise RequestError(f"{what} is {len(data)} bytes; shape {shape} FP32 needs {need} bytes")
     return np.frombuffer(data, dtype=DTYPES["FP32"]).reshape(shape)
+
+
+def check_classification(k: Any, model: ServedModel, where: str) -> int:
+    """The classification extension's k, as a request gives it: a whole number from 1 to the class count."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(model.classes):
+        raise RequestError(
+            f"{where} must be an integer from 1 to {len(model.classes)} (the number of classes), got {k!r}"
+        )
+    return k
+
+
+def classify(logits: np.ndarray, model: ServedModel, k: int) -> np.ndarray:
+    """Triton's classification extension: for each row of logits, its k highest as "score:index:label" (the
+    output's own values, as Triton gives them: no softmax), highest first, ties by index; an object array [N, k]."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    rows = [[f"{row[i]:f}:{i}:{model.classes[i]}" for i in top] for row, top in zip(logits, order, strict=True)]
+    return np.asarray(rows, dtype=object).reshape(len(rows), k)
+
+
+def bytes_tensor(values: np.ndarray) -> bytes:
+    """A BYTES tensor as the binary tensor extension and gRPC's raw contents carry it: each element, in row-major
+    order, as its length (4 bytes, little-endian) and its UTF-8 bytes."""
+    out = bytearray()
+    for v in values.ravel():
+        data = v.encode() if isinstance(v, str) else bytes(v)
+        out += len(data).to_bytes(4, "little") + data
+    return bytes(out)

@@ -101,7 +101,9 @@ class Catalog:
         if not versions:
             if name in table.known:
                 raise RequestError(
-                    f"model {name!r} is not loaded; POST /v2/repository/models/{name}/load loads it", 404
+                    f"model {name!r} is not loaded; POST /v2/repository/models/{name}/load loads it",
+                    404,
+                    grpc=f"model {name!r} is not loaded; RepositoryModelLoad loads it",
                 )
             have = ", ".join(repr(n) for n in table.names()) or "none yet"
             raise RequestError(f"unknown model {name!r}; this server serves {have}", 404)

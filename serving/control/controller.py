@@ -12,7 +12,7 @@ has it. Under --version-policy latest the version it replaces then turns UNLOADI
 broker holds none of its requests (and the API servers have seen the change) it leaves the table and the workers
 unload it. A version that fails to load never serves: it is UNAVAILABLE with the reason, and what served stays.
 
-API servers reach the controller over a ZeroMQ socket in the server's run folder (`ask`).
+API servers reach the controller over a ZeroMQ socket in the server's run folder (control.requests).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import zmq
 
 from modelship import repository
 from modelship.errors import ConfigError, ModelshipError
+from modelship.serving.control.requests import ASK_TIMEOUT, address
 from modelship.serving.control.table import (
     HELD,
     LOADING,
@@ -42,46 +43,10 @@ from modelship.serving.control.table import (
     keep_manifest,
     key_of,
 )
-from modelship.serving.errors import RequestError
 
 log = logging.getLogger(__name__)
 
 DRAIN_MIN = 0.5  # seconds an UNLOADING version stays at least: every API server has read the table by then
-ASK_TIMEOUT = 300.0  # how long a load or unload request waits for its versions to settle
-
-
-def address(run_dir: str) -> str:
-    return f"ipc://{os.path.join(run_dir, 'ctl')}"
-
-
-def ask(run_dir: str, request: dict[str, Any]) -> None:
-    """In an API server: a load or unload request to the controller, returned once it is done; RequestError with
-    the controller's status and message when it failed."""
-    sock: zmq.Socket = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address(run_dir))
-    try:
-        sock.send(json.dumps(request).encode())
-        if not sock.poll(int(ASK_TIMEOUT * 1000) + 5000):
-            raise RequestError("the model controller did not answer; see the server log", 503)
-        status, message = json.loads(sock.recv())
-    finally:
-        sock.close()
-    if status != 200:
-        raise RequestError(message, int(status))
-
-
-def change(run_dir: str, model_control: str, op: str, name: str, parameters: list[str]) -> None:
-    """A load or unload request (with these parameter names) from an API server, returned once done."""
-    if model_control != "explicit":
-        raise RequestError(
-            f"the model repository is not under explicit control (--model-control {model_control}); start the "
-            "server with --model-control explicit to load and unload models by request",
-            400,
-        )
-    if any(k == "config" or k.startswith("file:") for k in parameters):
-        raise RequestError(f"{op} takes no model configuration or files here; send no parameters")
-    ask(run_dir, {"op": op, "name": name})
 
 
 @dataclass
@@ -133,6 +98,7 @@ class Controller:
         self.broker: Any = None  # set when the broker is up (its snapshot says what the workers hold)
         self.waiting: list[Waiting] = []
         self.since: dict[str, float] = {}  # UNLOADING versions: since when
+        self.problems: dict[str, str] = {}  # the repository's unusable model folders, as the scan words them
         self.gone: set[str] = set()  # READY versions whose folder left, serving from memory until their successor is
         self.next_scan = 0.0
         self.dirty = False
@@ -191,7 +157,7 @@ class Controller:
         return sorted(set(self.load))
 
     def add(self, name: str, version: int, path: Path, state: str = LOADING, reason: str = "") -> None:
-        entry = Version(name, version, str(path.resolve()), state, reason, added=self.table.generation + 1)
+        entry = Version(name, version, str(path.resolve()), state, self.public(reason), added=self.table.generation + 1)
         if state != UNAVAILABLE:
             keep_manifest(self.run_dir, entry.key, entry.path)
         self.table.versions[entry.key] = entry
@@ -263,7 +229,7 @@ class Controller:
             self.write()
 
     def set(self, v: Version, state: str, reason: str = "") -> None:
-        v.state, v.reason = state, reason
+        v.state, v.reason = state, self.public(reason)
         if state == UNLOADING:
             self.since[v.key] = time.monotonic()
         self.dirty = True
@@ -279,9 +245,11 @@ class Controller:
         except ModelshipError as e:
             log.warning("the model repository cannot be read (%s); what is loaded keeps serving", e)
             return {}
-        if problems != self.table.problems or sorted(found) != self.table.known:
+        if problems != self.problems or sorted(found) != self.table.known:
             self.log_problems(problems)
-            self.table.problems, self.table.known, self.dirty = problems, sorted(found), True
+            self.problems = problems
+            self.table.problems = {name: self.public(why) for name, why in problems.items()}
+            self.table.known, self.dirty = sorted(found), True
         for name in [only] if only else (found if self.mode == "poll" else []):
             if name in found:
                 self.follow(name, found[name])
@@ -317,13 +285,20 @@ class Controller:
                 self.set(v, UNLOADING)
                 log.info("model %s version %d left the repository and is unloaded", v.name, v.version)
 
+    def public(self, text: str) -> str:
+        """`text` without this machine's folders: a path in the repository as REPO-relative, the repository (or the
+        bundle served) by its name. The table's reasons reach clients (the index, /info, load answers)."""
+        for root in {str(self.source.resolve()), str(self.source)}:
+            text = text.replace(root + os.sep, "").replace(root, self.source.name)
+        return text
+
     def log_problems(self, problems: dict[str, str]) -> None:
         """Each model folder the repository scan cannot use, logged once when it appears or changes (the index lists
         it meanwhile), and once when it is fixed: never on every poll."""
         for name, why in problems.items():
-            if self.table.problems.get(name) != why:
+            if self.problems.get(name) != why:
                 log.error("model repository: %s; what serves keeps serving", why)
-        for name in set(self.table.problems) - set(problems):
+        for name in set(self.problems) - set(problems):
             log.info("model repository: model folder %s is usable again", name)
 
     def follow(self, name: str, versions: dict[int, Path]) -> None:
@@ -359,13 +334,13 @@ class Controller:
                 self.reply(sock, who, 400, self.table.problems[name])
                 return
             if name not in found:
-                self.reply(sock, who, 404, f"no model {name!r} in the repository {self.source}")
+                self.reply(sock, who, 404, f"no model {name!r} in the model repository")
                 return
             keys = [key_of(name, v) for v in wanted(found[name], self.policy)]
         else:
             keys = [v.key for v in self.table.versions.values() if v.name == name and v.state in HELD]
-            if not keys:
-                self.reply(sock, who, 400, f"model {name!r} is not loaded")
+            if not keys:  # not loaded, or not in the repository: done already (Triton answers success too)
+                self.reply(sock, who, 200)
                 return
             for key in keys:
                 self.set(self.table.versions[key], UNLOADING)

@@ -30,7 +30,7 @@ from modelship.serving.config import Settings
 from modelship.serving.control.table import Reader, Table, record_start_failure, resident_bytes
 from modelship.serving.dispatch import transport
 from modelship.serving.errors import RequestError
-from modelship.serving.metrics import metrics
+from modelship.serving.metrics import VersionStats, metrics
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +182,14 @@ class Held:
     chunk: int
     resident_bytes: int = 0
     labelled: tuple[Any, ...] | None = None
+    stats: VersionStats | None = None  # Triton's statistics of this version, in this process
 
     def run(self, requests: list[transport.Request], key: str) -> list[Any]:
         """Each request's logits, or NON_FINITE for one whose input holds NaN or infinity (the others run). The check
         is here, once per batch, rather than per request in the API server: a numpy pass over an image lets go of
         the GIL, and in an API server that runs the model (--in-process) each such release wakes the inference
         thread waiting for it (BENCHMARKS.md, gRPC)."""
+        began = time.monotonic_ns()
         x = np.concatenate([r.x for r in requests]) if len(requests) > 1 else requests[0].x
         if not np.isfinite(x).all():  # rare: find the requests at fault and run the rest without them
             finite = [bool(np.isfinite(r.x).all()) for r in requests]
@@ -198,22 +200,32 @@ class Held:
         if self.labelled is None:  # this version's labelled metrics, looked up once (labels() costs a lock a call)
             name, version = key.rsplit("/", 1)
             self.labelled = tuple(h.labels(name, version) for h in (m.batch_size, m.batch_requests, m.inference))
+            self.stats = VersionStats(name, version)
         batch_size, batch_requests, inference = self.labelled
         start = time.monotonic()
+        inputs_ns = time.monotonic_ns() - began
+        queued = 0.0
         for r in requests:
-            m.queue.observe(start - r.queued_at)
-        outs = []
+            waited = start - r.queued_at
+            m.queue.observe(waited)
+            queued += waited
+        outs, chunks = [], []
         for i in range(0, len(x), self.chunk):
             part = x[i : i + self.chunk]
+            t0 = time.monotonic_ns()
             outs.append(self.backend(part))
+            chunks.append((len(part), time.monotonic_ns() - t0))
             batch_size.observe(len(part))
         batch_requests.observe(len(requests))
         inference.observe(time.monotonic() - start)
+        split = time.monotonic_ns()
         logits = np.concatenate(outs) if len(outs) > 1 else outs[0]
         answers, at = [], 0
         for r in requests:  # (np.split costs 5 us a batch more)
             answers.append(logits[at : at + len(r.x)])
             at += len(r.x)
+        assert self.stats is not None
+        self.stats.execution(len(requests), int(queued * 1e9), inputs_ns, chunks, time.monotonic_ns() - split)
         return answers
 
 

@@ -44,14 +44,20 @@ def json_answer(doc: Any, status: int = 200) -> Answer:
     return status, JSON_HEADERS, pydantic_core.to_json(doc)
 
 
+def not_allowed(method: str, path: str, allowed: tuple[str, ...]) -> str:
+    return f"{method} is not allowed on {path}; it takes {', '.join(allowed)}"
+
+
 def too_large(size: int, limit: int, why: str) -> str:
     return f"the request body ({size} bytes or more) is over the {limit} byte {why}"
 
 
-async def send_error(send: Send, status: int, message: str, close: bool = False) -> None:
+async def send_error(
+    send: Send, status: int, message: str, close: bool = False, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     """A complete {"error": message} response, sent straight from the Guard."""
     body = error_body(message)
-    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(extra or [])]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -90,8 +96,8 @@ def install_errors(app: Any) -> None:
         if exc.status_code == 404:
             message = f"no route {request.url.path}; GET / lists the routes, /docs describes them"
         elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
-            message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed or 'other methods'}"
+            allowed = tuple((exc.headers or {}).get("Allow", "other methods").split(", "))
+            message = not_allowed(request.method, request.url.path, allowed)
         else:
             message = str(exc.detail)
         extra = [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]

@@ -23,7 +23,17 @@ import pydantic_core
 from modelship.errors import DataError
 from modelship.preprocess import ImageTooLarge, decode_image, preprocess_image
 from modelship.serving.errors import RequestError
-from modelship.serving.v2 import ServedModel, check_input, check_output, expected_shape, raw_tensor
+from modelship.serving.v2 import (
+    CLASSIFICATION,
+    ServedModel,
+    bytes_tensor,
+    check_classification,
+    check_input,
+    check_output,
+    classify,
+    expected_shape,
+    raw_tensor,
+)
 
 MAX_IMAGE_PIXELS = 40_000_000  # a 16 MB PNG can unpack to gigabytes; refuse before decoding
 
@@ -129,8 +139,6 @@ def parse_predict_json(body: bytes, model: ServedModel) -> PredictRequest:
 
 # ------------------------------------------------------------------------------------------------ KServe v2
 
-REQUEST_FIELDS = ("id", "inputs", "outputs", "parameters")
-
 
 @dataclass
 class V2Request:
@@ -140,6 +148,7 @@ class V2Request:
     id: str | None = None
     binary_output: bool = False
     outputs: list[str] = field(default_factory=list)
+    classification: int | None = None  # the classification extension's k, when the output asks for it
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -192,12 +201,12 @@ def _v2_fields(doc: dict[str, Any], allowed: tuple[str, ...], where: str) -> Non
 def parse_v2_infer(body: bytes, header_length: str | None, model: ServedModel) -> V2Request:
     """A v2 inference request, JSON or with the binary tensor extension, -> validated [N,C,H,W] float32.
 
-    Every field is checked against the Open Inference Protocol's request schema, and named when it is wrong.
+    Every field is checked against the Open Inference Protocol's request schema, and named when it is wrong; an
+    unknown top-level field is ignored, as Triton's and KServe's servers do (KServe's SDK sends model_name there).
     """
     doc, binary = _split_binary(body, header_length)
     if not isinstance(doc, dict):
         raise RequestError("expected a JSON object with an inputs list (KServe v2 inference request)")
-    _v2_fields(doc, REQUEST_FIELDS, "the request")
     request_id = doc.get("id")
     if request_id is not None:
         _v2_type(request_id, str, "id", "a string")
@@ -211,7 +220,7 @@ def parse_v2_infer(body: bytes, header_length: str | None, model: ServedModel) -
     outputs = doc.get("outputs", [])
     _v2_type(outputs, list, "outputs", "an array of objects")
     binary_out = _v2_binary_flag(params, "parameters.binary_data_output")
-    names = []
+    names, k = [], None
     for i, o in enumerate(outputs):
         where = f"outputs[{i}]"
         _v2_type(o, dict, where, "an object")
@@ -220,8 +229,10 @@ def parse_v2_infer(body: bytes, header_length: str | None, model: ServedModel) -
         check_output(o["name"], model)
         out_params = _v2_parameters(o.get("parameters"), f"{where}.parameters")
         binary_out = _v2_binary_flag(out_params, f"{where}.parameters.binary_data") or binary_out
+        if CLASSIFICATION in out_params:
+            k = check_classification(out_params[CLASSIFICATION], model, f"{where}.parameters.{CLASSIFICATION}")
         names.append(o["name"])
-    return V2Request(tensor, request_id, binary_out, names)
+    return V2Request(tensor, request_id, binary_out, names, k)
 
 
 def _split_binary(body: bytes, header_length: str | None) -> tuple[Any, bytes | memoryview]:
@@ -273,15 +284,18 @@ def _v2_input(t: Any, binary: bytes | memoryview, model: ServedModel) -> np.ndar
 
 
 def v2_response(logits: np.ndarray, req: V2Request, model: ServedModel, version: str) -> tuple[bytes, dict[str, str]]:
-    """Body and extra headers: JSON data, or the JSON header followed by raw little-endian FP32 bytes."""
-    out: dict[str, Any] = {"name": model.output_name, "datatype": "FP32", "shape": list(logits.shape)}
+    """Body and extra headers: JSON data, or the JSON header followed by the raw tensor (little-endian FP32, or with
+    the classification extension BYTES rows of "score:index:label")."""
+    values = classify(logits, model, req.classification) if req.classification else logits
+    datatype = "BYTES" if req.classification else "FP32"
+    out: dict[str, Any] = {"name": model.output_name, "datatype": datatype, "shape": list(values.shape)}
     doc: dict[str, Any] = {"model_name": model.name, "model_version": version, "outputs": [out]}
     if req.id is not None:
         doc["id"] = req.id
     if not req.binary_output:
-        out["data"] = logits.astype(np.float32).ravel().tolist()
+        out["data"] = values.ravel().tolist() if req.classification else logits.astype(np.float32).ravel().tolist()
         return json.dumps(doc).encode(), {"content-type": "application/json"}
-    raw = logits.astype("<f4").tobytes()
+    raw = bytes_tensor(values) if req.classification else logits.astype("<f4").tobytes()
     out["parameters"] = {"binary_data_size": len(raw)}
     header = json.dumps(doc).encode()
     return header + raw, {

@@ -13,7 +13,7 @@ from typing import Any
 from modelship.serving.dataplane import authorized
 from modelship.serving.errors import RequestError
 from modelship.serving.http_api import routes
-from modelship.serving.http_api.answers import CLIENT_CLOSED, Answer, error_answer, send_error, too_large
+from modelship.serving.http_api.answers import CLIENT_CLOSED, Answer, error_answer, not_allowed, send_error, too_large
 from modelship.serving.metrics import metrics
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,9 @@ class Guard:
 
         try:
             headers = dict(scope["headers"])
-            key = self.api_key
-            if key is not None and not (route is not None and route.open) and not authorized(key, headers):
-                message = "missing or wrong API key; send it as X-API-Key or Authorization: Bearer"
-                await send_error(send_tracked, 401, message)
+            refusal = self.refusal(route, scope, headers)
+            if refusal is not None:
+                await send_error(send_tracked, *refusal)
                 return
             fast = None
             if route is not None and route.fast and self.fast is not None and scope["method"] == "POST":
@@ -114,6 +113,20 @@ class Guard:
             label = route.label if route is not None else "other"
             m.requests.labels(label, str(status)).inc()
             m.latency.labels(label).observe(time.perf_counter() - start)
+
+    def refusal(self, route: routes.Route | None, scope: Scope, headers: dict[bytes, bytes]) -> Refusal | None:
+        """(status, message, close, headers) when the Guard refuses a request before anything reads it: a missing or
+        wrong API key (401), a method its route does not take (405, with Allow)."""
+        key = self.api_key
+        if key is not None and not (route is not None and route.open) and not authorized(key, headers):
+            return 401, "missing or wrong API key; send it as X-API-Key or Authorization: Bearer", False, []
+        if route is not None and route.handler is not None and scope["method"] not in route.methods:
+            allow = [(b"allow", ", ".join(route.methods).encode())]
+            return 405, not_allowed(scope["method"], scope["path"], route.methods), False, allow
+        return None
+
+
+Refusal = tuple[int, str, bool, list[tuple[bytes, bytes]]]
 
 
 async def answer(handler: Handler, headers: dict[bytes, bytes], receive: Receive, send: Send) -> int | None:

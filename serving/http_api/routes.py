@@ -70,10 +70,16 @@ ROUTES: tuple[Route, ...] = (
     Route("/v2/health/live", ("GET", "HEAD"), "v2_live", open=True, doc=Doc(V2, "liveness", "V2Live")),
     Route("/v2/health/ready", ("GET", "HEAD"), "v2_ready", open=True,
           doc=Doc(V2, "readiness", "V2Ready", unready=True)),
+    Route("/v2/models/stats", ("GET",), "v2_statistics", doc=Doc(  # before /v2/models/{name}, which it would match
+        V2, "statistics of every ready model version (Triton's statistics extension)", "Statistics")),
     *versioned(Route("/v2/models/{name}", ("GET",), "v2_model",
                      doc=Doc(V2, "model metadata", "V2ModelMetadata", errors=(401, 404)))),
     *versioned(Route("/v2/models/{name}/ready", ("GET", "HEAD"), "v2_model_ready",
                      doc=Doc(V2, "model readiness", "V2ModelReady", errors=(401, 404), unready=True))),
+    *versioned(Route("/v2/models/{name}/config", ("GET",), "v2_model_config", doc=Doc(
+        V2, "the model's configuration (Triton's model configuration extension)", "ModelConfig", errors=(401, 404)))),
+    *versioned(Route("/v2/models/{name}/stats", ("GET",), "v2_model_statistics", doc=Doc(
+        V2, "the model's statistics (Triton's statistics extension)", "Statistics", errors=(401, 404)))),
     *versioned(Route("/v2/models/{name}/infer", ("POST",), "v2_body", fast=True, json_limit=True, doc=Doc(
         V2, "inference on a batch [N, {shape}] (no version: the newest ready)", "V2InferenceResponse",
         "logits [N, classes]; binary when asked", body="infer", errors=PREDICT_ERRORS))),

@@ -76,14 +76,20 @@ class RepositoryIndex(RootModel[list[RepositoryEntry]]):
 class V2Tensor(BaseModel):
     name: str
     shape: list[int]
-    datatype: Literal["FP32"]
+    datatype: Literal["FP32", "BYTES"] = Field(description="BYTES: the classification extension's rows")
     parameters: dict[str, Scalar] | None = Field(None, description="binary_data_size with the binary extension")
-    data: list[float] | None = Field(None, description="row-major values, flat or nested")
+    data: list[float] | list[str] | None = Field(
+        None, description='row-major values, flat or nested; with classification, "score:index:label" strings'
+    )
 
 
 class V2RequestedOutput(BaseModel):
     name: str
-    parameters: dict[str, Scalar] | None = Field(None, description="binary_data: answer this output in binary")
+    parameters: dict[str, Scalar] | None = Field(
+        None,
+        description="binary_data: answer this output in binary; classification: k, answer the k best classes as "
+        'BYTES "score:index:label" (Triton\'s classification extension)',
+    )
 
 
 class V2InferenceRequest(BaseModel):
@@ -133,6 +139,46 @@ class V2ModelReady(BaseModel):
     ready: bool
 
 
+class ModelConfig(BaseModel):
+    """Triton's model configuration (model_config.proto), as Triton's HTTP API writes it."""
+
+    name: str
+    platform: str
+    backend: str
+    version_policy: dict[str, Any]
+    max_batch_size: int = Field(description="the largest batch a request may carry")
+    input: list[dict[str, Any]] = Field(description="name, data_type, format (FORMAT_NCHW), dims without the batch")
+    output: list[dict[str, Any]] = Field(description="name, data_type, dims, label_filename")
+    dynamic_batching: dict[str, Any]
+    instance_group: list[dict[str, Any]]
+    default_model_filename: str
+
+
+class Duration(BaseModel):
+    count: int
+    ns: int
+
+
+class ModelStatistics(BaseModel):
+    """Triton's statistics of one model version."""
+
+    name: str
+    version: str
+    last_inference: int = Field(description="milliseconds since the epoch; 0 before the first")
+    inference_count: int = Field(description="samples inferred")
+    execution_count: int = Field(description="model executions (batches)")
+    inference_stats: dict[str, Duration] = Field(
+        description="success, fail, queue, compute_input, compute_infer, compute_output, cache_hit, cache_miss"
+    )
+    batch_stats: list[dict[str, Any]] = Field(
+        description="per batch size: compute_input, compute_infer, compute_output"
+    )
+
+
+class Statistics(BaseModel):
+    model_stats: list[ModelStatistics]
+
+
 MODELS: list[type[BaseModel]] = [
     Error,
     PredictImage,
@@ -154,4 +200,8 @@ MODELS: list[type[BaseModel]] = [
     V2Live,
     V2Ready,
     V2ModelReady,
+    ModelConfig,
+    Duration,
+    ModelStatistics,
+    Statistics,
 ]

@@ -208,6 +208,18 @@ class HTTPSpec(compat.LitSpec):
         return JSONResponse(self.catalog.metadata(name, version))
 
     @handled
+    async def v2_model_config(self, request: Request, name: str, version: str | None = None) -> Response:
+        return JSONResponse(self.plane.config(name, version))
+
+    @handled
+    async def v2_model_statistics(self, request: Request, name: str, version: str | None = None) -> Response:
+        return JSONResponse(self.plane.statistics(name, version))
+
+    @handled
+    async def v2_statistics(self, request: Request) -> Response:
+        return JSONResponse(self.plane.statistics())
+
+    @handled
     async def v2_model_ready(self, request: Request, name: str, version: str | None = None) -> Response:
         ready = self.plane.model_ready(name, version)
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)

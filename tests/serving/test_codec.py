@@ -114,6 +114,12 @@ def test_v2_json_flat_and_nested_data() -> None:
         assert np.array_equal(req.tensor, x) and req.id == "r1" and not req.binary_output
 
 
+def test_v2_unknown_top_level_fields_are_ignored_as_tritons_and_kserves_servers_do() -> None:
+    """KServe's SDK sends model_name and model_version in the body; Triton and KServe ignore such fields."""
+    doc = v2_doc([1, 3, 4, 4], data=[0] * 48) | {"model_name": "m", "model_version": "1", "foo": {"bar": 1}}
+    assert parse_v2_infer(body(doc), None, SPEC).tensor.shape == (1, 3, 4, 4)
+
+
 def test_v2_binary_extension() -> None:
     x = np.random.default_rng(1).standard_normal((3, 3, 4, 4)).astype("<f4")
     header = body(
@@ -130,7 +136,11 @@ def test_v2_binary_extension() -> None:
     ("doc", "binary", "message"),
     [
         ({"inputs": []}, b"", "inputs must be a list with one tensor object named 'input'"),
-        (v2_doc([1, 3, 4, 4], data=[0] * 48) | {"foo": 1}, b"", "unknown field(s) foo"),
+        (
+            v2_doc([1, 3, 4, 4], data=[0] * 48) | {"outputs": [{"name": "logits", "colour": 1}]},
+            b"",
+            "unknown field(s) colour in outputs[0]",
+        ),
         (
             {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 4, 4], "data": [0] * 48}]},
             b"",

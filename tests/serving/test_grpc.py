@@ -23,7 +23,7 @@ import tritonclient.grpc as tg
 import tritonclient.grpc.aio as tga
 import tritonclient.http as th
 from google.protobuf import descriptor_pb2
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
 from modelship.client import ClientError
@@ -116,17 +116,42 @@ def fields(pool_file: bytes) -> dict[str, dict[int, tuple[str, int, int]]]:
     return out
 
 
+def enums(pool_file: bytes) -> dict[str, dict[str, int]]:
+    """{enum full name: {value name: number}} of a serialized FileDescriptorProto, nested ones included."""
+    proto = descriptor_pb2.FileDescriptorProto.FromString(pool_file)
+    out: dict[str, dict[str, int]] = {}
+
+    def walk(prefix: str, messages, found) -> None:  # type: ignore[no-untyped-def]
+        for e in found:
+            out[f"{prefix}.{e.name}"] = {v.name: v.number for v in e.value}
+        for m in messages:
+            walk(f"{prefix}.{m.name}", m.nested_type, m.enum_type)
+
+    walk(proto.package, proto.message_type, proto.enum_type)
+    return out
+
+
 def test_every_message_is_wire_compatible_with_tritonclients_proto() -> None:
+    """Field for field (number, name, type, label), and every enum value, against tritonclient's grpc_service.proto
+    and model_config.proto: a message here may have fewer fields than Triton's, never other ones."""
     ours = fields(inference_pb2.DESCRIPTOR.serialized_pb)
-    triton = fields(service_pb2.DESCRIPTOR.serialized_pb)
-    assert len(ours) >= 30
+    triton = fields(service_pb2.DESCRIPTOR.serialized_pb) | fields(model_config_pb2.DESCRIPTOR.serialized_pb)
+    assert len(ours) >= 45
     for name, numbered in ours.items():
         assert name in triton, name
         for number, field in numbered.items():
             assert triton[name].get(number) == field, (name, number)
-    # the calls tritonclient makes, at the paths it makes them
-    methods = {m.name for m in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
-    assert set(inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name) <= methods
+    triton_enums = enums(service_pb2.DESCRIPTOR.serialized_pb) | enums(model_config_pb2.DESCRIPTOR.serialized_pb)
+    for name, values in enums(inference_pb2.DESCRIPTOR.serialized_pb).items():
+        assert values.items() <= triton_enums[name].items(), name
+    # the calls tritonclient makes, at the paths it makes them, streaming where it streams
+    methods = {m.name: m for m in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+    for name, method in inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name.items():
+        theirs = methods[name]
+        assert (method.input_type.full_name, method.output_type.full_name) == (
+            theirs.input_type.full_name, theirs.output_type.full_name
+        ), name  # fmt: skip
+        assert (method.client_streaming, method.server_streaming) == (theirs.client_streaming, theirs.server_streaming)
 
 
 def test_the_checked_in_protobuf_code_is_what_the_protos_generate() -> None:
@@ -145,7 +170,8 @@ def test_every_call_answers_as_http_v2_does(both: Both) -> None:
     assert client.is_server_live() and client.is_server_ready()  # open, as /v2/health/*
     assert client.is_model_ready(MODEL, headers=AUTH) and client.is_model_ready(MODEL, "1", headers=AUTH)
     meta = client.get_server_metadata(headers=AUTH, as_json=True)
-    assert (meta["name"], meta["extensions"]) == ("modelship", ["binary_tensor_data", "model_repository"])
+    served = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
+    assert (meta["name"], meta["extensions"]) == ("modelship", served)
     assert meta["version"] == http.get_server_metadata(headers=AUTH)["version"]
     model = client.get_model_metadata(MODEL, headers=AUTH, as_json=True)
     expected = http.get_model_metadata(MODEL, headers=AUTH)
@@ -156,8 +182,9 @@ def test_every_call_answers_as_http_v2_does(both: Both) -> None:
     assert [(m["name"], m.get("version", ""), m["state"]) for m in index] == [
         (m["name"], m["version"], m["state"]) for m in http.get_model_repository_index(headers=AUTH)
     ] == [("affine", "", "UNAVAILABLE"), ("broken", "", "UNAVAILABLE"), (MODEL, "1", "READY")]  # fmt: skip
-    # Triton's other extensions are not served: grpc's own UNIMPLEMENTED, as for any unknown method
-    assert grpc_error(lambda: client.get_model_config(MODEL, headers=AUTH))[0] == "StatusCode.UNIMPLEMENTED"
+    # Triton's extensions that are not served (shared memory, trace, logging): grpc's own UNIMPLEMENTED
+    assert grpc_error(lambda: client.get_system_shared_memory_status(headers=AUTH))[0] == "StatusCode.UNIMPLEMENTED"
+    assert grpc_error(lambda: client.get_log_settings(headers=AUTH))[0] == "StatusCode.UNIMPLEMENTED"
 
 
 def test_model_infer_equals_http_v2_raw_and_typed(both: Both) -> None:

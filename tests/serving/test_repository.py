@@ -152,8 +152,8 @@ def test_explicit_control_loads_and_unloads_by_request(tmp_path: Path, affine_bu
         client.unload_model("affine")  # answered once drained and unloaded
         assert not client.is_model_ready("affine")
         assert client.is_model_ready("shapes")  # the other model serves on
-        assert triton_error(lambda: client.load_model("nope")) == f"no model 'nope' in the repository {repo}"
-        assert triton_error(lambda: client.unload_model("affine")) == "model 'affine' is not loaded"
+        assert triton_error(lambda: client.load_model("nope")) == "no model 'nope' in the model repository"
+        client.unload_model("affine")  # not loaded: done already, a success (Triton's answer too)
 
 
 @contextlib.contextmanager

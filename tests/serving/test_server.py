@@ -53,7 +53,8 @@ def test_health_info_and_v2_metadata(server: Server, tiny_bundle: Path) -> None:
         "threads": threads,
     }
     assert {k: info["server"][k] for k in expected} == expected
-    assert httpx.get(server.url + "/v2").json()["extensions"] == ["binary_tensor_data", "model_repository"]
+    served = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
+    assert httpx.get(server.url + "/v2").json()["extensions"] == served
     assert httpx.get(server.url + "/v2/health/live").status_code == 200
     assert httpx.get(server.url + "/v2/health/ready").status_code == 200
     meta = httpx.get(server.url + "/v2/models/shapes-cnn").json()
