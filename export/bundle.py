@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelship import reference
 from modelship.errors import BundleError, CheckpointError, ConfigError, ParityError
 from modelship.export import parity, variants
 from modelship.export.config import ExportConfig, ExportOptions
 from modelship.export.formats import INPUT_NAME, OUTPUT_NAME, export_onnx, export_pt2, export_torchscript
+from modelship.export.reference import write_reference
 from modelship.export.source import Source, load_source
 from modelship.files import sha256_file, write_json
 from modelship.manifest import (
@@ -263,6 +265,9 @@ def export(cfg: ExportConfig) -> Bundle:
             artifacts["onnx-int8"]["calibration"]["source"] = calibration[1]
         checks, gated = run_gates(src, {k: tmp / a["path"] for k, a in artifacts.items()}, opts, images)
         manifest = build_manifest(cfg, src, artifacts, (checks, gated))
+        ref = write_reference(src, artifacts, tmp, opts.max_batch)
+        if ref is not None:
+            manifest["reference"] = ref
         write_json(tmp / PARITY, parity_report(manifest, (checks, gated), images))
         write_json(tmp / MANIFEST, manifest)
         move_into_place(tmp, cfg.out)
@@ -298,6 +303,7 @@ def verify(
 ) -> Verification:
     """Re-check every sha256, then re-run parity and the variants' gate against the checkpoint the bundle came from."""
     manifest = check_bundle(bundle)  # a damaged artifact is one line, before any runtime is asked to open it
+    reference.read(bundle, manifest)  # and a reference that is not this bundle's
     errors: list[str] = []
     source = manifest["source"]
     ckpt = checkpoint or Path(source["checkpoint"])

@@ -15,7 +15,7 @@ from modelship.errors import BundleError, ConfigError
 from modelship.files import sha256_file
 
 FORMAT = "modelship.bundle"
-VERSION = 2  # 2: `gates` (every gate with its verdict) and `passed`, their conjunction
+VERSION = 2  # 2: `gates` (every gate with its verdict), `passed` (their conjunction), `reference` (when measured)
 READABLE = (1, 2)  # a version-1 bundle's only gates are its parity block's
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
@@ -66,13 +66,19 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
             raise BundleError(f"{path}: artifact path {art['path']!r} must be relative to the bundle")
         if not file.is_file():
             raise BundleError(f"{bundle}: the {kind} artifact {art['path']} is missing")
+    ref = manifest.get("reference")
+    if ref and not (bundle / str(ref.get("path", ""))).is_file():
+        raise BundleError(f"{bundle}: its reference {ref.get('path')} is missing")
     return manifest
 
 
 def hash_mismatches(bundle: Path, manifest: dict[str, Any]) -> list[str]:
     """One line per artifact whose sha256 differs from the manifest's; [] when all match."""
     bad = []
-    for kind, art in manifest["artifacts"].items():
+    listed = dict(manifest["artifacts"])
+    if manifest.get("reference"):
+        listed["reference"] = manifest["reference"]  # the reference too: drift is measured against it
+    for kind, art in listed.items():
         actual = sha256_file(bundle / art["path"])
         if actual != art["sha256"]:
             bad.append(

@@ -1,11 +1,11 @@
-"""The options of the tools, `modelship predict` and `modelship evaluate`, validated with messages that say how to fix
-them, and where the client looks by default. Light on purpose (standard library only): the CLI reads its defaults
-from here for `--help`.
+"""The options of the tools, `modelship predict`, `evaluate` and `monitor`, validated with messages that say how to fix
+them; where the client looks by default; and the drift thresholds `serve` and `monitor` share. Light on purpose
+(standard library only): the CLI reads its defaults from here for `--help`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from modelship.devices import DEVICES
@@ -78,3 +78,47 @@ class PredictConfig:
             raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
         if self.output is not None and self.output.is_dir():
             raise ConfigError(f"--output {self.output} is a folder; expected a file to write")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where a figure turns a version's status to `warn`, and to `drift` (serve's and monitor's --drift-* flags).
+    The defaults sit at twice and more what windows of 1000 in-distribution answers reached (99th percentile: PSI
+    0.008, low-confidence share 0.04, shift 0.13 sd), and below what brightening by 25-50 levels, grayscale, one
+    class only or another kind of image reached (benchmarks/drift_bench.py; BENCHMARKS.md, monitoring)."""
+
+    psi: tuple[float, float] = (0.1, 0.25)  # the usual lines of a moderate and a large population shift
+    low_confidence: tuple[float, float] = (0.1, 0.2)  # the reference's own share is 0.05 by definition
+    shift: tuple[float, float] = (0.25, 0.5)
+
+    def __post_init__(self) -> None:
+        for name, (warn, drift) in asdict(self).items():
+            if not 0 < warn < drift:
+                flag = f"--drift-{name.replace('_', '-')}"
+                raise ConfigError(f"{flag} must be WARN,DRIFT with 0 < WARN < DRIFT, got {warn:g},{drift:g}")
+        if self.low_confidence[1] > 1:
+            raise ConfigError(
+                f"--drift-low-confidence is a share of answers, at most 1, got {self.low_confidence[1]:g}"
+            )
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Options of `modelship monitor`."""
+
+    logs: Path  # a payload log folder (--log-payloads), or one of its files
+    bundle: Path
+    out: Path = Path("monitor")
+    window: int = 1000  # answers of the last window the status is judged on, as the server's --drift-window
+    periods: int = 24  # the log's time cut into this many periods for the figures over time
+    thresholds: Thresholds = Thresholds()
+
+    def __post_init__(self) -> None:
+        if not self.logs.exists():
+            raise ConfigError(f"LOGS {self.logs} does not exist; expected the folder serve --log-payloads wrote")
+        if self.window < 1:
+            raise ConfigError(f"--window must be at least 1, got {self.window}")
+        if not 1 <= self.periods <= 1000:
+            raise ConfigError(f"--periods must be 1 to 1000, got {self.periods}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file; expected a folder for the report")

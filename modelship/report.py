@@ -120,7 +120,7 @@ def svg_text(x: float, y: float, text: str, anchor: str = "middle", extra: str =
     )
 
 
-def line_chart(title: str, x: list[float], series: dict[str, list[float]], y_label: str) -> str:
+def line_chart(title: str, x: list[float], series: dict[str, list[float]], y_label: str, x_label: str = "epoch") -> str:
     """An inline SVG line chart with axes, ticks and a legend."""
     w, h, left, right, top, bottom = 480, 260, 52, 14, 30, 38
     ys = [v for vals in series.values() for v in vals]
@@ -140,7 +140,7 @@ def line_chart(title: str, x: list[float], series: dict[str, list[float]], y_lab
         parts.append(svg_text(left - 6, py(v) + 4, f"{v:g}", "end"))
     step = max(1, round(len(x) / 8))
     parts += [svg_text(px(v), h - bottom + 16, f"{v:g}") for v in x[::step]]
-    parts.append(svg_text((left + w - right) / 2, h - 4, "epoch"))
+    parts.append(svg_text((left + w - right) / 2, h - 4, x_label))
     middle = (top + h - bottom) / 2
     parts.append(svg_text(0, 0, y_label, extra=f'transform="translate(12,{middle:.1f}) rotate(-90)"'))
     for i, (name, vals) in enumerate(series.items()):
@@ -153,6 +153,34 @@ def line_chart(title: str, x: list[float], series: dict[str, list[float]], y_lab
         lx = w - right - 150 + 75 * (i % 2)
         parts.append(f'<rect x="{lx}" y="{8 + 14 * (i // 2)}" width="10" height="3" fill="{colour}"/>')
         parts.append(f'<text x="{lx + 14}" y="{13 + 14 * (i // 2)}" font-size="11">{esc(name)}</text>')
+    return f'<svg viewBox="0 0 {w} {h}" width="100%" role="img" aria-label="{esc(title)}">{"".join(parts)}</svg>'
+
+
+def bar_chart(title: str, labels: list[str], series: dict[str, list[float]], y_label: str) -> str:
+    """An inline SVG chart of grouped bars, one group per label, one bar per series, with a legend."""
+    w, h, left, right, top, bottom = 480, 260, 52, 14, 30, 44
+    ticks = nice_ticks(0.0, max([v for vals in series.values() for v in vals] + [1e-9]))
+    hi = ticks[-1]
+    group = (w - left - right) / max(1, len(labels))
+    bar = group * 0.8 / max(1, len(series))
+    parts = [f'<text x="{left}" y="18" font-size="13" font-weight="600">{esc(title)}</text>']
+    for v in ticks:
+        y = top + (hi - v) / hi * (h - top - bottom)
+        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eaeef2"/>')
+        parts.append(svg_text(left - 6, y + 4, f"{v:g}", "end"))
+    for i, (name, vals) in enumerate(series.items()):
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        for j, v in enumerate(vals):
+            x, bh = left + j * group + group * 0.1 + i * bar, v / hi * (h - top - bottom)
+            parts.append(
+                f'<rect x="{x:.1f}" y="{h - bottom - bh:.1f}" width="{bar:.1f}" height="{bh:.1f}" fill="{colour}"/>'
+            )
+        parts.append(f'<rect x="{w - right - 150 + 75 * i}" y="8" width="10" height="3" fill="{colour}"/>')
+        parts.append(f'<text x="{w - right - 136 + 75 * i}" y="13" font-size="11">{esc(name)}</text>')
+    step = max(1, round(len(labels) / 12))
+    parts += [svg_text(left + (j + 0.5) * group, h - bottom + 14, labels[j][:12]) for j in range(0, len(labels), step)]
+    middle = (top + h - bottom) / 2
+    parts.append(svg_text(0, 0, y_label, extra=f'transform="translate(12,{middle:.1f}) rotate(-90)"'))
     return f'<svg viewBox="0 0 {w} {h}" width="100%" role="img" aria-label="{esc(title)}">{"".join(parts)}</svg>'
 
 

@@ -7,6 +7,7 @@ Light on purpose (standard library only): the CLI reads its defaults from here f
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 from modelship.devices import DEVICES
 from modelship.errors import ConfigError
 from modelship.manifest import BACKENDS
+from modelship.options import Thresholds
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 MODEL_CONTROL = ("none", "explicit", "poll")  # Triton's --model-control-mode values
@@ -50,6 +52,14 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
     access_log: bool = False
+    drift_window: int = 1000  # answers of each version live drift is measured over; 0: off
+    drift_psi: tuple[float, float] = Thresholds.psi  # WARN, DRIFT (BENCHMARKS.md, monitoring, for these defaults)
+    drift_low_confidence: tuple[float, float] = Thresholds.low_confidence
+    drift_shift: tuple[float, float] = Thresholds.shift
+    log_payloads: str | None = None  # a folder (JSON lines) or an http(s) URL (CloudEvents)
+    log_sample: float = 1.0
+    log_inputs: bool = False
+    log_max_mb: float = 100.0  # a log file is rotated past this
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -109,6 +119,23 @@ class ServeConfig:
         need(self.log_level in LOG_LEVELS, f"--log-level must be one of {levels}, got {self.log_level!r}")
         for origin in self.cors_origins:
             need(is_origin(origin), f"--cors-origin {origin!r} is not an origin; expected * or scheme://host[:port]")
+        self._check_monitoring(need)
+
+    def _check_monitoring(self, need: Callable[[bool, str], None]) -> None:
+        need(0 <= self.drift_window <= 1_000_000, f"--drift-window must be 0 (off) to 1000000, got {self.drift_window}")
+        Thresholds(self.drift_psi, self.drift_low_confidence, self.drift_shift)  # ConfigError naming a bad pair
+        need(
+            0 < self.log_sample <= 1,
+            f"--log-sample must be a share of requests, above 0 and at most 1, got {self.log_sample}",
+        )
+        need(self.log_max_mb > 0, f"--log-max-mb must be positive, got {self.log_max_mb}")
+        need(self.log_payloads is not None or not self.log_inputs, "--log-inputs goes with --log-payloads DEST")
+        if self.log_payloads is not None:
+            check_destination(self.log_payloads)
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.drift_psi, self.drift_low_confidence, self.drift_shift)
 
     @property
     def max_bytes(self) -> int:
@@ -137,6 +164,11 @@ class Settings:
     version_policy: str = "latest"
     devices: int = 1  # GPUs used (1 on CPU)
     copies: int = 1  # copies of each model the server runs: its workers, or its API servers with --in-process
+    drift_window: int = 0
+    log_payloads: str | None = None
+    log_sample: float = 1.0
+    log_inputs: bool = False
+    log_max_mb: float = 100.0
 
     @property
     def max_bytes(self) -> int:
@@ -165,6 +197,11 @@ class Settings:
             version_policy=cfg.version_policy,
             devices=devices,
             copies=models,
+            drift_window=cfg.drift_window,
+            log_payloads=cfg.log_payloads,
+            log_sample=cfg.log_sample,
+            log_inputs=cfg.log_inputs,
+            log_max_mb=cfg.log_max_mb,
         )
 
 
@@ -174,3 +211,22 @@ def is_origin(text: str) -> bool:
         return True
     parts = urlsplit(text)
     return parts.scheme in ("http", "https") and bool(parts.netloc) and not (parts.path or parts.query)
+
+
+def check_destination(dest: str) -> None:
+    """ConfigError now, before the server starts, for a --log-payloads folder that cannot be written or a URL that
+    is not one."""
+    if dest.startswith(("http://", "https://")):
+        return
+    if "://" in dest:
+        raise ConfigError(f"--log-payloads {dest}: expected a folder or an http(s):// URL (a CloudEvents sink)")
+    folder = Path(dest)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"--log-payloads {dest}: cannot write there ({e.strerror or e}); pick a folder you can write"
+        ) from None

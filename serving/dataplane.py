@@ -26,6 +26,8 @@ from modelship.serving.dispatch.base import Dispatcher
 from modelship.serving.errors import RequestError
 from modelship.serving.extensions import model_config, statistics
 from modelship.serving.metrics import VersionStats, metrics
+from modelship.serving.monitoring.drift import read_document
+from modelship.serving.monitoring.payloads import Item, PayloadLog
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ class DataPlane:
         self.dispatcher: Dispatcher | None = None
         self.counters: dict[tuple[str, str], Any] = {}  # (version, protocol) -> its inferences counter
         self.stats: dict[str, VersionStats] = {}  # version -> its statistics' counters in this process
+        # the payload log: made in the process that logs (an API server, after the fork; the spec that holds this
+        # data plane is pickled into the workers, and a log's queue cannot be)
+        self.logging = settings.log_payloads is not None
+        self.payloads: PayloadLog | None = None
 
     def ready(self) -> bool:
         """This API server can answer now: every model asked for at start has loaded (or failed) and one is READY,
@@ -71,31 +77,90 @@ class DataPlane:
         """The model version a request goes to (no version: the newest READY one), or RequestError 404 / 503."""
         return self.catalog.resolve(name, version)
 
-    async def infer(self, served: Served, x: np.ndarray, protocol: str) -> np.ndarray:
+    async def infer(self, served: Served, x: np.ndarray, protocol: str, request_id: str | None = None) -> np.ndarray:
         """One validated array through a model version (the inference workers, or this process's own): its
-        logits, or RequestError (504 on --timeout, the worker's status otherwise)."""
+        logits, or RequestError (504 on --timeout, the worker's status otherwise). Counted in the version's
+        statistics, and offered to the payload log."""
         if self.dispatcher is None:
             assert self.addresses is not None
             self.dispatcher = transport.Client(self.addresses, self.consumer)
         start = time.perf_counter_ns()
         try:
             logits = await self.dispatcher.call(served.key, x, self.settings.timeout)
-        except TimeoutError:
+        except (TimeoutError, RequestError) as e:
+            error = (
+                e
+                if isinstance(e, RequestError)
+                else RequestError(f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504)
+            )
             self.count(served, "fail", start)
-            raise RequestError(
-                f"no answer within the {self.settings.timeout:g}s request timeout (--timeout)", 504
-            ) from None
-        except RequestError as e:
-            self.count(served, "fail", start)
-            if e.status >= 500 and e.status != 503:
-                log.error("inference failed: %s", e.message)
-            raise
+            if error.status >= 500 and error.status not in (503, 504):
+                log.error("inference failed: %s", error.message)
+            self.log_payload(served, x, protocol, request_id, None, error, start)
+            raise error from None
         key = (served.key, protocol)
         if key not in self.counters:  # a labelled child per version and protocol, looked up once (3 us a request)
             self.counters[key] = metrics().inferences.labels(served.model.name, served.version, protocol)
         self.counters[key].inc()  # the statistics' success count too
         self.count(served, "success", start)
+        if self.logging:
+            self.log_payload(served, x, protocol, request_id, logits, None, start)
         return logits
+
+    def log_payload(
+        self,
+        served: Served,
+        x: np.ndarray,
+        protocol: str,
+        request_id: str | None,
+        logits: np.ndarray | None,
+        error: RequestError | None,
+        start: int,
+    ) -> None:
+        """Offer the request to the payload log (--log-payloads), which samples it and never blocks."""
+        if not self.logging:
+            return
+        if self.payloads is None:
+            s = self.settings
+            assert s.log_payloads is not None
+            self.payloads = PayloadLog(s.log_payloads, s.log_sample, s.log_inputs, int(s.log_max_mb * 2**20))
+        m = served.model
+        item = Item(
+            time=time.time(),
+            model=m.name,
+            version=served.version,
+            classes=m.classes,
+            names=(m.input_name, m.output_name),
+            protocol=protocol,
+            request_id=request_id,
+            x=x,
+            logits=logits,
+            status=error.status if error else 200,
+            error=error.message if error else None,
+            latency=(time.perf_counter_ns() - start) / 1e9,
+        )
+        self.payloads.offer(item)
+
+    def drift(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """The live drift of a version (no version: the newest READY one): the main process's last look."""
+        served = self.resolve(name, version)
+        if not self.settings.drift_window:
+            return {"model": name, "version": served.version, "status": "off", "reasons": ["--drift-window 0"]}
+        doc = read_document(self.settings.run_dir, served.key)
+        if doc is None:  # the first look is at most a second away
+            return {
+                "model": name,
+                "version": served.version,
+                "status": "collecting",
+                "reasons": ["no look yet"],
+                "window": {"size": self.settings.drift_window, "answers": 0},
+            }
+        return doc
+
+    def close(self) -> None:
+        """At this API server's end: what the payload log holds is written first."""
+        if self.payloads is not None:
+            self.payloads.close()
 
     def count(self, served: Served, outcome: str, start: int) -> None:
         """A request's outcome in the version's statistics (success: its count is `inferences`')."""

@@ -195,7 +195,7 @@ class Service:
             v2.check_output(o.name, model)
             if v2.CLASSIFICATION in o.parameters:
                 k = classification(o.parameters[v2.CLASSIFICATION], model, f"outputs[{i}].parameters")
-        logits = await self.plane.infer(served, x, "grpc")
+        logits = await self.plane.infer(served, x, "grpc", request.id or None)
         response = pb.ModelInferResponse(model_name=model.name, model_version=served.version, id=request.id)
         if k is None:
             response.outputs.add(name=model.output_name, datatype="FP32", shape=logits.shape)

@@ -34,10 +34,14 @@ def remove_dir(path: str) -> None:
 
 @lru_cache(maxsize=1)
 def metrics() -> SimpleNamespace:
-    """This process's metric objects."""
-    from prometheus_client import Counter, Gauge, Histogram
+    """This process's metric objects: the traffic's, Triton's statistics', live drift's and the payload log's."""
+    return SimpleNamespace(**traffic_metrics(), **statistics_metrics(), **monitoring_metrics())
 
-    return SimpleNamespace(
+
+def traffic_metrics() -> dict[str, Any]:
+    from prometheus_client import Counter, Histogram
+
+    return dict(
         requests=Counter("modelship_requests", "HTTP requests by route and status code", ["route", "status"]),
         latency=Histogram(
             "modelship_request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS
@@ -69,6 +73,13 @@ def metrics() -> SimpleNamespace:
             "answered inference requests by model, version and protocol",
             ["model", "version", "protocol"],
         ),
+    )
+
+
+def statistics_metrics() -> dict[str, Any]:
+    from prometheus_client import Counter, Gauge
+
+    return dict(
         # Triton's statistics extension (serving/extensions.py reads them back): counts and nanoseconds
         stats=Counter(
             "modelship_stats",
@@ -87,6 +98,54 @@ def metrics() -> SimpleNamespace:
             ["model", "version"],
             multiprocess_mode="max",
         ),
+    )
+
+
+def monitoring_metrics() -> dict[str, Any]:
+    from prometheus_client import Counter, Gauge
+
+    return dict(
+        # live drift (serving/monitoring/drift.py), set by the main process only: the most recent value counts
+        drift_status=Gauge(
+            "modelship_drift_status",
+            "0 ok, 1 warn, 2 drift; -1 collecting, -2 no reference",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        drift_psi=Gauge(
+            "modelship_drift_psi",
+            "PSI of the window's predicted classes against the reference's",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        drift_confidence=Gauge(
+            "modelship_drift_mean_confidence",
+            "the window's mean top-1 confidence",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        drift_low_confidence=Gauge(
+            "modelship_drift_low_confidence_share",
+            "the window's share of answers under the reference's 5th-percentile confidence",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        drift_shift=Gauge(
+            "modelship_drift_channel_shift",
+            "an input channel's mean shift, in the reference's standard deviations of image means",
+            ["model", "version", "channel"],
+            multiprocess_mode="mostrecent",
+        ),
+        drift_answers=Gauge(
+            "modelship_drift_window_answers",
+            "answers in the drift window",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        payloads_dropped=Counter(
+            "modelship_payload_log_dropped", "payload log records dropped (queue full, sink down)", ["reason"]
+        ),
+        payloads_written=Counter("modelship_payload_log_written", "payload log records written or sent"),
     )
 
 

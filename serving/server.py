@@ -76,6 +76,7 @@ def serve(cfg: ServeConfig) -> None:
     from modelship.serving import lifeline, metrics
     from modelship.serving.control.controller import Controller
     from modelship.serving.dispatch import transport
+    from modelship.serving.monitoring.drift import DriftMonitor
 
     accelerator, n_devices = preflight(cfg)
     allocator.keep_freed_memory()  # before the API servers fork: they inherit it
@@ -87,6 +88,8 @@ def serve(cfg: ServeConfig) -> None:
         failed = threading.Event()
         server = build_server(cfg, accelerator, n_devices, failed, run_dir, controller)
         on_sigterm_drain()
+        if cfg.drift_window:
+            DriftMonitor(run_dir, cfg.drift_window, cfg.thresholds).start()
         announce(cfg, table, accelerator, n_devices)
         lifeline.follow_in_forked_children()  # LitServe's Manager and the API servers end with this process
         servers = api_servers(cfg, n_devices)
@@ -208,6 +211,7 @@ def build_server(
         in_api_server=in_api_server(plane, worker) if cfg.in_process else None,
         on_broker=controller.start,
         grpc=grpc_service(cfg, plane),
+        on_exit=plane.close,
     )
     install_errors(server.app)
     install_openapi(server.app, spec)
@@ -222,7 +226,7 @@ def in_api_server(plane: Any, worker: Any) -> Callable[[Callable[[bool], None]],
     def start(loaded: Callable[[bool], None]) -> None:
         s = plane.settings
         batching = (s.max_batch_size, s.batch_timeout, s.timeout)
-        runner = in_process.Runner(lambda: worker.setup("cpu"), worker.run, batching, loaded)
+        runner = in_process.Runner(lambda: worker.setup("cpu"), worker.run, batching, loaded, worker.after)
         runner.start()
         plane.dispatcher = runner
 

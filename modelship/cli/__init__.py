@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from modelship.cli.export import add_export_args, add_triton_args, add_verify_args, cmd_export, cmd_triton, cmd_verify
+from modelship.cli.monitor import add_monitor_args, cmd_monitor
 from modelship.cli.serve import (
     add_evaluate_args,
     add_predict_args,
@@ -59,6 +60,12 @@ COMMANDS: list[Command] = [
         "measure a bundle's artifacts on a labelled folder: accuracy, confusion, per class",
         add_evaluate_args,
         cmd_evaluate,
+    ),
+    (
+        "monitor",
+        "the drift report of a payload log against the bundle's reference: a page to read after an alert",
+        add_monitor_args,
+        cmd_monitor,
     ),
 ]
 

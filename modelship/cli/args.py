@@ -52,6 +52,14 @@ def floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def pair(text: str) -> tuple[float, float]:
+    """WARN,DRIFT: two numbers."""
+    values = floats(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers WARN,DRIFT such as 0.1,0.25, got {text!r}")
+    return values[0], values[1]
+
+
 def names(text: str) -> tuple[str, ...]:
     vals = tuple(v.strip() for v in text.split(","))
     if any(not v for v in vals):

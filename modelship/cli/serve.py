@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modelship.cli.args import config_from, default
+from modelship.cli.args import config_from, default, pair
 from modelship.devices import DEVICES
 from modelship.manifest import BACKENDS
 from modelship.options import CLIENT_TIMEOUT, CLIENT_URL, PREDICT_FORMATS, EvaluateConfig, PredictConfig
@@ -132,6 +132,36 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--log-level", choices=LOG_LEVELS, default=d("log_level"), help="(default %(default)s)")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    add_monitoring_args(p.add_argument_group("watching the model: live drift and the payload log"))
+
+
+def add_monitoring_args(g: Any) -> None:
+    """serve's flags for live drift against the bundle's reference, and for the payload log."""
+
+    def d(name: str) -> Any:
+        return default(ServeConfig, name)
+
+    g.add_argument(
+        "--drift-window",
+        type=int,
+        default=d("drift_window"),
+        metavar="N",
+        help="answers of each model version live drift is measured over; 0: off (default %(default)s)",
+    )
+    for name, what in (("psi", "PSI of the predicted classes"), ("low-confidence", "share of answers under the "
+                       "reference's 5th-percentile confidence"), ("shift", "an input channel's mean shift, in the "
+                       "reference's sds of image means")):  # fmt: skip
+        warn, drift = d(f"drift_{name.replace('-', '_')}")
+        g.add_argument(f"--drift-{name}", type=pair, default=(warn, drift), metavar="WARN,DRIFT",
+                       help=f"{what}: the status turns warn, then drift (default {warn:g},{drift:g})")  # fmt: skip
+    g.add_argument("--log-payloads", default=d("log_payloads"), metavar="DEST",
+                   help="record sampled requests: a folder (rotated JSON lines) or an http(s) URL (CloudEvents, as "
+                   "KServe's logger sends them)")  # fmt: skip
+    g.add_argument("--log-sample", type=float, default=d("log_sample"), metavar="F",
+                   help="the share of requests recorded (default %(default)s)")  # fmt: skip
+    g.add_argument("--log-inputs", action="store_true", help="record each input tensor too (base64 float32)")
+    g.add_argument("--log-max-mb", type=float, default=d("log_max_mb"), metavar="MB",
+                   help="a log file is rotated past this (default %(default)s)")  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

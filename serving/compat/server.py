@@ -43,6 +43,7 @@ class Server(ls.LitServer):
         in_api_server: Callable[[Callable[[bool], None]], None] | None = None,
         on_broker: Callable[[broker.Broker], None] | None = None,
         grpc: Any = None,
+        on_exit: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, info_path=LITSERVE_INFO_PATH, **kwargs)
@@ -54,6 +55,7 @@ class Server(ls.LitServer):
         self._on_worker_failure = on_worker_failure
         self._in_api_server = in_api_server  # with --in-process: starts the model in a new API server process
         self._on_broker = on_broker  # the model controller follows the workers through the broker
+        self._on_exit = on_exit  # in each API server, once it has stopped serving (the payload log's last records)
         self._broker: broker.Broker | None = None
         self._api_servers: dict[int, Any] = {}
         self._stopping = False
@@ -184,7 +186,11 @@ class Server(ls.LitServer):
                 status[key] = WorkerSetupStatus.READY if ok else WorkerSetupStatus.ERROR
 
             self._in_api_server(loaded)
-        server.run(consumer, own)
+        try:
+            server.run(consumer, own)
+        finally:  # (a forked process ends with os._exit: no atexit handler would run)
+            if self._on_exit is not None:
+                self._on_exit()
 
     def _replace_dead_api_servers(self) -> None:
         """An API server that dies (a crash in native code: the runtime with --in-process, an image decoder) is

@@ -80,5 +80,5 @@ class ZMQLoop(LitLoop):
     def __call__(self, lit_api: Any, device: str, worker_id: int, *unused: Any) -> None:
         models = lit_api.worker
         worker = transport.Worker(models.addresses, worker_id, models.refresh)
-        timeout = lit_api.request_timeout
-        transport.serve_batches(worker, models.run, lit_api.max_batch_size, lit_api.batch_timeout, timeout)
+        batching = (lit_api.max_batch_size, lit_api.batch_timeout, lit_api.request_timeout)
+        transport.serve_batches(worker, models.run, batching, models.after)

@@ -61,13 +61,15 @@ class Waiting:
 
 
 def verify(path: Path, backend: str) -> dict[str, Any]:
-    """The manifest of a version that may be served: hashes match, every gate passed, it has the --backend
-    artifact."""
+    """The manifest of a version that may be served: hashes match (its reference's too, which must be its own),
+    every gate passed, it has the --backend artifact."""
+    from modelship import reference
     from modelship.manifest import check_bundle, require_artifact, require_passed
 
     manifest = check_bundle(path)
     require_passed(manifest, path)
     require_artifact(manifest, path, backend)
+    reference.read(path, manifest)
     return manifest
 
 

@@ -30,6 +30,7 @@ from modelship.serving.errors import RequestError
 log = logging.getLogger(__name__)
 
 Item = tuple[Request, asyncio.Future]
+IDLE = 0.5  # seconds a runner with nothing to do waits before it does its bookkeeping
 Answer = tuple[asyncio.Future, Any, "RequestError | None"]  # the future, its logits or its error
 
 
@@ -43,8 +44,10 @@ class Runner:
         run: Callable[[list[Request]], list[np.ndarray]],
         batching: tuple[int, float, float],
         loaded: Callable[[bool], None],
+        after: Callable[[], None] = lambda: None,
     ):
         self.setup, self.run, self.loaded = setup, run, loaded  # loaded(ok) once the model is up or has failed
+        self.after = after  # once a batch's answers are on their way (live drift's bookkeeping)
         self.max_batch, self.window, self.timeout = batching  # --max-batch-size, --batch-timeout, --timeout
         self.queue: collections.deque[Item] = collections.deque()
         self.arrived = threading.Condition()
@@ -88,13 +91,20 @@ class Runner:
         self.up = True
         self.loaded(True)
         while True:
-            self._serve(self._take())
+            batch = self._take()
+            if batch:
+                self._serve(batch)
+            else:  # idle: the bookkeeping still runs (a window's last answers are written out)
+                self.after()
 
     def _take(self) -> list[Item]:
-        """Up to max_batch requests: those waiting once the first is here, and what arrives within the window."""
+        """Up to max_batch requests: those waiting once the first is here, and what arrives within the window; none
+        after IDLE seconds without a request."""
         with self.arrived:
-            while not self.queue:
-                self.arrived.wait()
+            if not self.queue and not self.arrived.wait(IDLE):
+                return []
+            if not self.queue:
+                return []
 
             def more(wait: float, room: int) -> list[Item]:
                 if not self.queue and wait > 0:
@@ -116,6 +126,7 @@ class Runner:
             for (_, f), (status, value) in zip(live, outcome, strict=True)
         ]
         live[0][1].get_loop().call_soon_threadsafe(_settle, answers)  # one wake-up of the event loop per batch
+        self.after()
 
 
 def _settle(answers: list[Answer]) -> None:

@@ -290,9 +290,14 @@ def pid_of(who: bytes) -> int:
 
 
 def serve_batches(
-    worker: Worker, run: Callable[[list[Request]], list[np.ndarray]], max_batch: int, window: float, timeout: float
+    worker: Worker,
+    run: Callable[[list[Request]], list[np.ndarray]],
+    batching: tuple[int, float, float],
+    after: Callable[[], None] = lambda: None,
 ) -> None:
-    """The worker's loop: batches in, answers out, forever; a request older than `timeout` is answered 504."""
+    """The worker's loop: batches in, answers out, forever; a request older than --timeout is answered 504. `after`
+    runs once a batch's answers have gone (live drift's bookkeeping: off the answer path)."""
+    max_batch, window, timeout = batching
     while True:
         batch = worker.next_batch(max_batch, window)
         fresh, late = split_late(batch, timeout, time.monotonic())
@@ -300,6 +305,7 @@ def serve_batches(
         if fresh:
             items += [(r, *answer) for r, answer in zip(fresh, run_batch(run, fresh), strict=True)]
         worker.answer(items)
+        after()
 
 
 def run_batch(run: Callable[[list[Request]], list[Any]], batch: list[Request]) -> list[tuple[int, Any]]:

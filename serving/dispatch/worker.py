@@ -31,6 +31,7 @@ from modelship.serving.control.table import Reader, Table, record_start_failure,
 from modelship.serving.dispatch import transport
 from modelship.serving.errors import RequestError
 from modelship.serving.metrics import VersionStats, metrics
+from modelship.serving.monitoring.window import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class InferenceWorker:
         self.loading: Future[Loaded] | None = None  # versions being loaded on a thread beside the serving
         self.loader: ThreadPoolExecutor | None = None
         self.unreported = True
+        self.recorder = Recorder(settings.run_dir, settings.drift_window)  # this process's drift windows
 
     def setup(self, device: str) -> None:
         lifeline.follow(self.settings.main_pid)  # never outlive the main process
@@ -75,6 +77,7 @@ class InferenceWorker:
         """Called between batches and while idle: follow the model table, loading new versions on a thread while
         this worker keeps answering with what it holds; this worker's status when it changed."""
         assert self.reader is not None and self.loader is not None
+        self.recorder.flush()  # idle too: a window's last answers are written out
         news = self.unreported
         if self.reader.poll():
             news = self.unload(self.reader.table) or news
@@ -120,6 +123,7 @@ class InferenceWorker:
             before = resident_bytes()
             try:
                 held[key] = load_version(Path(version.path), self.settings, self.device)
+                held[key].recorder = self.recorder
             except ArtifactError as e:  # the file is not what it should be: one line, and the bundle is at fault
                 log.error("model %s cannot be served: %s", key, e.detail)
                 log.debug("the runtime's error", exc_info=True)
@@ -150,6 +154,10 @@ class InferenceWorker:
         # everything of the load's table is held (or failed); of the table now, too when nothing more is missing
         table = self.reader.table
         self.applied = table.generation if not self.missing(table) else max(self.applied, generation)
+
+    def after(self) -> None:
+        """Once a batch's answers have gone: its answers into the drift windows (off the answer path)."""
+        self.recorder.flush()
 
     def run(self, requests: list[transport.Request]) -> list[Any]:
         """One dynamic batch: each model version's requests through its backend together, in chunks of at most its
@@ -183,6 +191,7 @@ class Held:
     resident_bytes: int = 0
     labelled: tuple[Any, ...] | None = None
     stats: VersionStats | None = None  # Triton's statistics of this version, in this process
+    recorder: Recorder | None = None  # live drift's windows of this process
 
     def run(self, requests: list[transport.Request], key: str) -> list[Any]:
         """Each request's logits, or NON_FINITE for one whose input holds NaN or infinity (the others run). The check
@@ -224,6 +233,8 @@ class Held:
         for r in requests:  # (np.split costs 5 us a batch more)
             answers.append(logits[at : at + len(r.x)])
             at += len(r.x)
+        if self.recorder is not None:
+            self.recorder.note(key, logits, x)
         assert self.stats is not None
         self.stats.execution(len(requests), int(queued * 1e9), inputs_ns, chunks, time.monotonic_ns() - split)
         return answers

@@ -80,6 +80,9 @@ ROUTES: tuple[Route, ...] = (
         V2, "the model's configuration (Triton's model configuration extension)", "ModelConfig", errors=(401, 404)))),
     *versioned(Route("/v2/models/{name}/stats", ("GET",), "v2_model_statistics", doc=Doc(
         V2, "the model's statistics (Triton's statistics extension)", "Statistics", errors=(401, 404)))),
+    *versioned(Route("/v2/models/{name}/drift", ("GET",), "v2_model_drift", doc=Doc(
+        V2, "live drift of the model's answers against its bundle's reference: the figures, the window, the status",
+        "Drift", errors=(401, 404)))),
     *versioned(Route("/v2/models/{name}/infer", ("POST",), "v2_body", fast=True, json_limit=True, doc=Doc(
         V2, "inference on a batch [N, {shape}] (no version: the newest ready)", "V2InferenceResponse",
         "logits [N, classes]; binary when asked", body="infer", errors=PREDICT_ERRORS))),

@@ -175,6 +175,21 @@ class ModelStatistics(BaseModel):
     )
 
 
+class Drift(BaseModel):
+    """Live drift of a model version against its bundle's reference."""
+
+    model: str
+    version: str
+    status: Literal["ok", "warn", "drift", "collecting", "no_reference", "off"]
+    reasons: list[str] = Field(description="each threshold crossed, in numbers")
+    window: dict[str, int] | None = Field(None, description="size: answers measured over; answers: held now")
+    figures: dict[str, Any] | None = Field(
+        None, description="psi, mean_confidence, low_confidence_share, channel_shift, and the reference's"
+    )
+    thresholds: dict[str, list[float]] | None = Field(None, description="WARN and DRIFT of each figure")
+    time: float | None = Field(None, description="when the main process last looked (seconds since the epoch)")
+
+
 class Statistics(BaseModel):
     model_stats: list[ModelStatistics]
 
@@ -204,4 +219,5 @@ MODELS: list[type[BaseModel]] = [
     Duration,
     ModelStatistics,
     Statistics,
+    Drift,
 ]

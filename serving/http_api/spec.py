@@ -216,6 +216,10 @@ class HTTPSpec(compat.LitSpec):
         return JSONResponse(self.plane.statistics(name, version))
 
     @handled
+    async def v2_model_drift(self, request: Request, name: str, version: str | None = None) -> Response:
+        return JSONResponse(self.plane.drift(name, version))
+
+    @handled
     async def v2_statistics(self, request: Request) -> Response:
         return JSONResponse(self.plane.statistics())
 
@@ -234,7 +238,7 @@ class HTTPSpec(compat.LitSpec):
         if length is None and len(body) > served.max_json_bytes:  # a gzip body is only measured once inflated
             raise RequestError(too_large(len(body), served.max_json_bytes, json_limit_why(served)), 413)
         req = codec.parse_v2_infer(body, length.decode() if length is not None else None, served.model)
-        logits = await self.plane.infer(served, req.tensor, "http")
+        logits = await self.plane.infer(served, req.tensor, "http", req.id)
         content, extra = codec.v2_response(logits, req, served.model, served.version)
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
 

@@ -112,7 +112,7 @@ def test_a_run_under_its_floor_never_ships_nor_replaces_the_bundle_that_passed(
     ), r.last_line
     assert (tmp_path / "bundle" / "manifest.json").read_bytes() == shipped  # the bundle that passed stays
     failed = tmp_path / "bundle.failed"
-    assert sorted(p.name for p in failed.iterdir()) == ["manifest.json", "model.onnx", "parity.json"]
+    assert sorted(p.name for p in failed.iterdir()) == ["manifest.json", "model.onnx", "parity.json", "reference.json"]
     manifest = json.loads((failed / "manifest.json").read_text())
     floor = r.last_line.removeprefix("modelship run: error: ")
     assert manifest["passed"] is False and manifest["parity"]["passed"] is True

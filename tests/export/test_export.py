@@ -43,7 +43,7 @@ def rehash(bundle: Path, kind: str) -> None:
 
 def test_bundle_holds_the_manifest_contract(tiny_bundle: Path, tiny_ckpt: Path) -> None:
     assert sorted(p.name for p in tiny_bundle.iterdir()) == [
-        "manifest.json", "model.onnx", "model.pt2", "model.torchscript.pt", "parity.json",
+        "manifest.json", "model.onnx", "model.pt2", "model.torchscript.pt", "parity.json", "reference.json",
     ]  # fmt: skip
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     ckpt = load_checkpoint(tiny_ckpt)
@@ -200,7 +200,7 @@ def test_force_replaces_an_existing_bundle(tiny_bundle: Path, tiny_ckpt: Path, t
     assert (out / "stale.txt").exists()  # untouched
     r = cli("export", tiny_ckpt, "--out", out, "--formats", "onnx", "--force")
     assert r.code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "parity.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "parity.json", "reference.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no staging or backup directories left
 
 
