@@ -14,12 +14,11 @@ counted; it never holds a request.
 from __future__ import annotations
 
 import base64
-import contextlib
+import collections
 import hashlib
 import json
 import logging
 import os
-import queue
 import random
 import threading
 import time
@@ -38,6 +37,7 @@ from modelship.serving.metrics import metrics
 log = logging.getLogger(__name__)
 
 QUEUE = 10_000  # records waiting for the writer at most; more are dropped, never waited for
+DRAIN = 0.2  # seconds between the writer's turns
 ATTEMPTS = (0.0, 0.2, 1.0)  # a sink's tries, and the pause before each
 SINK_TIMEOUT = 2.0  # seconds a sink may take to answer one event
 WARN_EVERY = 60.0  # seconds between the log lines that say records were dropped
@@ -160,15 +160,18 @@ class Sink:
 
 
 class PayloadLog:
-    """This API server's payload log: `offer` on the request's path, everything else on its thread."""
+    """This API server's payload log: `offer` on the request's path, everything else on its thread, which wakes every
+    DRAIN seconds and writes what has queued since as one batch: a request never wakes it (a wake-up, and the GIL
+    handed to the writer, for every logged request cost the event loop more than the records themselves)."""
 
     def __init__(self, dest: str, sample: float, inputs: bool, max_bytes: int) -> None:
         self.sample, self.inputs = sample, inputs
         self.writer: Folder | Sink = Sink(dest) if "://" in dest else Folder(Path(dest), max_bytes)
-        self.queue: queue.Queue[Item | None] = queue.Queue(QUEUE)
+        self.queue: collections.deque[Item] = collections.deque()  # appends and pops are atomic: no lock
         self.dropped: dict[str, int] = {}
         self.warned = 0.0
         self.thread: threading.Thread | None = None
+        self.stop = threading.Event()
 
     def offer(self, item: Item) -> None:
         """Queue a request's record if it is sampled; never blocks: a full queue drops it."""
@@ -177,13 +180,20 @@ class PayloadLog:
         if self.thread is None:  # started in the process that logs (an API server, after the fork)
             self.thread = threading.Thread(target=self._run, name="modelship-payload-log", daemon=True)
             self.thread.start()
-        try:
-            self.queue.put_nowait(item)
-        except queue.Full:
+        if len(self.queue) >= QUEUE:
             self.drop("queue_full")
+            return
+        self.queue.append(item)
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
+        while not self.stop.wait(DRAIN):
+            self.drain()
+        self.drain()
+
+    def drain(self) -> None:
+        """Write every record queued now."""
+        while self.queue:
+            item = self.queue.popleft()
             try:
                 written = self.writer.write(record(item, self.inputs))
             except Exception:
@@ -204,7 +214,6 @@ class PayloadLog:
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (for up to `timeout` seconds), then close: SIGTERM leaves no record half-written."""
         if self.thread is not None:
-            with contextlib.suppress(queue.Full):  # the writer is stuck on a sink: what is left goes with the process
-                self.queue.put(None, timeout=timeout)
-            self.thread.join(timeout)
+            self.stop.set()
+            self.thread.join(timeout)  # a writer stuck on a sink: what is left goes with the process
         self.writer.close()
