@@ -132,6 +132,7 @@ def page(doc: dict[str, Any], ref: dict[str, Any]) -> str:
         x = [float(i) for i in range(1, len(v["periods"]) + 1)]
         periods = v["periods"]
         psi = {"PSI": [p["psi"] for p in periods]}
+        shift = {"largest channel": [max(p["channel_shift"], default=0.0) for p in periods]}
         confidence = {
             "mean": [p["mean_confidence"] for p in periods],
             "low share": [p["low_confidence_share"] for p in periods],
@@ -151,15 +152,13 @@ def page(doc: dict[str, Any], ref: dict[str, Any]) -> str:
             + report.line_chart("PSI of the predicted classes, over time", x, psi, "PSI", "period of the log")
             + "</div><div>"
             + report.line_chart("top-1 confidence, over time", x, confidence, "confidence", "period of the log")
+            + "</div><div>"
+            + report.line_chart("input shift, over time", x, shift, "sd of image means", "period of the log")
             + "</div></div></section>"
         )
     worst = {"ok": 0, "warn": 1, "drift": 2}
     status = max((v["status"] for v in doc["versions"].values()), key=lambda s: worst[s])
     subtitle = f"{doc['records']} records of {doc['logs']} against the bundle's reference ({ref['images']} images)"
-    return report.page(
-        f"modelship monitor: {doc['model']}",
-        subtitle,
-        status == "ok",
-        "" if status == "ok" else f"status {status}",
-        "".join(body),
-    )
+    worst_reasons = [r for v in doc["versions"].values() if v["status"] == status for r in v["reasons"]]
+    reason = "" if status == "ok" else f"{status} over the last window: " + "; ".join(dict.fromkeys(worst_reasons))
+    return report.page(f"modelship monitor: {doc['model']}", subtitle, status.upper(), reason, "".join(body))

@@ -25,14 +25,17 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:17px;margin:0 0 12px}
 .sub{color:#59636e;margin-bottom:18px}
 .badge{display:inline-block;padding:3px 12px;border-radius:14px;font-weight:600;font-size:13px;color:#fff;
   vertical-align:middle;margin-left:10px}
-.pass{background:#1a7f37}.fail{background:#cf222e}
+.badge.pass{background:#1a7f37}.badge.fail{background:#cf222e}.badge.warn{background:#9a6700}
 .reason{background:#ffebe9;border:1px solid #ff8182;border-radius:6px;padding:10px 14px;margin:0 0 18px}
+.reason.warn{background:#fff8c5;border-color:#d4a72c}
 .tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(180px,1fr));gap:12px;margin-bottom:18px}
 .tile{background:#fff;border:1px solid #d1d9e0;border-radius:8px;padding:12px 14px}
 .tile .v{font-size:22px;font-weight:600}.tile .k{color:#59636e;font-size:12px;text-transform:uppercase}
 .tile .n{color:#59636e;font-size:12px}
 section{background:#fff;border:1px solid #d1d9e0;border-radius:8px;padding:16px 18px;margin-bottom:16px}
 .row{display:flex;flex-wrap:wrap;gap:24px}.row>div{flex:1 1 420px;min-width:0}
+.row>div:last-child:nth-child(odd):not(:first-child){max-width:calc(50% - 12px)}
+@media (max-width:900px){.row>div:last-child:nth-child(odd):not(:first-child){max-width:none}}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
 th,td{padding:4px 10px;text-align:right;border-bottom:1px solid #eaeef2;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{color:#59636e;font-weight:600}
@@ -56,17 +59,19 @@ def write(path: Path, page: str) -> None:
     write_bytes(path, page.encode())
 
 
-def page(title: str, subtitle: str, passed: bool | None, reason: str, body: str) -> str:
-    badge = (
-        ""
-        if passed is None
-        else f'<span class="badge {"pass" if passed else "fail"}">{"PASS" if passed else "FAIL"}</span>'
-    )
-    why = f'<div class="reason">{esc(reason)}</div>' if reason else ""
+BADGES = {"PASS": "pass", "FAIL": "fail", "OK": "pass", "WARN": "warn", "DRIFT": "fail"}  # a badge's colour
+
+
+def page(title: str, subtitle: str, badge: str | None, reason: str, body: str) -> str:
+    """The page; `badge` one of BADGES (a run's PASS or FAIL, a monitor's status) or None; `reason` in a box under the
+    title, amber beside a WARN badge, red otherwise."""
+    tone = BADGES[badge] if badge else "fail"
+    mark = f'<span class="badge {tone}">{badge}</span>' if badge else ""
+    why = f'<div class="reason {tone}">{esc(reason)}</div>' if reason else ""
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
-        f'<body><main><h1>{esc(title)}{badge}</h1><div class="sub">{esc(subtitle)}</div>{why}{body}</main>'
+        f'<body><main><h1>{esc(title)}{mark}</h1><div class="sub">{esc(subtitle)}</div>{why}{body}</main>'
         "</body></html>\n"
     )
 
@@ -379,4 +384,4 @@ def run_page(run: dict[str, Any]) -> str:
     body += artifacts_section(manifest, run["bundle_link"]) + model_section(run["data"], run["model"], run["config"])
     source = run["data"]["source"].get("name", "?")
     subtitle = f"{source}, {run['model']['arch']}, bundle {manifest['name']}, {manifest['created']}"
-    return page(f"modelship run: {manifest['name']}", subtitle, run["passed"], run["reason"], body)
+    return page(f"modelship run: {manifest['name']}", subtitle, "PASS" if run["passed"] else "FAIL", run["reason"], body)
