@@ -384,4 +384,5 @@ def run_page(run: dict[str, Any]) -> str:
     body += artifacts_section(manifest, run["bundle_link"]) + model_section(run["data"], run["model"], run["config"])
     source = run["data"]["source"].get("name", "?")
     subtitle = f"{source}, {run['model']['arch']}, bundle {manifest['name']}, {manifest['created']}"
-    return page(f"modelship run: {manifest['name']}", subtitle, "PASS" if run["passed"] else "FAIL", run["reason"], body)
+    badge = "PASS" if run["passed"] else "FAIL"
+    return page(f"modelship run: {manifest['name']}", subtitle, badge, run["reason"], body)

@@ -128,7 +128,7 @@ def test_the_offline_report_reads_the_log_against_the_reference(
     assert v["status"] == "drift" and v["answers"] >= 2 * WINDOW and len(v["periods"]) >= 2
     page = (tmp_path / "mon" / "report.html").read_text()
     assert "modelship monitor: shapes-cnn" in page and page.count("<svg") == 5
-    assert "badge fail\">DRIFT<" in page and "drift over the last window: largest input channel shift" in page
+    assert 'badge fail">DRIFT<' in page and "drift over the last window: largest input channel shift" in page
     r = cli("monitor", logs, "--bundle", tmp_path / "nope")
     assert r.code == 2 and "nope" in r.last_line
 
