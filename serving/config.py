@@ -16,10 +16,12 @@ from modelship.devices import DEVICES
 from modelship.errors import ConfigError
 from modelship.manifest import BACKENDS
 from modelship.options import Thresholds
+from modelship.serving.control.evidence import Policy
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 MODEL_CONTROL = ("none", "explicit", "poll")  # Triton's --model-control-mode values
 VERSION_POLICIES = ("latest", "all")
+ROLLOUTS = ("none", "shadow", "canary")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -60,6 +62,11 @@ class ServeConfig:
     log_sample: float = 1.0
     log_inputs: bool = False
     log_max_mb: float = 100.0  # a log file is rotated past this
+    rollout: str = "none"  # none: a new version takes all traffic once loaded; shadow | canary (control/rollout.py)
+    shadow_sample: float = 1.0  # the share of requests a shadow candidate runs a copy of
+    canary_percent: float = 10.0  # the percent of requests a canary answers
+    rollout_requests: int = 1000  # compared requests that end a rollout
+    min_agreement: float = 0.9  # top-1 agreement a candidate needs (BENCHMARKS.md, rollouts, for this default)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -120,6 +127,41 @@ class ServeConfig:
         for origin in self.cors_origins:
             need(is_origin(origin), f"--cors-origin {origin!r} is not an origin; expected * or scheme://host[:port]")
         self._check_monitoring(need)
+        self._check_rollout(need)
+
+    def _check_rollout(self, need: Callable[[bool, str], None]) -> None:
+        need(self.rollout in ROLLOUTS, f"--rollout must be one of {', '.join(ROLLOUTS)}, got {self.rollout!r}")
+        need(0 < self.shadow_sample <= 1, f"--shadow-sample must be above 0 and at most 1, got {self.shadow_sample}")
+        need(
+            0 < self.canary_percent < 100, f"--canary-percent must be above 0 and below 100, got {self.canary_percent}"
+        )
+        need(
+            1 <= self.rollout_requests <= 10_000_000,
+            f"--rollout-requests must be 1 to 10000000, got {self.rollout_requests}",
+        )
+        need(0 <= self.min_agreement <= 1, f"--min-agreement must be 0 to 1, got {self.min_agreement}")
+        for flag, mode, value in (("--shadow-sample", "shadow", self.shadow_sample),
+                                  ("--canary-percent", "canary", self.canary_percent)):  # fmt: skip
+            given = value != getattr(ServeConfig, flag[2:].replace("-", "_"))
+            need(not given or self.rollout == mode, f"{flag} goes with --rollout {mode}")
+        if self.rollout == "none":
+            return
+        need(
+            self.version_policy == "latest",
+            f"--rollout {self.rollout} compares a new version with the one it replaces; --version-policy all serves "
+            "every version side by side: use --version-policy latest",
+        )
+        need(
+            self.model_control in ("poll", "explicit"),
+            f"--rollout {self.rollout} rolls out versions that arrive while serving: add --model-control poll (or "
+            "explicit)",
+        )
+
+    @property
+    def policy(self) -> Policy:
+        """How this server rolls out new versions."""
+        return Policy(self.rollout, self.shadow_sample, self.canary_percent, self.rollout_requests,
+                      self.min_agreement, drift=self.drift_window > 0)  # fmt: skip
 
     def _check_monitoring(self, need: Callable[[bool, str], None]) -> None:
         need(0 <= self.drift_window <= 1_000_000, f"--drift-window must be 0 (off) to 1000000, got {self.drift_window}")
@@ -169,6 +211,7 @@ class Settings:
     log_sample: float = 1.0
     log_inputs: bool = False
     log_max_mb: float = 100.0
+    rollout: str = "none"
 
     @property
     def max_bytes(self) -> int:
@@ -202,6 +245,7 @@ class Settings:
             log_sample=cfg.log_sample,
             log_inputs=cfg.log_inputs,
             log_max_mb=cfg.log_max_mb,
+            rollout=cfg.rollout,
         )
 
 

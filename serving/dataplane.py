@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from typing import Any
@@ -18,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from modelship.serving.config import Settings
-from modelship.serving.control import requests
-from modelship.serving.control.catalog import Catalog, Served
-from modelship.serving.control.table import index
+from modelship.serving.control import requests, rollout
+from modelship.serving.control.catalog import Catalog, Pairing, Served
+from modelship.serving.control.evidence import COPIES, Tally
+from modelship.serving.control.table import REFRESH, RUNNING, index
 from modelship.serving.dispatch import broker, transport
 from modelship.serving.dispatch.base import Dispatcher
 from modelship.serving.errors import RequestError
@@ -30,6 +32,8 @@ from modelship.serving.monitoring.drift import read_document
 from modelship.serving.monitoring.payloads import Item, PayloadLog
 
 log = logging.getLogger(__name__)
+
+CANARY_KEY = b"x-canary-key"  # a request header (gRPC metadata): the same key, the same side of a canary
 
 
 class DataPlane:
@@ -49,6 +53,7 @@ class DataPlane:
         # data plane is pickled into the workers, and a log's queue cannot be)
         self.logging = settings.log_payloads is not None
         self.payloads: PayloadLog | None = None
+        self.tally = Tally(settings.run_dir)  # this API server's counts of the rollouts it routes
 
     def ready(self) -> bool:
         """This API server can answer now: every model asked for at start has loaded (or failed) and one is READY,
@@ -77,13 +82,22 @@ class DataPlane:
         """The model version a request goes to (no version: the newest READY one), or RequestError 404 / 503."""
         return self.catalog.resolve(name, version)
 
-    async def infer(self, served: Served, x: np.ndarray, protocol: str, request_id: str | None = None) -> np.ndarray:
+    def route(self, name: str, version: str | None, key: bytes | None = None) -> tuple[Served, Pairing | None]:
+        """The model version a request goes to, and under a rollout its pairing (catalog.route): `key` is the
+        request's X-Canary-Key."""
+        return self.catalog.route(name, version, key)
+
+    async def infer(
+        self, served: Served, x: np.ndarray, protocol: str, request_id: str | None = None, pair: Pairing | None = None
+    ) -> np.ndarray:
         """One validated array through a model version (the inference workers, or this process's own): its
         logits, or RequestError (504 on --timeout, the worker's status otherwise). Counted in the version's
-        statistics, and offered to the payload log."""
+        statistics, and offered to the payload log; under a rollout (`pair`), counted for it, and the partner's
+        copy started beside it (never waited for)."""
         if self.dispatcher is None:
             assert self.addresses is not None
             self.dispatcher = transport.Client(self.addresses, self.consumer)
+        copy = self.copy(pair, x) if pair is not None and pair.partner is not None else None
         start = time.perf_counter_ns()
         try:
             logits = await self.dispatcher.call(served.key, x, self.settings.timeout)
@@ -97,6 +111,8 @@ class DataPlane:
             if error.status >= 500 and error.status not in (503, 504):
                 log.error("inference failed: %s", error.message)
             self.log_payload(served, x, protocol, request_id, None, error, start)
+            if pair is not None:
+                self.settle(pair, served, None, start, copy)
             raise error from None
         key = (served.key, protocol)
         if key not in self.counters:  # a labelled child per version and protocol, looked up once (3 us a request)
@@ -105,7 +121,72 @@ class DataPlane:
         self.count(served, "success", start)
         if self.logging:
             self.log_payload(served, x, protocol, request_id, logits, None, start)
+        if pair is not None:
+            self.settle(pair, served, logits, start, copy)
         return logits
+
+    def copy(self, pair: Pairing, x: np.ndarray) -> asyncio.Future[np.ndarray | None] | None:
+        """The partner's run of a rollout's request, started now; None when COPIES are running already (the server
+        is overloaded: the copy is dropped, and counted)."""
+        if self.tally.inflight >= COPIES:
+            self.tally.drop(pair.rollout)
+            return None
+        self.tally.inflight += 1
+        return asyncio.ensure_future(self.run_copy(pair, x))
+
+    async def run_copy(self, pair: Pairing, x: np.ndarray) -> np.ndarray | None:
+        """The partner's logits, or None when it failed. A shadow copy is the candidate's evidence of errors and
+        latency; a canary's copy on the serving version is only compared."""
+        assert pair.partner is not None and self.dispatcher is not None
+        start = time.perf_counter_ns()
+        try:
+            logits: np.ndarray | None = await self.dispatcher.call(pair.partner.key, x, self.settings.timeout)
+        except (TimeoutError, RequestError):
+            logits = None
+        finally:
+            self.tally.inflight -= 1
+        if pair.role == "serving":
+            self.tally.answered(pair.rollout, "candidate", logits is not None, (time.perf_counter_ns() - start) / 1e9)
+        return logits
+
+    def settle(
+        self,
+        pair: Pairing,
+        served: Served,
+        logits: np.ndarray | None,
+        start: int,
+        copy: asyncio.Future[np.ndarray | None] | None,
+    ) -> None:
+        """A rollout's request answered: counted for the version that answered, and compared with the copy once
+        it is back."""
+        self.tally.answered(pair.rollout, pair.role, logits is not None, (time.perf_counter_ns() - start) / 1e9)
+        if copy is None:
+            return
+
+        def compare(done: asyncio.Future[np.ndarray | None]) -> None:
+            other = None if done.cancelled() or done.exception() is not None else done.result()
+            labels = None
+            if logits is not None and other is not None and pair.partner is not None:
+                mine = [served.model.classes[i] for i in logits.argmax(axis=1)]
+                theirs = [pair.partner.model.classes[i] for i in other.argmax(axis=1)]
+                labels = (mine, theirs)
+            self.tally.pair(pair.rollout, labels)
+
+        copy.add_done_callback(compare)
+
+    def rollout(self, name: str) -> dict[str, Any]:
+        """A model's rollout: the controller's last look at the one in progress, or the last one; 404 for a model
+        that is not there."""
+        table = self.catalog.table
+        if not any(v.name == name for v in table.versions.values()):
+            self.resolve(name)  # the 404 (or 503) that names what there is
+        if self.settings.rollout == "none":
+            return {"model": name, "mode": "none", "state": "off", "reason": "--rollout none: a new version swaps in"}
+        doc = rollout.read_document(self.settings.run_dir, name)
+        if doc is None:
+            why = "none yet: one starts when a newer version of the model loads beside the serving one"
+            return {"model": name, "mode": self.settings.rollout, "state": "none", "reason": why}
+        return doc
 
     def log_payload(
         self,
@@ -189,14 +270,39 @@ class DataPlane:
         return statistics(sorted(keys, key=lambda k: (k[0], int(k[1]))))
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        """The repository index as Triton answers it: every model, each version with its state and reason."""
-        return index(self.catalog.fresh(), ready_only=ready_only)
+        """The repository index as Triton answers it: every model, each version with its state and reason (a
+        rollout's versions: their role, and how far it is)."""
+        table = self.catalog.fresh()
+        rows = index(table, ready_only=ready_only)
+        running = {name: r for name, r in table.rollouts.items() if r.state == RUNNING}
+        for row in rows:
+            r = running.get(row["name"])
+            if r is not None and row["version"] in (str(r.serving), str(r.candidate)) and not row["reason"]:
+                row["reason"] = self.rollout_line(r, row["version"] == str(r.candidate))
+        return rows
 
-    async def repository_change(self, op: str, name: str, parameters: list[str]) -> None:
-        """A load or unload of `name` by the controller, returned once it is done; RequestError when it failed."""
+    def rollout_line(self, r: Any, candidate: bool) -> str:
+        if not candidate:
+            return f"serving; version {r.candidate} is rolled out beside it ({r.mode})"
+        if r.blocked:
+            return f"candidate ({r.mode}), waiting: {r.reason}"
+        doc = rollout.read_document(self.settings.run_dir, r.name) or {}
+        compared = doc.get("requests", {}).get("compared", 0)
+        return f"candidate ({r.mode}): {compared} of {r.target} requests compared"
+
+    async def repository_change(self, op: str, name: str, parameters: list[str]) -> dict[str, Any]:
+        """A load or unload of `name`, or a promote or abort of its rollout, by the controller, returned once it is
+        done (the rollout's outcome); RequestError when it failed."""
+        if op in ("promote", "abort"):
+            if self.settings.rollout == "none":
+                raise RequestError(f"this server does not roll out new versions (--rollout none); nothing to {op}", 409)
+            answer = await asyncio.to_thread(requests.ask, self.settings.run_dir, {"op": op, "name": name})
+            await asyncio.sleep(REFRESH)  # every API server routes by the new table before the client hears of it
+            return dict(json.loads(answer))
         await asyncio.to_thread(
             requests.change, self.settings.run_dir, self.settings.model_control, op, name, parameters
         )
+        return {}
 
 
 def authorized(api_key: bytes, headers: dict[bytes, bytes]) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +27,7 @@ import modelship
 from modelship.protos import health_pb2 as health
 from modelship.protos import inference_pb2 as pb
 from modelship.serving import v2
-from modelship.serving.dataplane import authorized
+from modelship.serving.dataplane import CANARY_KEY, authorized
 from modelship.serving.errors import GRPC_CODES, RequestError
 from modelship.serving.metrics import metrics
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"
 CODES = {status: getattr(grpc.StatusCode, name) for status, name in GRPC_CODES.items()}
+CALL: contextvars.ContextVar[grpc.aio.ServicerContext | None] = contextvars.ContextVar("call", default=None)
 MISSING_KEY = "missing or wrong API key; send it as x-api-key or authorization: Bearer metadata"
 INTERNAL = "internal server error; see the server log"
 OPEN = frozenset({"ServerLive", "ServerReady"})  # as /v2/health/live and /v2/health/ready: no API key needed
@@ -112,6 +114,7 @@ class Service:
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             start, code = time.perf_counter(), grpc.StatusCode.OK
+            CALL.set(context)
             try:
                 if needs_key:
                     assert self.api_key is not None
@@ -179,7 +182,11 @@ class Service:
         )
 
     async def model_infer(self, request: pb.ModelInferRequest) -> Message:
-        served = self.plane.resolve(request.model_name, request.model_version or None)
+        key = None
+        if self.plane.catalog.table.rollouts:  # a canary's sticky key: only looked up while one may need it
+            context = CALL.get()
+            key = metadata(context).get(CANARY_KEY) if context is not None else None
+        served, pair = self.plane.route(request.model_name, request.model_version or None, key)
         model = served.model
         size = request.ByteSize()
         if size > served.max_message_bytes:
@@ -195,7 +202,7 @@ class Service:
             v2.check_output(o.name, model)
             if v2.CLASSIFICATION in o.parameters:
                 k = classification(o.parameters[v2.CLASSIFICATION], model, f"outputs[{i}].parameters")
-        logits = await self.plane.infer(served, x, "grpc", request.id or None)
+        logits = await self.plane.infer(served, x, "grpc", request.id or None, pair)
         response = pb.ModelInferResponse(model_name=model.name, model_version=served.version, id=request.id)
         if k is None:
             response.outputs.add(name=model.output_name, datatype="FP32", shape=logits.shape)
@@ -223,6 +230,7 @@ class Service:
         the order they are ready, each with its request's id. A request that fails is a response with its
         error_message, and the stream goes on."""
         start, method = time.perf_counter(), f"/{SERVICE}/ModelStreamInfer"
+        CALL.set(context)
         if self.api_key is not None and not authorized(self.api_key, metadata(context)):
             self.count(method, grpc.StatusCode.UNAUTHENTICATED, 0.0)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY)

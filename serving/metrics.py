@@ -34,8 +34,9 @@ def remove_dir(path: str) -> None:
 
 @lru_cache(maxsize=1)
 def metrics() -> SimpleNamespace:
-    """This process's metric objects: the traffic's, Triton's statistics', live drift's and the payload log's."""
-    return SimpleNamespace(**traffic_metrics(), **statistics_metrics(), **monitoring_metrics())
+    """This process's metric objects: the traffic's, Triton's statistics', live drift's, the payload log's and the
+    rollouts'."""
+    return SimpleNamespace(**traffic_metrics(), **statistics_metrics(), **monitoring_metrics(), **rollout_metrics())
 
 
 def traffic_metrics() -> dict[str, Any]:
@@ -146,6 +147,35 @@ def monitoring_metrics() -> dict[str, Any]:
             "modelship_payload_log_dropped", "payload log records dropped (queue full, sink down)", ["reason"]
         ),
         payloads_written=Counter("modelship_payload_log_written", "payload log records written or sent"),
+    )
+
+
+def rollout_metrics() -> dict[str, Any]:
+    """Set by the main process's controller at each look at a rollout (control/rollout.py)."""
+    from prometheus_client import Gauge
+
+    def gauge(name: str, text: str, labels: tuple[str, ...] = ("model", "version")) -> Any:
+        return Gauge(name, text, list(labels), multiprocess_mode="mostrecent")
+
+    by_role = ("model", "version", "role")
+    return dict(
+        rollout_state=gauge(
+            "modelship_rollout_state", "a candidate's rollout: 0 running, 1 promoted, -1 rolled back, -2 stopped"
+        ),
+        rollout_compared=gauge("modelship_rollout_compared", "requests both versions of the rollout ran"),
+        rollout_dropped=gauge("modelship_rollout_dropped", "copies an overloaded server did not run"),
+        rollout_agreement=gauge(
+            "modelship_rollout_agreement", "the candidate's top-1 agreement with the serving version"
+        ),
+        rollout_requests=gauge(
+            "modelship_rollout_requests", "the rollout's requests each version ran, by role", by_role
+        ),
+        rollout_errors=gauge(
+            "modelship_rollout_errors", "the rollout's requests each version failed, by role", by_role
+        ),
+        rollout_p99=gauge(
+            "modelship_rollout_latency_p99_seconds", "each version's p99 latency over the rollout, by role", by_role
+        ),
     )
 
 

@@ -86,20 +86,37 @@ def variant_bundle(tmp_path_factory: pytest.TempPathFactory, trained_ckpt: Path)
     return out
 
 
+def export_affine(d: Path, model: torch.nn.Module, factory: str = "affine_identity", classes: str = "a,b,c,d",
+                  formats: tuple[str, ...] = ("--formats", "onnx")) -> Path:  # fmt: skip
+    """`model` (tests.helpers:`factory`) exported as a bundle of the model `affine` in d/affine."""
+    torch.save(model.state_dict(), d / "affine.pt")
+    out = d / "affine"
+    code = main([
+        "export", str(d / "affine.pt"), "--out", str(out), "--model", f"tests.helpers:{factory}",
+        "--input-shape", "1,2,2", "--classes", classes, "--max-batch", "16", *formats,
+    ])  # fmt: skip
+    assert code == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def affine_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """logits = 2x + 1 over a [1, 2, 2] input: every answer shows exactly which input it belongs to."""
     from tests.helpers import affine_identity
 
-    d = tmp_path_factory.mktemp("affine")
-    torch.save(affine_identity(4).state_dict(), d / "affine.pt")
-    out = d / "affine"
-    code = main([
-        "export", str(d / "affine.pt"), "--out", str(out), "--model", "tests.helpers:affine_identity",
-        "--input-shape", "1,2,2", "--classes", "a,b,c,d", "--max-batch", "16",
-    ])  # fmt: skip
-    assert code == 0
-    return out
+    return export_affine(tmp_path_factory.mktemp("affine"), affine_identity(4), formats=())  # every exact format
+
+
+@pytest.fixture(scope="session")
+def affine_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The affine model with weight 3 and bias 0: its answers differ from version 1's, its top-1 is the same."""
+    from tests.helpers import affine_identity
+
+    model = affine_identity(4)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.bias.fill_(0.0)
+    return export_affine(tmp_path_factory.mktemp("affine-v2"), model)
 
 
 @pytest.fixture(scope="session", params=[(), ("--in-process",)], ids=["workers", "in-process"])

@@ -211,6 +211,31 @@ def affine_identity(num_classes: int, in_channels: int = 1, image_size: tuple[in
     return AffineIdentity()
 
 
+class SlowAffine(AffineIdentity):
+    """AffineIdentity's answers (2x + 1) after a pile of matrix products whose sum is multiplied by zero: the same
+    answers, many times slower (a version that is right and error-free, and fails only on latency). The matrix is a
+    fixed buffer, not a parameter: the state_dict is AffineIdentity's."""
+
+    def __init__(self, layers: int, width: int):
+        super().__init__()
+        self.layers, self.width = layers, width
+        matrix = torch.randn(width, width, generator=torch.Generator().manual_seed(0)) / width**0.5
+        self.register_buffer("matrix", matrix, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        h = flat.repeat(1, self.width // flat.shape[1])
+        for _ in range(self.layers):
+            h = torch.tanh(h @ self.matrix)
+        return super().forward(x) + 0.0 * h.sum(1, keepdim=True)
+
+
+def slow_affine(num_classes: int, in_channels: int = 1, image_size: tuple[int, int] = (2, 2), layers: int = 384,
+                width: int = 1024) -> nn.Module:  # fmt: skip
+    assert num_classes == in_channels * image_size[0] * image_size[1], "classes must equal C*H*W"
+    return SlowAffine(layers, width)
+
+
 class SignBranch(nn.Module):
     """Data-dependent control flow: the two branches give very different outputs."""
 

@@ -12,7 +12,7 @@ from modelship.cli.args import config_from, default, pair
 from modelship.devices import DEVICES
 from modelship.manifest import BACKENDS
 from modelship.options import CLIENT_TIMEOUT, CLIENT_URL, PREDICT_FORMATS, EvaluateConfig, PredictConfig
-from modelship.serving.config import HOSTS, LOG_LEVELS, MODEL_CONTROL, VERSION_POLICIES, ServeConfig  # light
+from modelship.serving.config import HOSTS, LOG_LEVELS, MODEL_CONTROL, ROLLOUTS, VERSION_POLICIES, ServeConfig  # light
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -133,6 +133,28 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=LOG_LEVELS, default=d("log_level"), help="(default %(default)s)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     add_monitoring_args(p.add_argument_group("watching the model: live drift and the payload log"))
+    add_rollout_args(p.add_argument_group("rolling out a new version: shadow or canary, promoted or rolled back"))
+
+
+def add_rollout_args(g: Any) -> None:
+    """serve's flags for rollouts (with --model-control poll or explicit, --version-policy latest)."""
+
+    def d(name: str) -> Any:
+        return default(ServeConfig, name)
+
+    g.add_argument("--rollout", choices=ROLLOUTS, default=d("rollout"),
+                   help="none: a new version takes every request once loaded; shadow: it runs copies of requests, its "
+                   "answers only compared; canary: it answers a share of them; then it is promoted or rolled back "
+                   "on the evidence (default %(default)s)")  # fmt: skip
+    g.add_argument("--shadow-sample", type=float, default=d("shadow_sample"), metavar="F",
+                   help="shadow: the share of requests copied to the new version (default %(default)s)")  # fmt: skip
+    g.add_argument("--canary-percent", type=float, default=d("canary_percent"), metavar="P",
+                   help="canary: the percent of requests the new version answers (default %(default)s)")  # fmt: skip
+    g.add_argument("--rollout-requests", type=int, default=d("rollout_requests"), metavar="N",
+                   help="requests both versions ran that end a rollout (default %(default)s)")  # fmt: skip
+    g.add_argument("--min-agreement", type=float, default=d("min_agreement"), metavar="A",
+                   help="the share of answers whose top-1 class the new version must agree on with the serving one "
+                   "(default %(default)s)")  # fmt: skip
 
 
 def add_monitoring_args(g: Any) -> None:

@@ -1,17 +1,21 @@
 """An API server's view of the models it serves: the model table (modelship.serving.control.table), and for each READY
 version what validating and answering a request needs (its ServedModel, v2 metadata, JSON size limit).
 
-`resolve(name, version)` is the routing rule: no version means the newest READY one; a version that exists but is
-not READY is 503 (loading, unloading: retry), one that does not exist 404, each with a message naming what there is.
+`resolve(name, version)` is the routing rule: no version means the newest READY one (under a rollout, the serving
+one); a version that exists but is not READY is 503 (loading, unloading: retry), one that does not exist 404, each
+with a message naming what there is. `route` adds the rollout's share: which version answers a request without a
+version, and which runs a copy of it (control.rollout).
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass
 from typing import Any
 
 from modelship.backends import PLATFORMS
-from modelship.serving.control.table import READY, Reader, Table, Version, kept_manifest
+from modelship.serving.control.table import READY, Reader, Rollout, Table, Version, kept_manifest, key_of
 from modelship.serving.errors import RequestError
 from modelship.serving.v2 import ServedModel
 
@@ -31,6 +35,16 @@ class Served:
     max_json_bytes: int  # the largest JSON body a v2 request can legitimately have
     max_message_bytes: int  # the largest gRPC ModelInfer request: its largest batch of FP32 and the envelope
     datatype: str
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A request of a rollout: the role of the version that answers it, and the other version, which runs a copy of
+    it off the answer path to be compared (None: not copied)."""
+
+    rollout: Rollout
+    role: str  # serving | candidate
+    partner: Served | None
 
 
 def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +72,7 @@ class Catalog:
         self.run_dir = run_dir
         self.reader = Reader(run_dir)
         self.backend = backend
-        self.cache: dict[str, Served] = {}
+        self.cache: dict[tuple[str, int], Served] = {}  # by version and the table generation that added it
 
     @property
     def table(self) -> Table:
@@ -68,12 +82,14 @@ class Catalog:
         return self.table.names()
 
     def get(self, entry: Version) -> Served:
-        found = self.cache.get(entry.key)
+        """The Served of a version; built again when the version was added again (a folder published anew under the
+        same number: another manifest)."""
+        found = self.cache.get((entry.key, entry.added))
         if found is None:
             if len(self.cache) > 256:  # versions come and go for the life of the server
                 live = self.table.versions
-                self.cache = {k: v for k, v in self.cache.items() if k in live}
-            found = self.cache[entry.key] = served(entry, self.backend, self.run_dir)
+                self.cache = {k: v for k, v in self.cache.items() if k[0] in live and live[k[0]].added == k[1]}
+            found = self.cache[(entry.key, entry.added)] = served(entry, self.backend, self.run_dir)
         return found
 
     def resolve(self, name: str, version: str | None = None) -> Served:
@@ -87,6 +103,28 @@ class Catalog:
                 raise
         return self._resolve(name, version)
 
+    def route(self, name: str, version: str | None, key: bytes | None = None) -> tuple[Served, Pairing | None]:
+        """`resolve`, and for a request without a version of a model under a rollout, the rollout's share: in shadow
+        the serving version answers and a sampled share is copied to the candidate; in canary the candidate answers
+        its share (by the hash of `key`, the X-Canary-Key header, when the client sends one: the same key lands on
+        the same side for the whole rollout) and the serving version runs a copy."""
+        r = self.table.rollouts.get(name) if version in (None, "") else None
+        if r is None or not r.routes():
+            return self.resolve(name, version), None
+        versions = self.table.versions
+        serving, candidate = versions.get(key_of(name, r.serving)), versions.get(key_of(name, r.candidate))
+        if serving is None or candidate is None or serving.state != READY or candidate.state != READY:
+            return self.resolve(name, version), None  # it is ending: the controller's next table says how
+        if r.mode == "shadow":
+            return self.get(serving), Pairing(r, "serving", self.get(candidate) if random.random() < r.share else None)
+        if key:
+            draw = int.from_bytes(hashlib.sha256(b"%d:%s" % (r.id, key)).digest()[:8], "big") / 2**64
+        else:
+            draw = random.random()
+        if draw < r.share:
+            return self.get(candidate), Pairing(r, "candidate", self.get(serving))
+        return self.get(serving), Pairing(r, "serving", None)
+
     def fresh(self) -> Table:
         """The table as it is now (for the index and readiness: a stale view would contradict another process's)."""
         self.reader.reload()
@@ -94,9 +132,9 @@ class Catalog:
 
     def _resolve(self, name: str, version: str | None) -> Served:
         table = self.table
-        ready = table.ready(name)
-        if ready and version in (None, ""):  # the common request: the newest READY version, nothing else to look at
-            return self.get(ready[0])
+        default = table.default(name) if version in (None, "") else None
+        if default is not None:  # the common request: the newest READY version, nothing else to look at
+            return self.get(default)
         versions = sorted((v for v in table.versions.values() if v.name == name), key=lambda v: v.version)
         if not versions:
             if name in table.known:

@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +29,28 @@ import zmq
 
 from modelship import repository
 from modelship.errors import ConfigError, ModelshipError
-from modelship.serving.control.requests import ASK_TIMEOUT, address
+from modelship.files import sha256_file
+from modelship.serving.control.evidence import Policy
+from modelship.serving.control.requests import Waiting, address, answer, reply
+from modelship.serving.control.rollout import Keeper
 from modelship.serving.control.table import (
     HELD,
     LOADING,
     READY,
+    RUNNING,
     UNAVAILABLE,
     UNLOADING,
     Table,
     Version,
     drop_manifest,
     keep_manifest,
+    kept_manifest,
     key_of,
 )
 
 log = logging.getLogger(__name__)
 
 DRAIN_MIN = 0.5  # seconds an UNLOADING version stays at least: every API server has read the table by then
-
-
-@dataclass
-class Waiting:
-    """A load or unload request, answered when its versions have settled."""
-
-    who: list[bytes]  # the ROUTER envelope
-    op: str
-    name: str
-    keys: list[str]
-    deadline: float = field(default_factory=lambda: time.monotonic() + ASK_TIMEOUT)
 
 
 def verify(path: Path, backend: str) -> dict[str, Any]:
@@ -71,6 +64,14 @@ def verify(path: Path, backend: str) -> dict[str, Any]:
     require_artifact(manifest, path, backend)
     reference.read(path, manifest)
     return manifest
+
+
+def fingerprint(path: Path) -> str:
+    """A version's manifest's sha256 (it names every artifact's): "" when it cannot be read."""
+    try:
+        return sha256_file(path / "manifest.json")
+    except OSError:
+        return ""
 
 
 def wanted(versions: dict[int, Path], policy: str) -> dict[int, Path]:
@@ -92,6 +93,7 @@ class Controller:
         load: tuple[str, ...] = (),
         poll_interval: float = 5.0,
         static: bool = False,
+        rollouts: Policy | None = None,
     ) -> None:
         self.source, self.run_dir, self.backend = source, run_dir, backend
         self.mode, self.policy, self.load, self.poll_interval = mode, policy, load, poll_interval
@@ -104,6 +106,7 @@ class Controller:
         self.gone: set[str] = set()  # READY versions whose folder left, serving from memory until their successor is
         self.next_scan = 0.0
         self.dirty = False
+        self.keeper = Keeper(run_dir, rollouts or Policy(), self.set, lambda key: kept_manifest(run_dir, key))
 
     @classmethod
     def for_config(cls, cfg: Any, run_dir: str) -> Controller:
@@ -117,6 +120,7 @@ class Controller:
             cfg.load_models,
             cfg.poll_interval,
             static=cfg.in_process,
+            rollouts=cfg.policy,
         )
 
     # ------------------------------------------------------------------------------------------ start
@@ -159,7 +163,8 @@ class Controller:
         return sorted(set(self.load))
 
     def add(self, name: str, version: int, path: Path, state: str = LOADING, reason: str = "") -> None:
-        entry = Version(name, version, str(path.resolve()), state, self.public(reason), added=self.table.generation + 1)
+        entry = Version(name, version, str(path.resolve()), state, self.public(reason), added=self.table.generation + 1,
+                        fingerprint=fingerprint(path))  # fmt: skip
         if state != UNAVAILABLE:
             keep_manifest(self.run_dir, entry.key, entry.path)
         self.table.versions[entry.key] = entry
@@ -203,13 +208,13 @@ class Controller:
                 self.set(v, READY)
                 log.info("model %s version %d is ready on every worker", v.name, v.version)
         self.retire_gone()
-        if self.policy == "latest":  # a model's newest READY version serves; what is older goes
-            newest: dict[str, int] = {}
-            for name in self.table.names():
-                staying = [v.version for v in self.table.ready(name) if v.key not in self.gone]
-                newest[name] = max(staying, default=0)
+        if self.keeper.step(self.table, self.gone, now):
+            self.dirty = True
+        if self.policy == "latest":  # a model's newest READY version serves (beside a rollout's candidate)
+            keep = {name: self.staying(name) for name in self.table.names()}
             for v in self.table.versions.values():
-                if v.state in (READY, LOADING) and v.version < newest.get(v.name, 0):
+                stay = keep.get(v.name)
+                if stay and v.state in (READY, LOADING) and v.version < max(stay) and v.version not in stay:
                     self.set(v, UNLOADING)
         for v in self.table.versions.values():
             rss = sum(r.get("rss", {}).get(v.key, 0) for r in reports)
@@ -217,7 +222,10 @@ class Controller:
                 v.resident_bytes, self.dirty = rss, True
         for v in [v for v in self.table.versions.values() if v.state == UNLOADING]:
             if now - self.since.get(v.key, now) >= DRAIN_MIN and not outstanding.get(v.key.encode()):
-                del self.table.versions[v.key]
+                if v.then == UNAVAILABLE:  # rolled back: listed, with why, until it changes or is loaded again
+                    v.state, v.then, v.resident_bytes = UNAVAILABLE, "", 0
+                else:
+                    del self.table.versions[v.key]
                 drop_manifest(self.run_dir, v.key)
                 self.since.pop(v.key, None)
                 self.dirty = True
@@ -229,6 +237,14 @@ class Controller:
             self.table.started = self.dirty = True
         if self.dirty:
             self.write()
+
+    def staying(self, name: str) -> set[int]:
+        """Under --version-policy latest, the versions of a model that stay: its newest READY one whose folder is
+        there, or a rollout's two."""
+        r = self.table.rollouts.get(name)
+        if r is not None and r.state == RUNNING:
+            return {r.serving, r.candidate}
+        return {max((v.version for v in self.table.ready(name) if v.key not in self.gone), default=0)}
 
     def set(self, v: Version, state: str, reason: str = "") -> None:
         v.state, v.reason = state, self.public(reason)
@@ -304,11 +320,14 @@ class Controller:
             log.info("model repository: model folder %s is usable again", name)
 
     def follow(self, name: str, versions: dict[int, Path]) -> None:
-        """Add the versions of `name` the policy wants and the table lacks (a version that failed stays UNAVAILABLE
-        until its folder goes)."""
+        """Add the versions of `name` the policy wants and the table lacks (a version that failed or was rolled
+        back stays UNAVAILABLE until its folder goes or its manifest changes)."""
         for version, path in wanted(versions, self.policy).items():
             held = self.table.versions.get(key_of(name, version))
-            if held is not None and held.state == UNLOADING:  # wanted again before it drained: it serves on
+            if held is not None and held.state == UNAVAILABLE and held.fingerprint != fingerprint(path):
+                del self.table.versions[held.key]  # published again since: tried again
+                held = None
+            if held is not None and held.state == UNLOADING and not held.then:  # wanted again before it drained
                 self.set(held, READY)
                 self.since.pop(held.key, None)
             if held is not None:
@@ -328,44 +347,34 @@ class Controller:
         *who, body = frames
         request = json.loads(body)
         op, name = request.get("op"), request.get("name", "")
+        if op in ("promote", "abort"):
+            if name not in self.table.known and not any(v.name == name for v in self.table.versions.values()):
+                reply(sock, who, 404, f"no model {name!r} in the model repository")
+                return
+            status, message = self.keeper.by_hand(self.table, op, name)
+            if status == 200:
+                self.write()  # the API servers route by the new table before the answer reaches the client
+            reply(sock, who, status, message)
+            return
         if op == "load":
             for v in [v for v in self.table.versions.values() if v.name == name and v.state == UNAVAILABLE]:
                 del self.table.versions[v.key]  # asked again: a version that failed is tried again
             found = self.rescan(only=name)
             if name in self.table.problems:
-                self.reply(sock, who, 400, self.table.problems[name])
+                reply(sock, who, 400, self.table.problems[name])
                 return
             if name not in found:
-                self.reply(sock, who, 404, f"no model {name!r} in the model repository")
+                reply(sock, who, 404, f"no model {name!r} in the model repository")
                 return
             keys = [key_of(name, v) for v in wanted(found[name], self.policy)]
         else:
             keys = [v.key for v in self.table.versions.values() if v.name == name and v.state in HELD]
             if not keys:  # not loaded, or not in the repository: done already (Triton answers success too)
-                self.reply(sock, who, 200)
+                reply(sock, who, 200)
                 return
             for key in keys:
                 self.set(self.table.versions[key], UNLOADING)
         self.waiting.append(Waiting(who, op, name, keys))
 
     def answer(self, sock: zmq.Socket) -> None:
-        """Reply to the requests whose versions have settled (or waited too long)."""
-        now, still = time.monotonic(), []
-        for w in self.waiting:
-            states = {k: self.table.versions[k] for k in w.keys if k in self.table.versions}
-            failed = [v for v in states.values() if v.state == UNAVAILABLE]
-            loaded = len(states) == len(w.keys) and all(v.state == READY for v in states.values())
-            if w.op == "load" and failed:
-                self.reply(sock, w.who, 400, f"failed to load {w.name!r}: {failed[0].reason}")
-            elif loaded if w.op == "load" else not states:
-                self.reply(sock, w.who, 200)
-            elif now > w.deadline:
-                self.reply(sock, w.who, 504, f"{w.op} of {w.name!r} did not finish in {ASK_TIMEOUT:g}s")
-            else:
-                still.append(w)
-        self.waiting = still
-
-    @staticmethod
-    def reply(sock: zmq.Socket, who: list[bytes], status: int, message: str = "") -> None:
-        """Answer a load or unload request: its HTTP status, and what failed (the API server raises it)."""
-        sock.send_multipart([*who, json.dumps([status, message]).encode()])
+        self.waiting = answer(sock, self.waiting, self.table)

@@ -9,8 +9,10 @@ server's private run folder; every inference worker and API server reads it when
 - an API server routes requests to READY versions only: a request without a version goes to the newest.
 
 Versions: LOADING (being loaded on every worker; not routed), READY (routed), UNLOADING (no new requests; drained,
-then removed), UNAVAILABLE (failed to load, with the reason; or in the repository and not loaded). Standard library
-only, so the API servers' hot path imports nothing more.
+then removed), UNAVAILABLE (failed to load, or rolled back, with the reason; or in the repository and not loaded).
+A model under a rollout (--rollout shadow|canary) has two READY versions, the serving one and the candidate, and its
+`Rollout` says how requests without a version are shared between them (control.rollout). Standard library only, so
+the API servers' hot path imports nothing more.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+RUNNING, PROMOTED, ROLLED_BACK, STOPPED = "running", "promoted", "rolled_back", "stopped"  # a rollout's states
 HELD = (LOADING, READY, UNLOADING)  # the states whose versions the workers hold
 TABLE = "models.json"
 MANIFESTS = "manifests"  # a copy of each held version's manifest (keep_manifest)
@@ -45,10 +48,35 @@ class Version:
     reason: str = ""
     added: int = 0  # the table generation that asked for it: loaded once every worker has reached it
     resident_bytes: int = 0  # what loading it added to the workers' memory, summed over them
+    fingerprint: str = ""  # its manifest's sha256 when added: a version that failed is tried again when it changes
+    then: str = ""  # UNLOADING: the state once drained ("": it leaves the table; UNAVAILABLE: a rollback, kept)
 
     @property
     def key(self) -> str:
         return key_of(self.name, self.version)
+
+
+@dataclass
+class Rollout:
+    """A model's rollout: its candidate version earns its traffic beside the serving one, then is promoted or rolled
+    back (control.rollout decides; the catalog routes by it)."""
+
+    name: str
+    mode: str  # shadow: the candidate runs copies of `share` of the requests; canary: it answers `share` of them
+    serving: int
+    candidate: int
+    share: float
+    target: int  # compared requests that end it
+    id: int  # the table generation that started it: where its tallies go
+    started: float  # time.time()
+    state: str = RUNNING
+    reason: str = ""  # why it ended, in numbers; while running, why it waits for a hand (blocked)
+    blocked: bool = False  # the versions cannot be compared (their inputs differ): no traffic until promote or abort
+    ended: float = 0.0
+
+    def routes(self) -> bool:
+        """Requests without a version are shared between the two versions now."""
+        return self.state == RUNNING and not self.blocked
 
 
 @dataclass
@@ -58,6 +86,7 @@ class Table:
     problems: dict[str, str] = field(default_factory=dict)  # model folders the repository scan could not use
     known: list[str] = field(default_factory=list)  # every model in the repository, loaded or not
     started: bool = False  # every version asked for at start has loaded or failed
+    rollouts: dict[str, Rollout] = field(default_factory=dict)  # each model's current or last rollout
 
     def held(self) -> dict[str, Version]:
         return {k: v for k, v in self.versions.items() if v.state in HELD}
@@ -66,6 +95,17 @@ class Table:
         """The READY versions of a model, newest first."""
         found = [v for v in self.versions.values() if v.name == name and v.state == READY]
         return sorted(found, key=lambda v: -v.version)
+
+    def default(self, name: str) -> Version | None:
+        """The version a request for `name` without a version goes to: the serving version of a rollout in
+        progress, else the newest READY one."""
+        r = self.rollouts.get(name)
+        if r is not None and r.state == RUNNING:
+            serving = self.versions.get(key_of(name, r.serving))
+            if serving is not None and serving.state == READY:
+                return serving
+        ready = self.ready(name)
+        return ready[0] if ready else None
 
     def names(self) -> list[str]:
         """Models with a READY version."""
@@ -80,7 +120,8 @@ class Table:
     def from_json(cls, text: str) -> Table:
         doc = json.loads(text)
         versions = {key_of(v["name"], v["version"]): Version(**v) for v in doc.pop("versions")}
-        return cls(versions=versions, **doc)
+        rollouts = {name: Rollout(**r) for name, r in doc.pop("rollouts", {}).items()}
+        return cls(versions=versions, rollouts=rollouts, **doc)
 
     def write(self, folder: str) -> None:
         """Replace the table file in one rename: a reader sees the old table or the new one, never half."""

@@ -27,6 +27,7 @@ from modelship.errors import ArtifactError
 from modelship.manifest import read_manifest
 from modelship.serving import lifeline
 from modelship.serving.config import Settings
+from modelship.serving.control.evidence import ServiceTimes
 from modelship.serving.control.table import Reader, Table, record_start_failure, resident_bytes
 from modelship.serving.dispatch import transport
 from modelship.serving.errors import RequestError
@@ -56,6 +57,8 @@ class InferenceWorker:
         self.loader: ThreadPoolExecutor | None = None
         self.unreported = True
         self.recorder = Recorder(settings.run_dir, settings.drift_window)  # this process's drift windows
+        # how long each version's batches ran here: a rollout's latency evidence (control/evidence.py)
+        self.service = ServiceTimes(settings.run_dir) if settings.rollout != "none" else None
 
     def setup(self, device: str) -> None:
         lifeline.follow(self.settings.main_pid)  # never outlive the main process
@@ -78,6 +81,8 @@ class InferenceWorker:
         this worker keeps answering with what it holds; this worker's status when it changed."""
         assert self.reader is not None and self.loader is not None
         self.recorder.flush()  # idle too: a window's last answers are written out
+        if self.service is not None:
+            self.service.flush()
         news = self.unreported
         if self.reader.poll():
             news = self.unload(self.reader.table) or news
@@ -123,7 +128,7 @@ class InferenceWorker:
             before = resident_bytes()
             try:
                 held[key] = load_version(Path(version.path), self.settings, self.device)
-                held[key].recorder = self.recorder
+                held[key].recorder, held[key].service = self.recorder, self.service
             except ArtifactError as e:  # the file is not what it should be: one line, and the bundle is at fault
                 log.error("model %s cannot be served: %s", key, e.detail)
                 log.debug("the runtime's error", exc_info=True)
@@ -158,6 +163,8 @@ class InferenceWorker:
     def after(self) -> None:
         """Once a batch's answers have gone: its answers into the drift windows (off the answer path)."""
         self.recorder.flush()
+        if self.service is not None:
+            self.service.flush()
 
     def run(self, requests: list[transport.Request]) -> list[Any]:
         """One dynamic batch: each model version's requests through its backend together, in chunks of at most its
@@ -192,6 +199,7 @@ class Held:
     labelled: tuple[Any, ...] | None = None
     stats: VersionStats | None = None  # Triton's statistics of this version, in this process
     recorder: Recorder | None = None  # live drift's windows of this process
+    service: ServiceTimes | None = None  # service times, under --rollout
 
     def run(self, requests: list[transport.Request], key: str) -> list[Any]:
         """Each request's logits, or NON_FINITE for one whose input holds NaN or infinity (the others run). The check
@@ -226,7 +234,10 @@ class Held:
             chunks.append((len(part), time.monotonic_ns() - t0))
             batch_size.observe(len(part))
         batch_requests.observe(len(requests))
-        inference.observe(time.monotonic() - start)
+        took = time.monotonic() - start
+        inference.observe(took)
+        if self.service is not None:
+            self.service.add(key, took, len(requests))
         split = time.monotonic_ns()
         logits = np.concatenate(outs) if len(outs) > 1 else outs[0]
         answers, at = [], 0

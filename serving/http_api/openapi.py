@@ -57,6 +57,7 @@ def errors(*codes: int) -> dict[str, Any]:
         400: "malformed request: the message names the field and what was expected",
         401: "missing or wrong API key",
         404: "unknown model or version",
+        409: "no rollout of the model in progress, or this server does not roll out (--rollout none)",
         413: "body over --max-payload-mb, or an image over 40 Mpixel",
         415: "unsupported Content-Type or Content-Encoding",
         503: "not warmed up yet, or the worker is being replaced: retry",

@@ -83,6 +83,9 @@ ROUTES: tuple[Route, ...] = (
     *versioned(Route("/v2/models/{name}/drift", ("GET",), "v2_model_drift", doc=Doc(
         V2, "live drift of the model's answers against its bundle's reference: the figures, the window, the status",
         "Drift", errors=(401, 404)))),
+    Route("/v2/models/{name}/rollout", ("GET",), "v2_model_rollout", doc=Doc(
+        V2, "the model's rollout (--rollout shadow|canary): its versions, share, requests so far and each check",
+        "Rollout", errors=(401, 404))),
     *versioned(Route("/v2/models/{name}/infer", ("POST",), "v2_body", fast=True, json_limit=True, doc=Doc(
         V2, "inference on a batch [N, {shape}] (no version: the newest ready)", "V2InferenceResponse",
         "logits [N, classes]; binary when asked", body="infer", errors=PREDICT_ERRORS))),
@@ -94,6 +97,11 @@ ROUTES: tuple[Route, ...] = (
     *(Route(f"/v2/repository/models/{{name}}/{op}", ("POST",), "repository_change", fast=True, params={"op": op},
             doc=Doc("model repository", f"{op} a model (--model-control explicit); answered once done", "",
                     "done", errors=(400, 401, 404))) for op in ("load", "unload")),
+    *(Route(f"/v2/repository/models/{{name}}/{op}", ("POST",), "repository_change", fast=True, params={"op": op},
+            doc=Doc("model repository", f"{what} (--rollout shadow|canary)", "RolloutOutcome",
+                    "the rollout's new state and why", errors=(401, 404, 409))) for op, what in (
+        ("promote", "promote the candidate of the model's rollout in progress now"),
+        ("abort", "roll the candidate of the model's rollout in progress back now"))),
     Route("/", ("GET",), "root", doc=Doc("server", "what this server is, and links", "Root")),
     Route("/health", ("GET", "HEAD"), "health", open=True, doc=Doc(
         "server", "readiness: 200 while the models can answer, 503 before", "text", "ok", unready=True)),

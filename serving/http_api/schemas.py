@@ -59,6 +59,7 @@ class HeldVersion(BaseModel):
 class Info(BaseModel):
     model: dict[str, Any] | None = Field(description="the manifest of the only model, when there is one")
     models: list[HeldVersion] = Field(description="every model version the server holds")
+    rollouts: dict[str, dict[str, Any]] = Field(description="each model's rollout, as GET /v2/models/{name}/rollout")
     server: dict[str, Any] = Field(description="how this server batches and runs")
 
 
@@ -190,6 +191,36 @@ class Drift(BaseModel):
     time: float | None = Field(None, description="when the main process last looked (seconds since the epoch)")
 
 
+class Rollout(BaseModel):
+    """A model's rollout: the controller's last look at the one in progress, or how the last one ended."""
+
+    model: str
+    mode: Literal["none", "shadow", "canary"]
+    state: Literal["off", "none", "running", "promoted", "rolled_back", "stopped"]
+    reason: str = Field(description="how it ended, in numbers (or why it waits for a hand, or why there is none)")
+    serving: str | None = Field(None, description="the version that serves")
+    candidate: str | None = Field(None, description="the version rolled out")
+    share: float | None = Field(None, description="shadow: the share of requests copied; canary: the share answered")
+    target: int | None = Field(None, description="compared requests that end it (--rollout-requests)")
+    blocked: bool | None = Field(None, description="the versions cannot be compared: promote or abort by hand")
+    started: float | None = None
+    ended: float | None = None
+    seconds: float | None = Field(None, description="from its start to its end (or to now)")
+    requests: dict[str, Any] | None = Field(
+        None, description="compared, dropped (copies an overloaded server did not run), answered by each version, "
+        "candidate_share (canary), errors by role"
+    )  # fmt: skip
+    checks: dict[str, dict[str, Any]] | None = Field(
+        None, description="agreement, errors, latency, drift: value, limit, serving's, passed (null: no evidence yet)"
+    )
+
+
+class RolloutOutcome(BaseModel):
+    model: str
+    state: Literal["promoted", "rolled_back"]
+    reason: str
+
+
 class Statistics(BaseModel):
     model_stats: list[ModelStatistics]
 
@@ -220,4 +251,6 @@ MODELS: list[type[BaseModel]] = [
     ModelStatistics,
     Statistics,
     Drift,
+    Rollout,
+    RolloutOutcome,
 ]

@@ -20,9 +20,9 @@ from starlette.formparsers import MultiPartParser
 import modelship
 from modelship.scores import prediction
 from modelship.serving import compat, v2
-from modelship.serving.control.catalog import Served
+from modelship.serving.control.catalog import Pairing, Served
 from modelship.serving.control.table import READY
-from modelship.serving.dataplane import DataPlane
+from modelship.serving.dataplane import CANARY_KEY, DataPlane
 from modelship.serving.errors import RequestError
 from modelship.serving.http_api import codec, routes
 from modelship.serving.http_api.answers import Answer, handled, json_answer, too_large
@@ -109,14 +109,20 @@ class HTTPSpec(compat.LitSpec):
         return Response("ok" if ready else "not ready", status_code=200 if ready else 503)
 
     async def predict_body(self, params: dict[str, str], headers: dict[bytes, bytes], body: bytes) -> Answer:
-        """POST /predict: the only model's newest version."""
-        return await self.predict_for(self.catalog.only(), headers, body)
+        """POST /predict: the only model's newest version (under a rollout, as the rollout shares it)."""
+        served = self.catalog.only()
+        if self.catalog.table.rollouts:
+            return await self.predict_model({"name": served.model.name}, headers, body)
+        return await self.predict_for(served, headers, body)
 
     async def predict_model(self, params: dict[str, str], headers: dict[bytes, bytes], body: bytes) -> Answer:
         """POST /v2/models/{name}[/versions/{v}]/predict: one image, for that model (version)."""
-        return await self.predict_for(self.catalog.resolve(params["name"], params.get("version")), headers, body)
+        served, pair = self.plane.route(params["name"], params.get("version"), headers.get(CANARY_KEY))
+        return await self.predict_for(served, headers, body, pair)
 
-    async def predict_for(self, served: Served, headers: dict[bytes, bytes], body: bytes) -> Answer:
+    async def predict_for(
+        self, served: Served, headers: dict[bytes, bytes], body: bytes, pair: Pairing | None = None
+    ) -> Answer:
         """One image as JSON {"image" | "inputs", "top_k"?}, a multipart field `file`, or a raw image/* body."""
         model = served.model
         ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower().decode("latin-1")
@@ -132,7 +138,7 @@ class HTTPSpec(compat.LitSpec):
             )
         # decoding a large image takes long enough to stall every other request on this event loop
         x = req.tensor if req.tensor is not None else await asyncio.to_thread(req.to_tensor, model)
-        logits = await self.plane.infer(served, x, "http")
+        logits = await self.plane.infer(served, x, "http", pair=pair)
         answer = prediction(logits[0], model.classes, req.top_k)
         return json_answer({**answer, "model_name": model.name, "model_version": served.version})
 
@@ -172,7 +178,8 @@ class HTTPSpec(compat.LitSpec):
             held.append(entry)
         names = table.names()
         only = self.catalog.resolve(names[0]).manifest if len(names) == 1 else None
-        return JSONResponse({"model": only, "models": held, "server": self.server_info()})
+        rollouts = {name: self.plane.rollout(name) for name in sorted(table.rollouts)}
+        return JSONResponse({"model": only, "models": held, "rollouts": rollouts, "server": self.server_info()})
 
     def server_info(self) -> dict[str, Any]:
         """How this server batches and runs, without this machine's paths and process ids."""
@@ -220,6 +227,10 @@ class HTTPSpec(compat.LitSpec):
         return JSONResponse(self.plane.drift(name, version))
 
     @handled
+    async def v2_model_rollout(self, request: Request, name: str) -> Response:
+        return JSONResponse(self.plane.rollout(name))
+
+    @handled
     async def v2_statistics(self, request: Request) -> Response:
         return JSONResponse(self.plane.statistics())
 
@@ -231,14 +242,14 @@ class HTTPSpec(compat.LitSpec):
     async def v2_body(self, params: dict[str, str], headers: dict[bytes, bytes], body: bytes) -> Answer:
         """POST /v2/models/{name}[/versions/{v}]/infer: a batch [N, C, H, W] as JSON data or with the binary tensor
         extension."""
-        served = self.catalog.resolve(params["name"], params.get("version"))
+        served, pair = self.plane.route(params["name"], params.get("version"), headers.get(CANARY_KEY))
         encoding = headers.get(b"content-encoding")
         body = codec.decompress(body, encoding.decode() if encoding else None, self.settings.max_bytes)
         length = headers.get(b"inference-header-content-length")
         if length is None and len(body) > served.max_json_bytes:  # a gzip body is only measured once inflated
             raise RequestError(too_large(len(body), served.max_json_bytes, json_limit_why(served)), 413)
         req = codec.parse_v2_infer(body, length.decode() if length is not None else None, served.model)
-        logits = await self.plane.infer(served, req.tensor, "http", req.id)
+        logits = await self.plane.infer(served, req.tensor, "http", req.id, pair)
         content, extra = codec.v2_response(logits, req, served.model, served.version)
         return 200, [(k.encode(), v.encode()) for k, v in extra.items()], content
 
@@ -280,15 +291,15 @@ class HTTPSpec(compat.LitSpec):
         return (Fast(handler), Fast(handler, served.max_json_bytes, json_limit_why(served))), True
 
     async def repository_change(self, params: dict[str, str], headers: dict[bytes, bytes], body: bytes) -> Answer:
-        """POST /v2/repository/models/{name}/load or /unload: asked of the controller in the main process, answered
-        once the change is done (loaded on every worker, or drained and unloaded) or has failed."""
+        """POST /v2/repository/models/{name}/load, /unload, /promote or /abort: asked of the controller in the main
+        process, answered once the change is done (loaded on every worker, drained and unloaded, the rollout
+        ended) or has failed."""
         op = params["op"]
         doc = codec.parse_json(body) if body.strip() else {}
         parameters = doc.get("parameters", {}) if isinstance(doc, dict) else None
         if not isinstance(parameters, dict):
             raise RequestError(f"{op} takes no model configuration or files here; send {{}} or no body")
-        await self.plane.repository_change(op, params["name"], list(parameters))
-        return json_answer({})
+        return json_answer(await self.plane.repository_change(op, params["name"], list(parameters)))
 
 
 def json_limit_why(served: Served) -> str:

@@ -17,11 +17,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from modelship.cli import main
 from modelship.files import sha256_file
 from modelship.repository import publish
 from modelship.serving.control.table import REFRESH
@@ -30,24 +28,6 @@ from tests.serving.test_server import val_png
 
 X = np.arange(8, dtype=np.float32).reshape(2, 1, 2, 2)  # a batch of two [1, 2, 2] inputs
 ANSWERS = {"1": 2 * X.reshape(2, -1) + 1, "2": 3 * X.reshape(2, -1)}  # what each version's logits are
-
-
-@pytest.fixture(scope="session")
-def affine_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The affine model with weight 3 and bias 0, exported under the name `affine`."""
-    from tests.helpers import affine_identity
-
-    d = tmp_path_factory.mktemp("affine-v2")
-    model = affine_identity(4)
-    with torch.no_grad():
-        model.weight.fill_(3.0)
-        model.bias.fill_(0.0)
-    torch.save(model.state_dict(), d / "affine.pt")
-    out = d / "affine"
-    args = ["--model", "tests.helpers:affine_identity", "--input-shape", "1,2,2", "--classes", "a,b,c,d",
-            "--max-batch", "16", "--formats", "onnx"]  # fmt: skip
-    assert main(["export", str(d / "affine.pt"), "--out", str(out), *args]) == 0
-    return out
 
 
 def make_repo(root: Path, models: dict[str, list[Path]]) -> Path:
