@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
-from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,11 +32,23 @@ def remove_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@lru_cache(maxsize=1)
+_CREATING = threading.Lock()
+_METRICS: list[SimpleNamespace] = []
+
+
 def metrics() -> SimpleNamespace:
     """This process's metric objects: the traffic's, Triton's statistics', live drift's, the payload log's and the
-    rollouts'."""
-    return SimpleNamespace(**traffic_metrics(), **statistics_metrics(), **monitoring_metrics(), **rollout_metrics())
+    rollouts'. Created once under a lock: two threads asking first (an in-process server's request handler and its
+    batching thread) would otherwise both register them, and prometheus_client refuses the second."""
+    if not _METRICS:
+        with _CREATING:
+            if not _METRICS:
+                _METRICS.append(
+                    SimpleNamespace(
+                        **traffic_metrics(), **statistics_metrics(), **monitoring_metrics(), **rollout_metrics()
+                    )
+                )
+    return _METRICS[0]
 
 
 def traffic_metrics() -> dict[str, Any]:
