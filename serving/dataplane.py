@@ -85,7 +85,12 @@ class DataPlane:
     def route(self, name: str, version: str | None, key: bytes | None = None) -> tuple[Served, Pairing | None]:
         """The model version a request goes to, and under a rollout its pairing (catalog.route): `key` is the
         request's X-Canary-Key."""
-        return self.catalog.route(name, version, key)
+        served, pair = self.catalog.route(name, version, key)
+        if self.catalog.table.rollouts:  # every request a rollout routes, for the canary's measured share
+            r = self.catalog.table.rollouts.get(name)
+            if r is not None and r.state == RUNNING and version in (None, ""):
+                self.tally.routed(r)
+        return served, pair
 
     async def infer(
         self, served: Served, x: np.ndarray, protocol: str, request_id: str | None = None, pair: Pairing | None = None
@@ -97,7 +102,7 @@ class DataPlane:
         if self.dispatcher is None:
             assert self.addresses is not None
             self.dispatcher = transport.Client(self.addresses, self.consumer)
-        copy = self.copy(pair, x) if pair is not None and pair.partner is not None else None
+        copy = self.copy(pair, x) if pair is not None else None
         start = time.perf_counter_ns()
         try:
             logits = await self.dispatcher.call(served.key, x, self.settings.timeout)
@@ -135,9 +140,8 @@ class DataPlane:
         return asyncio.ensure_future(self.run_copy(pair, x))
 
     async def run_copy(self, pair: Pairing, x: np.ndarray) -> np.ndarray | None:
-        """The partner's logits, or None when it failed. A shadow copy is the candidate's evidence of errors and
-        latency; a canary's copy on the serving version is only compared."""
-        assert pair.partner is not None and self.dispatcher is not None
+        """The partner's logits, or None when it failed; counted for the partner's role."""
+        assert self.dispatcher is not None
         start = time.perf_counter_ns()
         try:
             logits: np.ndarray | None = await self.dispatcher.call(pair.partner.key, x, self.settings.timeout)
@@ -145,8 +149,8 @@ class DataPlane:
             logits = None
         finally:
             self.tally.inflight -= 1
-        if pair.role == "serving":
-            self.tally.answered(pair.rollout, "candidate", logits is not None, (time.perf_counter_ns() - start) / 1e9)
+        role = "candidate" if pair.role == "serving" else "serving"
+        self.tally.answered(pair.rollout, role, logits is not None, (time.perf_counter_ns() - start) / 1e9)
         return logits
 
     def settle(
@@ -166,7 +170,7 @@ class DataPlane:
         def compare(done: asyncio.Future[np.ndarray | None]) -> None:
             other = None if done.cancelled() or done.exception() is not None else done.result()
             labels = None
-            if logits is not None and other is not None and pair.partner is not None:
+            if logits is not None and other is not None:
                 mine = [served.model.classes[i] for i in logits.argmax(axis=1)]
                 theirs = [pair.partner.model.classes[i] for i in other.argmax(axis=1)]
                 labels = (mine, theirs)

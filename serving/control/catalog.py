@@ -39,12 +39,13 @@ class Served:
 
 @dataclass(frozen=True)
 class Pairing:
-    """A request of a rollout: the role of the version that answers it, and the other version, which runs a copy of
-    it off the answer path to be compared (None: not copied)."""
+    """A request of a rollout that both versions run: the role of the version that answers it, and the other version
+    (its partner), which runs a copy of it off the answer path. The rest of a model's requests go to the serving
+    version as any request does: both versions' evidence comes from the requests they both ran."""
 
     rollout: Rollout
     role: str  # serving | candidate
-    partner: Served | None
+    partner: Served
 
 
 def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +108,8 @@ class Catalog:
         """`resolve`, and for a request without a version of a model under a rollout, the rollout's share: in shadow
         the serving version answers and a sampled share is copied to the candidate; in canary the candidate answers
         its share (by the hash of `key`, the X-Canary-Key header, when the client sends one: the same key lands on
-        the same side for the whole rollout) and the serving version runs a copy."""
+        the same side for the whole rollout) and the serving version runs a copy of those. Pairing None: an
+        ordinary request."""
         r = self.table.rollouts.get(name) if version in (None, "") else None
         if r is None or not r.routes():
             return self.resolve(name, version), None
@@ -116,14 +118,16 @@ class Catalog:
         if serving is None or candidate is None or serving.state != READY or candidate.state != READY:
             return self.resolve(name, version), None  # it is ending: the controller's next table says how
         if r.mode == "shadow":
-            return self.get(serving), Pairing(r, "serving", self.get(candidate) if random.random() < r.share else None)
+            if random.random() < r.share:
+                return self.get(serving), Pairing(r, "serving", self.get(candidate))
+            return self.get(serving), None
         if key:
             draw = int.from_bytes(hashlib.sha256(b"%d:%s" % (r.id, key)).digest()[:8], "big") / 2**64
         else:
             draw = random.random()
         if draw < r.share:
             return self.get(candidate), Pairing(r, "candidate", self.get(serving))
-        return self.get(serving), Pairing(r, "serving", None)
+        return self.get(serving), None
 
     def fresh(self) -> Table:
         """The table as it is now (for the index and readiness: a stale view would contradict another process's)."""

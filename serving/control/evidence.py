@@ -58,6 +58,7 @@ def empty(rollout: Rollout) -> dict[str, Any]:
         "requests": dict.fromkeys(ROLES, 0),
         "errors": dict.fromkeys(ROLES, 0),
         "latency": {role: [0] * BUCKETS for role in ROLES},
+        "routed": 0,  # requests without a version while it ran: the canary's share is of these
         "compared": 0,  # requests both versions ran
         "samples": 0,  # rows both answered, and of them those whose top-1 labels agreed
         "agreed": 0,
@@ -84,8 +85,12 @@ class Tally:
         self.touch(rollout.id)
         return counts
 
+    def routed(self, rollout: Rollout) -> None:
+        self.of(rollout)["routed"] += 1
+
     def answered(self, rollout: Rollout, role: str, ok: bool, seconds: float) -> None:
-        """A request (or a shadow copy) the version in `role` ran: its outcome and latency."""
+        """A request both versions ran, as the version in `role` ran it (the answer, or the copy): its outcome and
+        end-to-end latency."""
         c = self.of(rollout)
         c["requests"][role] += 1
         c["errors"][role] += not ok
@@ -168,8 +173,8 @@ def merged(run_dir: str, rollout: Rollout) -> dict[str, Any]:
             c = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        for key in ("compared", "samples", "agreed", "dropped"):
-            total[key] += c[key]
+        for key in ("routed", "compared", "samples", "agreed", "dropped"):
+            total[key] += c.get(key, 0)
         for role in ROLES:
             total["requests"][role] += c["requests"][role]
             total["errors"][role] += c["errors"][role]
@@ -242,7 +247,7 @@ def checks(c: dict[str, Any], policy: Policy, drift: tuple[str, str] | None, ser
         ok = not judged or DRIFT_RANK[mine_s] <= DRIFT_RANK[theirs_s]
         found.append({
             "check": "drift", "value": mine_s, "serving": theirs_s, "passed": ok if judged else None, "early": False,
-            "text": f"drift status {mine_s}" + ("" if ok else f", worse than version {serving}'s {theirs_s}")
-                    + ("" if judged else " (not judged)"),
+            "text": f"drift status {mine_s} {'no worse than' if ok else 'worse than'} version {serving}'s {theirs_s}"
+                    if judged else f"drift status {mine_s}, version {serving}'s {theirs_s}: not judged yet",
         })  # fmt: skip
     return found

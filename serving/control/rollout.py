@@ -202,7 +202,6 @@ class Keeper:
 
 def document(r: Rollout, c: dict[str, Any], found: list[dict[str, Any]]) -> dict[str, Any]:
     req = c["requests"]
-    answered = req["serving"] + req["candidate"]
     return {
         "model": r.name,
         "mode": r.mode,
@@ -221,7 +220,8 @@ def document(r: Rollout, c: dict[str, Any], found: list[dict[str, Any]]) -> dict
             "dropped": c["dropped"],
             "serving": req["serving"],
             "candidate": req["candidate"],
-            "candidate_share": req["candidate"] / answered if answered and r.mode == "canary" else None,
+            "routed": c["routed"],
+            "candidate_share": req["candidate"] / c["routed"] if c["routed"] and r.mode == "canary" else None,
             "errors": c["errors"],
         },
         "checks": {f["check"]: {k: v for k, v in f.items() if k not in ("check", "early")} for f in found},

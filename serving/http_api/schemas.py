@@ -207,8 +207,9 @@ class Rollout(BaseModel):
     ended: float | None = None
     seconds: float | None = Field(None, description="from its start to its end (or to now)")
     requests: dict[str, Any] | None = Field(
-        None, description="compared, dropped (copies an overloaded server did not run), answered by each version, "
-        "candidate_share (canary), errors by role"
+        None, description="compared (requests both versions ran), dropped (copies an overloaded server did not run), "
+        "serving and candidate (of the compared, as each version ran them), routed (requests without a version while "
+        "it ran), candidate_share (canary: candidate / routed), errors by version"
     )  # fmt: skip
     checks: dict[str, dict[str, Any]] | None = Field(
         None, description="agreement, errors, latency, drift: value, limit, serving's, passed (null: no evidence yet)"

@@ -302,9 +302,12 @@ def test_the_checks_judge_the_evidence_and_fail_early_only_beyond_doubt() -> Non
     policy = Policy("shadow", min_agreement=0.9, drift=True)
     by = {f["check"]: f for f in checks(counts(950, 1000), policy, ("ok", "ok"), 1)}
     assert all(f["passed"] for f in by.values()) and not any(f["early"] for f in by.values())
+    assert by["drift"]["text"] == "drift status ok no worse than version 1's ok"
+    unjudged = {f["check"]: f for f in checks(counts(950, 1000), policy, ("none", "ok"), 1)}["drift"]
+    assert unjudged["passed"] is None and unjudged["text"] == "drift status none, version 1's ok: not judged yet"
     by = {f["check"]: f for f in checks(counts(880, 1000), policy, ("drift", "ok"), 1)}
     assert by["agreement"]["passed"] is False and not by["agreement"]["early"]  # 0.88: not beyond doubt
-    assert by["drift"]["passed"] is False and by["drift"]["text"] == "drift status drift, worse than version 1's ok"
+    assert by["drift"]["passed"] is False and by["drift"]["text"] == "drift status drift worse than version 1's ok"
     assert {f["check"]: f for f in checks(counts(0, 20), policy, None, 1)}["agreement"]["early"]
     errors = {f["check"]: f for f in checks(counts(1000, 1000, (0, 30)), policy, None, 1)}["errors"]
     assert errors["early"] and errors["text"] == "error rate 0.030 > 0.000 (version 1's) + 0.01"
