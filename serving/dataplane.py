@@ -144,7 +144,9 @@ class DataPlane:
         assert self.dispatcher is not None
         start = time.perf_counter_ns()
         try:
-            logits: np.ndarray | None = await self.dispatcher.call(pair.partner.key, x, self.settings.timeout)
+            logits: np.ndarray | None = await self.dispatcher.call(
+                pair.partner.key, pair.copied(x), self.settings.timeout
+            )
         except (TimeoutError, RequestError):
             logits = None
         finally:

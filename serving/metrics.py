@@ -186,7 +186,9 @@ def rollout_metrics() -> dict[str, Any]:
             "modelship_rollout_errors", "the rollout's requests each version failed, by role", by_role
         ),
         rollout_p99=gauge(
-            "modelship_rollout_latency_p99_seconds", "each version's p99 latency over the rollout, by role", by_role
+            "modelship_rollout_service_p99_seconds",
+            "each version's p99 service time (its workers' time per batch) over the rollout, by role",
+            by_role,
         ),
     )
 

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from modelship.backends import PLATFORMS
 from modelship.serving.control.table import READY, Reader, Rollout, Table, Version, kept_manifest, key_of
 from modelship.serving.errors import RequestError
@@ -46,6 +48,31 @@ class Pairing:
     rollout: Rollout
     role: str  # serving | candidate
     partner: Served
+    bridge: tuple[np.ndarray, np.ndarray] | None = None  # renormalizes the input for the partner (see `bridge`)
+
+    @classmethod
+    def of(cls, rollout: Rollout, role: str, answering: Served, partner: Served) -> Pairing:
+        return cls(rollout, role, partner, bridge(answering.manifest["preprocess"], partner.manifest["preprocess"]))
+
+    def copied(self, x: np.ndarray) -> np.ndarray:
+        """The request's input as the partner takes it."""
+        if self.bridge is None:
+            return x
+        scale, shift = self.bridge
+        return (x * scale + shift).astype(np.float32, copy=False)
+
+
+def bridge(a: dict[str, Any], b: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per channel, the scale and shift that turn an input normalized by preprocess `a`'s mean and std into the same
+    pixels normalized by `b`'s, or None when they normalize alike. Two trainings of one model measure their own mean
+    and std on their own data: the same image must reach each version as its own preprocessing makes it, whether an
+    API server preprocessed it (/predict) or the client did (a v2 tensor made for the version that answers)."""
+    if a["mean"] == b["mean"] and a["std"] == b["std"]:
+        return None
+    ma, sa, mb, sb = (
+        np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (a["mean"], a["std"], b["mean"], b["std"])
+    )
+    return sa / sb, (ma - mb) / sb
 
 
 def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -119,14 +146,16 @@ class Catalog:
             return self.resolve(name, version), None  # it is ending: the controller's next table says how
         if r.mode == "shadow":
             if random.random() < r.share:
-                return self.get(serving), Pairing(r, "serving", self.get(candidate))
+                answering = self.get(serving)
+                return answering, Pairing.of(r, "serving", answering, self.get(candidate))
             return self.get(serving), None
         if key:
             draw = int.from_bytes(hashlib.sha256(b"%d:%s" % (r.id, key)).digest()[:8], "big") / 2**64
         else:
             draw = random.random()
         if draw < r.share:
-            return self.get(candidate), Pairing(r, "candidate", self.get(serving))
+            answering = self.get(candidate)
+            return answering, Pairing.of(r, "candidate", answering, self.get(serving))
         return self.get(serving), None
 
     def fresh(self) -> Table:

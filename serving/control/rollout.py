@@ -58,8 +58,11 @@ def read_document(run_dir: str, name: str) -> dict[str, Any] | None:
 
 
 def inputs_differ(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """Why two versions' manifests cannot be compared on the same requests, or ""."""
-    for what, x, y in (("input", a["input"], b["input"]), ("preprocess", a["preprocess"], b["preprocess"])):
+    """Why two versions' manifests cannot be compared on the same requests, or "". Their normalization may differ
+    (a copy is renormalized for its version: catalog.bridge); the tensor they take may not."""
+    pa, pb = a["preprocess"], b["preprocess"]
+    for what, x, y in (("input", a["input"], b["input"]), ("input size", pa["size"], pb["size"]),
+                       ("channels", pa["channels"], pb["channels"])):  # fmt: skip
         if x != y:
             return f"their {what} differs ({x} against {y})"
     return ""

@@ -4,7 +4,8 @@ is promoted or rolled back on the evidence, with no failed request.
 The versions are affine models whose answers show which version gave them: version 1 is 2x + 1; `good` is 3x (the
 same top-1 class, other logits: a retrained model that agrees); `permuted` is 2x + 1 with its class names in another
 order (every top-1 label differs: a version that is fast, error-free and wrong); `slow` is 2x + 1 behind a pile of
-matrix products (right, and about fifty times slower).
+matrix products (right, and about fifty times slower); `renormalized` is 3x exported with another mean and std (a
+retraining that measured its own normalization on its own data, as every `modelship run` does).
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+from modelship.preprocess import Preprocess, preprocess_image
+from modelship.serving.control.catalog import Pairing, bridge
 from modelship.serving.control.evidence import checks, p99, wilson
+from modelship.serving.control.rollout import inputs_differ
 from modelship.serving.control.table import Rollout
 from tests.conftest import export_affine
 from tests.helpers import Server, running_server, scrape
@@ -43,6 +49,18 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers import slow_affine
 
     return export_affine(tmp_path_factory.mktemp("slow"), slow_affine(4), factory="slow_affine")
+
+
+@pytest.fixture(scope="module")
+def renormalized(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers import affine_identity
+
+    model = affine_identity(4)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.bias.fill_(0.0)
+    d = tmp_path_factory.mktemp("renormalized")
+    return export_affine(d, model, formats=("--formats", "onnx", "--mean", "0.25", "--std", "0.5"))
 
 
 def publish(bundle: Path, repo: Path, version: int) -> None:
@@ -165,7 +183,7 @@ def test_shadow_rolls_back_a_wrong_version_unseen_and_promotes_a_good_one(
 
 
 def test_canary_answers_its_share_rolls_back_a_slow_version_and_promotes_a_good_one(
-    tmp_path: Path, affine_bundle: Path, affine_v2: Path, slow: Path
+    tmp_path: Path, affine_bundle: Path, renormalized: Path, slow: Path
 ) -> None:
     repo = tmp_path / "repo"
     publish(affine_bundle, repo, 1)
@@ -184,8 +202,8 @@ def test_canary_answers_its_share_rolls_back_a_slow_version_and_promotes_a_good_
         assert latency["value"] > 10 * latency["serving"], latency
         assert running["share"] == 0.2 and row_once(s.url, "2", "UNAVAILABLE")["state"] == "UNAVAILABLE"
 
-        publish(affine_v2, repo, 3)
-        until(s.url, "running", "3")
+        publish(renormalized, repo, 3)  # its own mean and std: compared all the same (each copy renormalized)
+        assert not until(s.url, "running", "3")["blocked"]
         sticky = [infer(s.url, {"X-Canary-Key": "customer-42"}) for _ in range(12)]
         assert len(set(sticky)) == 1, sticky  # one key, one side of the canary
         doc = until(s.url, "promoted", "3")
@@ -314,3 +332,19 @@ def test_the_checks_judge_the_evidence_and_fail_early_only_beyond_doubt() -> Non
     low, high = wilson(45, 50, 1.96)
     assert 0.78 < low < 0.79 and 0.95 < high < 0.97  # the textbook interval of 45 of 50
     assert p99([0] * 160) is None and p99([0, 0, 100] + [0] * 157) == pytest.approx(1e-4 * 1.1**3)
+
+
+def test_a_copy_reaches_its_version_as_its_own_preprocessing_makes_it() -> None:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    a = Preprocess((32, 32), 3, (0.49, 0.50, 0.48), (0.29, 0.30, 0.31))  # two trainings' own measurements
+    b = Preprocess((32, 32), 3, (0.51, 0.47, 0.50), (0.30, 0.28, 0.29))
+    xa, xb = preprocess_image(image, a)[None], preprocess_image(image, b)[None]
+    pair = Pairing(rollout_of(), "serving", None, bridge(a.to_dict(), b.to_dict()))  # type: ignore[arg-type]
+    copied = pair.copied(xa)
+    assert copied.dtype == np.float32 and np.abs(copied - xb).max() < 1e-5 and np.abs(xa - xb).max() > 0.05
+    assert bridge(a.to_dict(), a.to_dict()) is None
+    manifest = {"input": {"name": "input", "shape": [3, 32, 32]}, "preprocess": a.to_dict()}
+    assert inputs_differ(manifest, {**manifest, "preprocess": b.to_dict()}) == ""  # renormalized: compared
+    other = {**manifest, "preprocess": {**a.to_dict(), "size": [64, 64]}}
+    assert inputs_differ(manifest, other) == "their input size differs ([32, 32] against [64, 64])"
