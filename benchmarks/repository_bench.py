@@ -1,6 +1,8 @@
-"""The model repository under load: a live version swap, two models against one, and memory given back on unload.
+"""The model repository under load: a live version swap, two models against one, memory given back on unload, and
+rollouts (shadow and canary: failed requests, the canary's share, the time to promotion, shadow's cost).
 
     python benchmarks/repository_bench.py --bundle DIR [--clients 32] [--seconds 10] [--rounds 3] [--poll 1.0]
+        [--rollout-seconds 20] [--only all|rollouts]
 
 Every part drives modelship serve with the same closed-loop generator as serve_bench (benchmarks/loadgen.py),
 KServe v2 binary requests of one image.
@@ -14,6 +16,13 @@ KServe v2 binary requests of one image.
   over --rounds: the ratio of req/s.
 - memory: `--model-control explicit` with one model loaded; the resident memory of every server process after
   loading a second model, and after unloading it again.
+- rollouts: the swap's setting under `--rollout shadow` and `--rollout canary` (defaults: 1000 compared requests,
+  canary 10%) for --rollout-seconds; version 2 is a copy of the bundle (the same answers: it must be promoted).
+  Counted: failed requests (goal 0), the canary's share of the answers while it ran against its percent, the time
+  from the rename to the promotion.
+- shadow's cost: the serving version's req/s with a shadow rollout running (it never ends: 10^7 requests) at
+  --shadow-sample 0.1 and 1.0, against the same server with no rollout, alternated over --rounds (goal at 0.1:
+  at least 0.9); and the copies an overloaded server dropped.
 """
 
 from __future__ import annotations
@@ -82,6 +91,75 @@ def swap(bundle: Path, args: argparse.Namespace, work: Path) -> dict:
             "req_per_s_before": round(rate(start + 1, t_pub), 1),
             "req_per_s_during": round(rate(t_pub, last_v1 + 0.5), 1),
             "req_per_s_after": round(rate(last_v1 + 0.5, end), 1)}  # fmt: skip
+
+
+def staged(bundle: Path, folder: Path) -> Path:
+    """A copy of the bundle named m (publish() files it under its name), to be published as the next version."""
+    shutil.copytree(bundle, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "name": "m"}))
+    return folder
+
+
+def get(port: int, path: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30).read())
+
+
+def rollout(bundle: Path, args: argparse.Namespace, work: Path, mode: str) -> dict:
+    repo = repo_with(work / f"rollout-{mode}", bundle, {"m": 1})
+    nxt = staged(bundle, work / f"next-{mode}")
+    port = free_port()
+    _, body, headers = payloads(json.loads((bundle / "manifest.json").read_text()))["v2-binary"]
+    answers: list[tuple[float, int, bytes]] = []
+    published: list[float] = []
+    wall = time.time() - time.perf_counter()  # perf_counter to wall-clock time, for the rollout's own times
+    flags = f"--model-control poll --poll-interval {args.poll} --rollout {mode}"
+    with started(serve_cmd(repo, port, flags), port):
+        timer = threading.Timer(args.rollout_seconds / 4, lambda: (published.append(time.perf_counter() + wall),
+                                                                  publish(nxt, repo)))  # fmt: skip
+        timer.start()
+        run_load(f"http://127.0.0.1:{port}/v2/models/m/infer", body, headers, args.clients, args.rollout_seconds,
+                 0.0, record=lambda t, status, b: answers.append((t + wall, status, b)))  # fmt: skip
+        timer.join()
+        doc = get(port, "/v2/models/m/rollout")
+    versions = [(t, s, (m.group(1).decode() if (m := VERSION.search(b[:400])) else "")) for t, s, b in answers]
+    ended = doc["ended"] or float("inf")
+    during = [v for t, _, v in versions if doc["started"] + 0.2 <= t <= ended - 0.2]  # routing follows in 0.1 s
+    return {"state": doc["state"], "requests": len(versions), "failed": sum(1 for _, s, _ in versions if s != 200),
+            "publish_to_end_s": round(ended - published[0], 2), "rollout_s": round(doc["seconds"], 2),
+            "compared": doc["requests"]["compared"], "dropped": doc["requests"]["dropped"],
+            "candidate_share_answered": round(during.count("2") / max(1, len(during)), 4) if mode == "canary" else 0.0,
+            "reason": doc["reason"]}  # fmt: skip
+
+
+def shadow_cost(bundle: Path, args: argparse.Namespace, work: Path) -> dict:
+    _, body, headers = payloads(json.loads((bundle / "manifest.json").read_text()))["v2-binary"]
+    contenders = {"no rollout": "", "shadow 0.1": "0.1", "shadow 1.0": "1.0"}
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    dropped: dict[str, list[int]] = {name: [] for name in contenders}
+    for r in range(args.rounds):
+        for name, sample in contenders.items():
+            repo = repo_with(work / f"cost-{r}-{name.replace(' ', '')}", bundle, {"m": 1})
+            port = free_port()
+            flags = f"--model-control poll --poll-interval {args.poll}"
+            if sample:
+                flags += f" --rollout shadow --shadow-sample {sample} --rollout-requests 10000000"
+            with started(serve_cmd(repo, port, flags), port):
+                if sample:
+                    publish(staged(bundle, work / f"next-{r}-{sample}"), repo)
+                    deadline = time.monotonic() + 60
+                    while get(port, "/v2/models/m/rollout").get("state") != "running" and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                result = run_load(f"http://127.0.0.1:{port}/v2/models/m/infer", body, headers, args.clients,
+                                  args.seconds, 2.0)  # fmt: skip
+                if sample:
+                    dropped[name].append(get(port, "/v2/models/m/rollout")["requests"]["dropped"])
+            if result.errors:
+                raise SystemExit(f"{name}: {result.errors} errors")
+            rates[name].append(round(result.throughput, 1))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"req_per_s": med, "rounds": rates, "dropped": dropped,
+            "ratio": {k: round(v / med["no rollout"], 3) for k, v in med.items()}}  # fmt: skip
 
 
 def two_models(bundle: Path, args: argparse.Namespace, work: Path) -> dict:
@@ -154,25 +232,48 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--poll", type=float, default=1.0)
+    parser.add_argument("--rollout-seconds", type=float, default=20.0, help="each rollout run's length")
+    parser.add_argument("--only", choices=("all", "rollouts"), default="all", help="rollouts: only the rollouts' parts")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; bundle {args.bundle.name}, "
           f"{args.clients} clients, v2 binary")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        figures = {"memory": memory(args.bundle, args, work)}
-        print("memory:", json.dumps(figures["memory"]))
-        figures["swap"] = swap(args.bundle, args, work)
-        s = figures["swap"]
-        print("swap:", json.dumps(s))
-        goal = 2 * args.poll + figures["memory"]["load_s"]
-        print(f"  failed {s['failed']} of {s['requests']} (goal 0); version 2 served {s['appear_to_serve_s']} s after "
-              f"it appeared (goal < 2 x {args.poll:g} + load {figures['memory']['load_s']} = {goal:.2f} s); "
-              f"throughput during / before {s['req_per_s_during'] / s['req_per_s_before']:.3f}")  # fmt: skip
-        figures["two models"] = two_models(args.bundle, args, work)
-        print("two models:", json.dumps(figures["two models"]))
+        figures = rollouts(args, work)
+        if args.only == "all":
+            figures |= repository(args, work)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def rollouts(args: argparse.Namespace, work: Path) -> dict:
+    figures = {}
+    for mode in ("shadow", "canary"):
+        figures[f"rollout {mode}"] = r = rollout(args.bundle, args, work, mode)
+        print(f"rollout {mode}:", json.dumps(r))
+        share = f"; the canary answered {r['candidate_share_answered']:.3f} of them (10%)" if mode == "canary" else ""
+        print(f"  failed {r['failed']} of {r['requests']} (goal 0); {r['state']} {r['publish_to_end_s']} s after the "
+              f"rename ({r['rollout_s']} s of rollout){share}")  # fmt: skip
+    figures["shadow cost"] = c = shadow_cost(args.bundle, args, work)
+    print("shadow cost:", json.dumps(c))
+    print(f"  req/s with a shadow at 0.1 / none {c['ratio']['shadow 0.1']:.3f} (goal >= 0.9), at 1.0 "
+          f"{c['ratio']['shadow 1.0']:.3f}; copies dropped at 1.0: {c['dropped']['shadow 1.0']}")  # fmt: skip
+    return figures
+
+
+def repository(args: argparse.Namespace, work: Path) -> dict:
+    figures = {"memory": memory(args.bundle, args, work)}
+    print("memory:", json.dumps(figures["memory"]))
+    figures["swap"] = s = swap(args.bundle, args, work)
+    print("swap:", json.dumps(s))
+    goal = 2 * args.poll + figures["memory"]["load_s"]
+    print(f"  failed {s['failed']} of {s['requests']} (goal 0); version 2 served {s['appear_to_serve_s']} s after "
+          f"it appeared (goal < 2 x {args.poll:g} + load {figures['memory']['load_s']} = {goal:.2f} s); "
+          f"throughput during / before {s['req_per_s_during'] / s['req_per_s_before']:.3f}")  # fmt: skip
+    figures["two models"] = two_models(args.bundle, args, work)
+    print("two models:", json.dumps(figures["two models"]))
+    return figures
 
 
 if __name__ == "__main__":
