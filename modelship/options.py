@@ -42,25 +42,62 @@ class EvaluateConfig:
 
 
 PREDICT_FORMATS = ("tsv", "csv", "jsonl")
+RAY_FORMATS = ("parquet", "csv", "jsonl")  # --engine ray writes a folder: parquet part files, or one csv/jsonl file
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
 class PredictConfig:
     """Options of `modelship predict`."""
 
-    paths: tuple[Path, ...]
+    paths: tuple[str, ...]  # files and folders; with --engine ray also listings and URIs (s3://, gs://, file://)
     url: str | None = None
     bundle: Path | None = None
     backend: str = "onnx"
     top_k: int | None = None
     batch_size: int = 64
-    format: str = "tsv"
+    format: str | None = None  # tsv locally, parquet with --engine ray
     output: Path | None = None
     device: str = "auto"
     api_key: str | None = None
     timeout: float = CLIENT_TIMEOUT
+    engine: str = "local"
+    address: str | None = None  # --engine ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); None: one for the run
+    actors: int | None = None  # --engine ray: model replicas (default: as many as leave a CPU to read files)
+    logits: bool = False  # --engine ray: add each row's logits
+    force: bool = False  # --engine ray: replace an existing --output
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "ray":
+            self._check_ray()
+        else:
+            for flag, given in (("--address", self.address is not None), ("--actors", self.actors is not None),
+                                ("--logits", self.logits), ("--force", self.force)):  # fmt: skip
+                if given:
+                    raise ConfigError(f"{flag} goes with --engine ray")
+        self._check_local()
+
+    @property
+    def output_format(self) -> str:
+        return self.format or ("parquet" if self.engine == "ray" else "tsv")
+
+    def _check_ray(self) -> None:
+        if self.bundle is None or self.url is not None:
+            raise ConfigError("--engine ray runs the bundle on the cluster: give --bundle, and no --url")
+        if self.output is None:
+            raise ConfigError("--engine ray writes a folder: give --output OUT")
+        if self.output_format not in RAY_FORMATS:
+            raise ConfigError(f"--engine ray writes {', '.join(RAY_FORMATS)}, got --format {self.format}")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"--actors must be at least 1, got {self.actors}")
+        if self.output.exists() and not self.force:
+            raise ConfigError(f"--output {self.output} exists; pass --force to replace it")
+        if self.output.exists() and not self.output.is_dir():
+            raise ConfigError(f"--output {self.output} is a file; --engine ray writes a folder")
+
+    def _check_local(self) -> None:
         if self.url is None and self.bundle is None:
             raise ConfigError("give --url (a running server), --bundle (offline), or both (v2 inference at --url)")
         if self.url is not None and self.url.startswith("grpc://") and self.bundle is None:
@@ -70,13 +107,13 @@ class PredictConfig:
             )
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.format not in PREDICT_FORMATS:
+        if self.engine == "local" and self.output_format not in PREDICT_FORMATS:
             raise ConfigError(f"--format must be one of {', '.join(PREDICT_FORMATS)}, got {self.format!r}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.output is not None and self.output.is_dir():
+        if self.engine == "local" and self.output is not None and self.output.is_dir():
             raise ConfigError(f"--output {self.output} is a folder; expected a file to write")
 
 

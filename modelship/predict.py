@@ -29,11 +29,11 @@ from modelship.preprocess import Preprocess, preprocess_image
 from modelship.scores import default_top_k, prediction
 
 
-def image_files(paths: tuple[Path, ...], decode: bool) -> list[str]:
+def image_files(paths: tuple[str, ...], decode: bool) -> list[str]:
     """The files given, and the visible images in the folders given (recursively); every one readable (and with
     `decode`, decodable to the end: a truncated file is found before anything is written), or DataError."""
     files: list[str] = []
-    for p in paths:
+    for p in map(Path, paths):
         if p.is_dir():
             found = images_under(p)
             if not found:
@@ -103,15 +103,15 @@ def format_row(row: dict[str, Any], fmt: str) -> str:
 
 def predict(cfg: PredictConfig, out: Any) -> int:
     """Write every row to `out` as it comes, or, with --output, to that file whole once all are done; the count."""
-    header = "path,label,index,score,top_k\n" if cfg.format == "csv" else ""
+    header = "path,label,index,score,top_k\n" if cfg.output_format == "csv" else ""
     if cfg.output is None:
         out.write(header)
         n = 0
         for row in predictions(cfg):
-            out.write(format_row(row, cfg.format))
+            out.write(format_row(row, cfg.output_format))
             out.flush()
             n += 1
         return n
-    text = [header, *(format_row(row, cfg.format) for row in predictions(cfg))]
+    text = [header, *(format_row(row, cfg.output_format) for row in predictions(cfg))]
     write_bytes(cfg.output, "".join(text).encode())
     return len(text) - 1

@@ -1,7 +1,7 @@
 """The layers and their import rule, read from the source (ast), and the size limits that keep modules readable.
 
 CLI -> pipeline -> tools -> stages -> base. Among the stages, export may import training; serving imports neither (it
-reads a bundle's manifest and artifacts only) and never torch. The tools (`predict`, `evaluate`, `monitor`) need a
+reads a bundle's manifest and artifacts only) and never torch. The tools (`predict`, `evaluate`, `monitor`, `scale`) need a
 runtime, not a stage. Inside serving: the protocols (http_api, grpc_service) go through the data plane, never to
 dispatch; dispatch never imports a protocol; control imports neither; only compat imports litserve.
 """
@@ -16,7 +16,7 @@ from tests.helpers import REPO
 
 PACKAGE = REPO / "modelship"
 STAGES = ("training", "export", "serving")
-TOOLS = ("predict", "evaluate", "monitor")
+TOOLS = ("predict", "evaluate", "monitor", "scale")
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 FLAG_TABLES = {"add_train_args", "add_export_options", "add_serve_args"}  # flat argparse tables, long by nature

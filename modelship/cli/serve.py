@@ -11,7 +11,15 @@ from typing import Any
 from modelship.cli.args import config_from, default, pair
 from modelship.devices import DEVICES
 from modelship.manifest import BACKENDS
-from modelship.options import CLIENT_TIMEOUT, CLIENT_URL, PREDICT_FORMATS, EvaluateConfig, PredictConfig
+from modelship.options import (
+    CLIENT_TIMEOUT,
+    CLIENT_URL,
+    ENGINES,
+    PREDICT_FORMATS,
+    RAY_FORMATS,
+    EvaluateConfig,
+    PredictConfig,
+)
 from modelship.serving.config import HOSTS, LOG_LEVELS, MODEL_CONTROL, ROLLOUTS, VERSION_POLICIES, ServeConfig  # light
 
 
@@ -199,7 +207,13 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     def d(name: str) -> Any:
         return default(PredictConfig, name)
 
-    p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files, and folders of them (recursively)")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SOURCE",
+        help="image files, and folders of them (recursively); with --engine ray also text files listing paths or URIs, "
+        "and s3:// gs:// file:// URIs of files or prefixes",
+    )
     p.add_argument(
         "--url",
         help=f"a server: its /predict, or with --bundle its v2 API over HTTP (e.g. {CLIENT_URL}) or gRPC "
@@ -219,21 +233,44 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--format",
-        choices=PREDICT_FORMATS,
-        default=d("format"),
-        help="tsv for people, csv, or jsonl (default %(default)s)",
+        choices=sorted({*PREDICT_FORMATS, *RAY_FORMATS}),
+        help="tsv for people, csv, or jsonl (default tsv); --engine ray: parquet (default), csv or jsonl",
     )
-    p.add_argument("--output", type=Path, metavar="FILE", help="write there (whole, once done) instead of stdout")
+    p.add_argument(
+        "--output",
+        type=Path,
+        metavar="OUT",
+        help="write there (whole, once done) instead of stdout; --engine ray: a folder, needed",
+    )
     p.add_argument("--device", choices=DEVICES, default=d("device"), help="offline (default %(default)s)")
     p.add_argument("--api-key", help="default: $MODELSHIP_API_KEY")
     p.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT, help="seconds per request (default %(default)s)")
+    g = p.add_argument_group("scoring at scale on a Ray cluster (pip install 'modelship[ray]')")
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=d("engine"),
+        help="local: this process; ray: Ray Data (default %(default)s)",
+    )
+    g.add_argument(
+        "--address",
+        help="the cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local one for the run, on loopback)",
+    )
+    g.add_argument("--actors", type=int, help="model replicas (default: as many as leave one CPU to read files)")
+    g.add_argument("--logits", action="store_true", help="add each image's logits to its row")
+    g.add_argument("--force", action="store_true", help="replace an existing --output folder")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from modelship.predict import predict
 
     api_key = args.api_key or os.environ.get("MODELSHIP_API_KEY")
-    n = predict(config_from(PredictConfig, args, paths=tuple(args.paths), api_key=api_key), sys.stdout)
+    cfg = config_from(PredictConfig, args, paths=tuple(args.paths), api_key=api_key)
+    if cfg.engine == "ray":
+        from modelship.scale import score
+
+        return score(cfg)
+    n = predict(cfg, sys.stdout)
     if args.output is not None:
         print(f"{n} prediction(s) written to {args.output}", file=sys.stderr)
     return 0
