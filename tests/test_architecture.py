@@ -1,8 +1,8 @@
 """The layers and their import rule, read from the source (ast), and the size limits that keep modules readable.
 
 CLI -> pipeline -> tools -> stages -> base. Among the stages, export may import training; serving imports neither (it
-reads a bundle's manifest and artifacts only) and never torch. The tools (`predict`, `evaluate`, `monitor`, `scale`) need a
-runtime, not a stage. Inside serving: the protocols (http_api, grpc_service) go through the data plane, never to
+reads a bundle's manifest and artifacts only) and never torch. The tools (`predict`, `evaluate`, `monitor`, `scale`)
+need a runtime, not a stage. Inside serving: the protocols (http_api, grpc_service) go through the data plane, never to
 dispatch; dispatch never imports a protocol; control imports neither; only compat imports litserve.
 """
 
