@@ -282,3 +282,15 @@ def test_more_actors_than_the_cluster_can_hold_is_refused(head, images: Path, ti
                             str(tmp_path / "out"), "--actors", "2")  # fmt: skip
     assert code == 2 and "--actors 2: the cluster has 2 CPUs, room for 1 actor(s)" in err.strip().splitlines()[-1]
     assert "44687" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_actors_give_local_predicts_labels(images: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, err = ray_predict("--bundle", str(tiny_bundle), str(images), "--output", str(out), "--device", "cuda")
+    assert code == 0, err
+    local = local_rows(tiny_bundle, str(images))
+    for row in pq.read_table(out).to_pylist():
+        mine = local[row["path"]]
+        assert (row["label"], row["index"]) == (mine["label"], mine["index"])
+        assert abs(row["score"] - mine["score"]) < 1e-3  # CUDA's kernels round differently from the CPU's

@@ -233,7 +233,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--format",
-        choices=sorted({*PREDICT_FORMATS, *RAY_FORMATS}),
+        choices=(*PREDICT_FORMATS, *(f for f in RAY_FORMATS if f not in PREDICT_FORMATS)),
         help="tsv for people, csv, or jsonl (default tsv); --engine ray: parquet (default), csv or jsonl",
     )
     p.add_argument(

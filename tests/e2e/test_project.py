@@ -85,7 +85,8 @@ def test_the_installed_extras_follow_the_stages() -> None:
     assert {"onnxruntime-gpu", "litserve"} <= by_extra["serve"] and not {"torch", "torchvision"} & by_extra["serve"]
     assert by_extra["torch"] == {"torch", "torchvision"}
     assert "modelship[torch]" in by_extra["train"] and "modelship[torch]" in by_extra["export"]
-    assert by_extra["all"] == {"modelship[export,serve,train]"} and "modelship[all]" in by_extra["dev"]
+    assert by_extra["all"] == {"modelship[export,serve,train]"} and "modelship[all,ray]" in by_extra["dev"]
+    assert "onnxruntime-gpu" in by_extra["ray"] and not {"torch", "torchvision"} & by_extra["ray"]
     assert re.search(
         r'^\t\$\(BIN\)/python -m pip install --quiet -e "\.\[all\]"$', (REPO / "Makefile").read_text(), re.M
     )
@@ -118,7 +119,8 @@ def test_help_lists_every_command() -> None:
         ),
         (
             ["predict", "--format", "xml", "x.png"],
-            "modelship predict: error: argument --format: invalid choice: 'xml' (choose from 'tsv', 'csv', 'jsonl')",
+            "modelship predict: error: argument --format: invalid choice: 'xml' (choose from 'tsv', 'csv', 'jsonl', "
+            "'parquet')",
         ),
         (
             ["serve", "b", "--prot", "8000"],
