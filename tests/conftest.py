@@ -107,16 +107,21 @@ def affine_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_affine(tmp_path_factory.mktemp("affine"), affine_identity(4), formats=())  # every exact format
 
 
-@pytest.fixture(scope="session")
-def affine_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The affine model with weight 3 and bias 0: its answers differ from version 1's, its top-1 is the same."""
+def affine_3x() -> torch.nn.Module:
+    """The affine model with weight 3 and bias 0: its answers differ from 2x + 1's, its top-1 is the same."""
     from tests.helpers import affine_identity
 
     model = affine_identity(4)
     with torch.no_grad():
         model.weight.fill_(3.0)
         model.bias.fill_(0.0)
-    return export_affine(tmp_path_factory.mktemp("affine-v2"), model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def affine_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`affine_3x` exported: a version 2 that agrees with version 1 on every top-1."""
+    return export_affine(tmp_path_factory.mktemp("affine-v2"), affine_3x())
 
 
 @pytest.fixture(scope="session", params=[(), ("--in-process",)], ids=["workers", "in-process"])

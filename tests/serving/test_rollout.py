@@ -23,7 +23,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from modelship.preprocess import Preprocess, preprocess_image
@@ -31,7 +30,7 @@ from modelship.serving.control.catalog import Pairing, bridge
 from modelship.serving.control.evidence import checks, p99, wilson
 from modelship.serving.control.rollout import inputs_differ
 from modelship.serving.control.table import Rollout
-from tests.conftest import export_affine
+from tests.conftest import affine_3x, export_affine
 from tests.helpers import Server, running_server, scrape
 
 POLL = ("--model-control", "poll", "--poll-interval", "0.3")
@@ -53,14 +52,8 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def renormalized(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.helpers import affine_identity
-
-    model = affine_identity(4)
-    with torch.no_grad():
-        model.weight.fill_(3.0)
-        model.bias.fill_(0.0)
     d = tmp_path_factory.mktemp("renormalized")
-    return export_affine(d, model, formats=("--formats", "onnx", "--mean", "0.25", "--std", "0.5"))
+    return export_affine(d, affine_3x(), formats=("--formats", "onnx", "--mean", "0.25", "--std", "0.5"))
 
 
 def publish(bundle: Path, repo: Path, version: int) -> None:
