@@ -45,7 +45,7 @@ def score(cfg: PredictConfig) -> int:
     classes = manifest["classes"]
     top_k = min(cfg.top_k, len(classes)) if cfg.top_k else default_top_k(len(classes))
     ray = connect(cfg.address)
-    folder = None
+    folder, out = None, None
     try:
         actors, cpus, gpus = pool(ray, cfg)
         import ray.data
@@ -84,9 +84,12 @@ def score(cfg: PredictConfig) -> int:
     except ray.exceptions.RayError as e:
         raise DataError(f"the Ray job failed: {str(e).strip().splitlines()[-1]}") from None
     finally:
-        if folder is not None:
+        if folder is not None:  # the run failed or was interrupted: nothing of it stays
+            if out is not None:
+                out.close()
             shutil.rmtree(folder, ignore_errors=True)
         ray.shutdown()
+    assert out is not None
     seconds = time.perf_counter() - start
     total = out.scored + out.bad
     bad = f"{out.bad} bad file(s), listed in {cfg.output / ERRORS}" if out.bad else "0 bad files"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ class Scorer:
         with tempfile.TemporaryDirectory() as tmp:  # the runtimes load from a file, then hold the model in memory
             path = Path(tmp) / Path(entry["path"]).name
             path.write_bytes(data)
-            self.run = load_backend(backend, path, device, threads).run
+            self.run = load_backend(backend, path, device, min(threads, os.cpu_count() or 1)).run
         self.pre = Preprocess.from_dict(manifest["preprocess"])
         self.classes, self.chunk = tuple(manifest["classes"]), int(manifest["max_batch"])
         self.top_k, self.logits = top_k, logits
