@@ -21,6 +21,7 @@ import math
 import shutil
 import sys
 import time
+from typing import Any
 
 from modelship.errors import DataError
 from modelship.manifest import check_bundle, require_artifact
@@ -40,7 +41,7 @@ def score(cfg: PredictConfig) -> int:
     assert cfg.bundle is not None and cfg.output is not None
     start = time.perf_counter()
     manifest = check_bundle(cfg.bundle)
-    entry = require_artifact(manifest, cfg.bundle, cfg.backend)
+    require_artifact(manifest, cfg.bundle, cfg.backend)
     files = sources(cfg.paths)
     classes = manifest["classes"]
     top_k = min(cfg.top_k, len(classes)) if cfg.top_k else default_top_k(len(classes))
@@ -48,28 +49,7 @@ def score(cfg: PredictConfig) -> int:
     folder, out = None, None
     try:
         actors, cpus, gpus = pool(ray, cfg)
-        import ray.data
-
-        artifact = [ray.put((cfg.bundle / entry["path"]).read_bytes())]
-        threads = max(1, math.ceil(int(ray.cluster_resources().get("CPU", 1)) / actors))
-        log.info("scoring %d images on %d actor(s) (%d CPU, %d GPU each)", len(files), actors, cpus, gpus)
-        ds = ray.data.from_items([{"path": p, "location": loc} for p, loc in files]).map_batches(
-            Scorer,
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=cpus,
-            num_gpus=gpus,
-            fn_constructor_kwargs=dict(
-                manifest=manifest,
-                backend=cfg.backend,
-                artifact=artifact,
-                threads=threads,
-                device="cuda:0" if gpus else "cpu",
-                top_k=top_k,
-                logits=cfg.logits,
-            ),
-        )
+        ds = dataset(cfg, manifest, files, top_k, (actors, cpus, gpus))
         folder = staging(cfg.output)
         out = Output(folder, cfg.output_format, cfg.logits)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -96,3 +76,34 @@ def score(cfg: PredictConfig) -> int:
     print(f"modelship predict: {total} images in {seconds:.1f} s ({total / seconds:.1f} images/s) on {actors} "
           f"actor(s), {out.scored} scored, {bad}: {cfg.output}", file=sys.stderr)  # fmt: skip
     return 1 if out.bad else 0
+
+
+def dataset(cfg: PredictConfig, manifest: dict[str, Any], files: list[tuple[str, str]], top_k: int,
+            sizing: tuple[int, int, int]) -> Any:  # fmt: skip
+    """The plan: the files' rows through a pool of Scorer actors (`sizing`: actors, CPUs and GPUs each), the
+    artifact's bytes put in the object store once for all of them (Ray is connected)."""
+    import ray
+    import ray.data
+
+    assert cfg.bundle is not None
+    actors, cpus, gpus = sizing
+    artifact = [ray.put((cfg.bundle / manifest["artifacts"][cfg.backend]["path"]).read_bytes())]
+    threads = max(1, math.ceil(int(ray.cluster_resources().get("CPU", 1)) / actors))
+    log.info("scoring %d images on %d actor(s) (%d CPU, %d GPU each)", len(files), actors, cpus, gpus)
+    return ray.data.from_items([{"path": p, "location": loc} for p, loc in files]).map_batches(
+        Scorer,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+        fn_constructor_kwargs=dict(
+            manifest=manifest,
+            backend=cfg.backend,
+            artifact=artifact,
+            threads=threads,
+            device="cuda:0" if gpus else "cpu",
+            top_k=top_k,
+            logits=cfg.logits,
+        ),
+    )
