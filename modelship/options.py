@@ -108,7 +108,8 @@ class PredictConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.engine == "local" and self.output_format not in PREDICT_FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(PREDICT_FORMATS)}, got {self.format!r}")
+            ray = " (parquet goes with --engine ray)" if self.format in RAY_FORMATS else ""
+            raise ConfigError(f"--format must be one of {', '.join(PREDICT_FORMATS)}, got {self.format!r}{ray}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.top_k is not None and self.top_k < 1:

@@ -258,6 +258,10 @@ def test_a_cluster_for_the_run_finishes_on_two_cpus(images: Path, tiny_bundle: P
         (("--bundle", "BUNDLE", "IMAGES", "--actors", "0"), "--actors must be at least 1"),
         (("--bundle", "BUNDLE", "IMAGES", "--output", "EXISTING"), "exists; pass --force to replace it"),
         (("--url", "http://127.0.0.1:1", "IMAGES"), "--engine ray runs the bundle on the cluster"),
+        (
+            ("--bundle", "BUNDLE", "IMAGES", "--engine", "local", "--format", "parquet"),
+            "(parquet goes with --engine ray)",
+        ),
         (("--bundle", "BUNDLE", "s3-nope://x/y"), "cannot list s3-nope://x/y"),
     ],
 )
