@@ -69,6 +69,40 @@ def test_request_timeout_is_504_and_the_server_stays_healthy(tiny_bundle: Path, 
         assert httpx.get(s.url + "/health").status_code == 200
 
 
+RACE = """
+import os, sys, tempfile, threading, time
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp()
+from modelship.serving import metrics as m
+real = m.traffic_metrics
+def slow():  # both threads are inside the creation at once, as an in-process server's two threads were
+    time.sleep(0.3)
+    return real()
+m.traffic_metrics = slow
+start, got, errors = threading.Barrier(2), [], []
+def first():
+    start.wait()
+    try:
+        got.append(m.metrics())
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=first) for _ in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors, len(got), len({id(g) for g in got}))
+"""
+
+
+def test_two_threads_asking_for_the_metrics_first_share_one_set() -> None:
+    """The race behind a 500 where a 504 was due: an in-process server's request handler and its batching thread both
+    created the metric objects, and prometheus_client refused the second registration."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})  # fmt: skip
+    assert out.stdout.strip() == "[] 2 1", out.stdout + out.stderr
+
+
 def test_a_crashed_worker_is_replaced_and_the_server_keeps_answering(tiny_bundle: Path, tmp_path: Path) -> None:
     with running_server(tiny_bundle, tmp=tmp_path) as s:
         assert predict(s.url).status_code == 200
