@@ -114,47 +114,31 @@ def statistics_metrics() -> dict[str, Any]:
     )
 
 
+def latest(name: str, text: str, labels: tuple[str, ...] = ("model", "version")) -> Any:
+    """A gauge only the main process sets, by model version: the most recent value counts."""
+    from prometheus_client import Gauge
+
+    return Gauge(name, text, list(labels), multiprocess_mode="mostrecent")
+
+
 def monitoring_metrics() -> dict[str, Any]:
-    from prometheus_client import Counter, Gauge
+    from prometheus_client import Counter
 
     return dict(
         # live drift (serving/monitoring/drift.py), set by the main process only: the most recent value counts
-        drift_status=Gauge(
-            "modelship_drift_status",
-            "0 ok, 1 warn, 2 drift; -1 collecting, -2 no reference",
-            ["model", "version"],
-            multiprocess_mode="mostrecent",
-        ),
-        drift_psi=Gauge(
-            "modelship_drift_psi",
-            "PSI of the window's predicted classes against the reference's",
-            ["model", "version"],
-            multiprocess_mode="mostrecent",
-        ),
-        drift_confidence=Gauge(
-            "modelship_drift_mean_confidence",
-            "the window's mean top-1 confidence",
-            ["model", "version"],
-            multiprocess_mode="mostrecent",
-        ),
-        drift_low_confidence=Gauge(
+        drift_status=latest("modelship_drift_status", "0 ok, 1 warn, 2 drift; -1 collecting, -2 no reference"),
+        drift_psi=latest("modelship_drift_psi", "PSI of the window's predicted classes against the reference's"),
+        drift_confidence=latest("modelship_drift_mean_confidence", "the window's mean top-1 confidence"),
+        drift_low_confidence=latest(
             "modelship_drift_low_confidence_share",
             "the window's share of answers under the reference's 5th-percentile confidence",
-            ["model", "version"],
-            multiprocess_mode="mostrecent",
         ),
-        drift_shift=Gauge(
+        drift_shift=latest(
             "modelship_drift_channel_shift",
             "an input channel's mean shift, in the reference's standard deviations of image means",
-            ["model", "version", "channel"],
-            multiprocess_mode="mostrecent",
+            ("model", "version", "channel"),
         ),
-        drift_answers=Gauge(
-            "modelship_drift_window_answers",
-            "answers in the drift window",
-            ["model", "version"],
-            multiprocess_mode="mostrecent",
-        ),
+        drift_answers=latest("modelship_drift_window_answers", "answers in the drift window"),
         payloads_dropped=Counter(
             "modelship_payload_log_dropped", "payload log records dropped (queue full, sink down)", ["reason"]
         ),
@@ -164,28 +148,23 @@ def monitoring_metrics() -> dict[str, Any]:
 
 def rollout_metrics() -> dict[str, Any]:
     """Set by the main process's controller at each look at a rollout (control/rollout.py)."""
-    from prometheus_client import Gauge
-
-    def gauge(name: str, text: str, labels: tuple[str, ...] = ("model", "version")) -> Any:
-        return Gauge(name, text, list(labels), multiprocess_mode="mostrecent")
-
     by_role = ("model", "version", "role")
     return dict(
-        rollout_state=gauge(
+        rollout_state=latest(
             "modelship_rollout_state", "a candidate's rollout: 0 running, 1 promoted, -1 rolled back, -2 stopped"
         ),
-        rollout_compared=gauge("modelship_rollout_compared", "requests both versions of the rollout ran"),
-        rollout_dropped=gauge("modelship_rollout_dropped", "copies an overloaded server did not run"),
-        rollout_agreement=gauge(
+        rollout_compared=latest("modelship_rollout_compared", "requests both versions of the rollout ran"),
+        rollout_dropped=latest("modelship_rollout_dropped", "copies an overloaded server did not run"),
+        rollout_agreement=latest(
             "modelship_rollout_agreement", "the candidate's top-1 agreement with the serving version"
         ),
-        rollout_requests=gauge(
+        rollout_requests=latest(
             "modelship_rollout_requests", "the rollout's requests each version ran, by role", by_role
         ),
-        rollout_errors=gauge(
+        rollout_errors=latest(
             "modelship_rollout_errors", "the rollout's requests each version failed, by role", by_role
         ),
-        rollout_p99=gauge(
+        rollout_p99=latest(
             "modelship_rollout_service_p99_seconds",
             "each version's p99 service time (its workers' time per batch) over the rollout, by role",
             by_role,
