@@ -66,3 +66,20 @@ def write_bytes(path: Path, data: bytes) -> None:
 def write_json(path: Path, data: Any) -> None:
     """JSON, indented, through `atomic_write`."""
     write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def replace_json(path: Path, data: Any) -> None:
+    """JSON in one rename, without fsync: state one process writes and others read while the server runs (its run
+    folder), where a reader must see a file whole but nothing must survive a crash; `atomic_write` is for that."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """What `replace_json` wrote, or None when there is none (yet) or it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -9,7 +9,6 @@ compute measured 1.2-1.6x the serving version's end-to-end p99 under load). The 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelship.files import read_json, replace_json
 from modelship.serving.control.table import Rollout
 
 FOLDER = "rollouts"
@@ -119,11 +119,7 @@ class Tally:
         """Write the counts that changed, each in one rename (the controller reads them whole)."""
         changed, self.changed = self.changed, set()
         for rollout_id in changed:
-            folder = self.folder / str(rollout_id)
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{os.getpid()}.json"
-            tmp.write_text(json.dumps(self.counts[rollout_id]))
-            os.replace(tmp, folder / f"{os.getpid()}.json")
+            replace_json(self.folder / str(rollout_id) / f"{os.getpid()}.json", self.counts[rollout_id])
 
 
 class ServiceTimes:
@@ -145,11 +141,7 @@ class ServiceTimes:
         if not self.changed or time.monotonic() - self.written < SERVICE_EVERY:
             return
         for key in self.changed:
-            folder = self.folder / key.replace("/", "@")
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{os.getpid()}.json"
-            tmp.write_text(json.dumps(self.histograms[key]))
-            os.replace(tmp, folder / f"{os.getpid()}.json")
+            replace_json(self.folder / key.replace("/", "@") / f"{os.getpid()}.json", self.histograms[key])
         self.changed.clear()
         self.written = time.monotonic()
 
@@ -159,8 +151,9 @@ def service(run_dir: str, key: str) -> list[int]:
     total = [0] * BUCKETS
     folder = Path(run_dir) / FOLDER / "service" / key.replace("/", "@")
     for path in sorted(folder.glob("[0-9]*.json")) if folder.is_dir() else []:
-        with contextlib.suppress(OSError, ValueError):
-            total = [a + b for a, b in zip(total, json.loads(path.read_text()), strict=True)]
+        counts = read_json(path)
+        if isinstance(counts, list) and len(counts) == BUCKETS:  # else torn or foreign: skipped, as before
+            total = [a + b for a, b in zip(total, counts, strict=True)]
     return total
 
 
@@ -169,9 +162,8 @@ def merged(run_dir: str, rollout: Rollout) -> dict[str, Any]:
     total = empty(rollout)
     folder = Path(run_dir) / FOLDER / str(rollout.id)
     for path in sorted(folder.glob("[0-9]*.json")) if folder.is_dir() else []:
-        try:
-            c = json.loads(path.read_text())
-        except (OSError, ValueError):
+        c = read_json(path)
+        if c is None:
             continue
         for key in ("routed", "compared", "samples", "agreed", "dropped"):
             total[key] += c.get(key, 0)

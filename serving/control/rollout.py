@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from modelship.files import read_json, replace_json
 from modelship.serving.control.evidence import FOLDER, ROLES, Policy, checks, empty, merged, service
 from modelship.serving.control.table import (
     PROMOTED,
@@ -51,10 +51,8 @@ def document_path(run_dir: str, name: str) -> Path:
 
 def read_document(run_dir: str, name: str) -> dict[str, Any] | None:
     """The controller's last look at a model's rollout, or None."""
-    try:
-        return dict(json.loads(document_path(run_dir, name).read_text()))
-    except (OSError, ValueError):
-        return None
+    doc = read_json(document_path(run_dir, name))
+    return None if doc is None else dict(doc)
 
 
 def inputs_differ(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -195,11 +193,7 @@ class Keeper:
     def write(self, r: Rollout, c: dict[str, Any], found: list[dict[str, Any]]) -> None:
         """The rollout's document (GET /v2/models/{name}/rollout) and its gauges."""
         doc = document(r, c, found)
-        path = document_path(self.run_dir, r.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
+        replace_json(document_path(self.run_dir, r.name), doc)
         gauges(doc)
 
 

@@ -8,15 +8,14 @@ GET /v2/models/{name}[/versions/{v}]/drift from.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from modelship import reference
+from modelship.files import read_json, replace_json
 from modelship.manifest import read_manifest
 from modelship.serving.control.table import READY, Reader
 from modelship.serving.metrics import metrics
@@ -35,10 +34,8 @@ def document_path(run_dir: str, key: str) -> Path:
 
 def read_document(run_dir: str, key: str) -> dict[str, Any] | None:
     """The last drift document of version `key`, or None before the first."""
-    try:
-        return dict(json.loads(document_path(run_dir, key).read_text()))
-    except (OSError, ValueError):
-        return None
+    doc = read_json(document_path(run_dir, key))
+    return None if doc is None else dict(doc)
 
 
 class DriftMonitor:
@@ -87,11 +84,7 @@ class DriftMonitor:
     def publish(self, key: str, name: str, version: str, doc: dict[str, Any]) -> None:
         """The document for the API servers (one rename: read whole) and the gauges."""
         doc = {"model": name, "version": version, **doc, "time": time.time()}
-        path = document_path(self.run_dir, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp"
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
+        replace_json(document_path(self.run_dir, key), doc)
         m = metrics()
         m.drift_status.labels(name, version).set(STATUS_VALUE[doc["status"]])
         fig = doc["figures"]
