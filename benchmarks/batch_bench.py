@@ -83,7 +83,8 @@ def small_images(folder: Path, source: Path, n: int) -> Path:
 
 
 def peak_memory(root_pid: int, stop: threading.Event, seen: dict[int, tuple[str, int]]) -> None:
-    """Every 0.2 s, each process under root_pid: its name and peak resident memory (VmHWM, kB)."""
+    """Every 0.2 s, each process under root_pid: its name ("driver" for root_pid) and peak resident memory (VmHWM,
+    kB)."""
     while not stop.is_set():
         children: dict[int, list[int]] = {}
         for d in Path("/proc").iterdir():
@@ -103,7 +104,7 @@ def peak_memory(root_pid: int, stop: threading.Event, seen: dict[int, tuple[str,
             except OSError:
                 continue
             hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
-            seen[pid] = (name, max(hwm, seen.get(pid, ("", 0))[1]))
+            seen[pid] = ("driver" if pid == root_pid else name, max(hwm, seen.get(pid, ("", 0))[1]))
         stop.wait(0.2)
 
 
@@ -179,7 +180,7 @@ def memory(bundle: Path, source: Path, counts: list[int], work: Path) -> dict:
         seconds, seen = timed(modelship("predict", "--engine", "ray", "--bundle", str(bundle), str(images),
                                         "--output", str(work / f"mem-out-{n}")), watch=True)  # fmt: skip
         procs = sorted(seen.items())
-        driver = procs[0][1][1] if procs else 0
+        driver = next((kb for _, (name, kb) in procs if name == "driver"), 0)
         actors = [kb for _, (name, kb) in procs if "MapWorker" in name or "Scorer" in name]
         out[n] = {"seconds": round(seconds, 1), "driver_mib": round(driver / 1024, 1),
                   "actors_mib": [round(kb / 1024, 1) for kb in actors],
