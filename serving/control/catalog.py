@@ -193,6 +193,8 @@ class Catalog:
     def only(self) -> Served:
         """The model `/predict` answers for: the only one served, or RequestError naming the per-model route."""
         names = self.names()
+        if not names and self.reader.reload():  # a miss reads the table again first, as `resolve` does
+            names = self.names()
         if len(names) != 1:
             if not names:
                 raise RequestError("no model is ready yet; retry shortly", 503)
